@@ -1,0 +1,326 @@
+"""Settings: small frozen objects, read from flags and ``FETCHPOOL_*`` variables.
+
+Every option is declared once in :data:`OPTIONS` (flag, environment variable,
+type, default, help); the CLI and the README's configuration table come from it.
+A flag beats its environment variable, which beats the embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fetchpool.errors import ConfigError, InvalidLimits
+
+__all__ = [
+    "OPTIONS",
+    "FetchSettings",
+    "Option",
+    "PoolLimits",
+    "ServerSettings",
+    "Settings",
+    "Timeouts",
+    "add_arguments",
+    "load_limits_file",
+    "settings_from_args",
+]
+
+#: Limits above these are refused as absurd (a typo, not a wish).
+MAX_CONNECTIONS_CEILING = 100_000
+MAX_SECONDS = 24 * 3600.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolLimits:
+    """Limits of one connection pool; the words are httpx's (``httpx.Limits``, ``httpx.Timeout.pool``).
+
+    - ``max_connections``: open connections at most, and requests in flight through the pool at most.
+    - ``max_keepalive_connections``: idle connections kept open at most (<= ``max_connections``).
+    - ``keepalive_expiry``: seconds an idle connection is kept.
+    - ``pool_timeout``: seconds a request may wait for a connection before POOL_TIMEOUT.
+    - ``max_connections_per_host``: requests in flight to one origin at most; 0 = no cap
+      (Go's ``Transport.MaxConnsPerHost``).
+
+    Raises :class:`~fetchpool.errors.InvalidLimits` when built with invalid values.
+    """
+
+    max_connections: int = 100
+    max_keepalive_connections: int = 100
+    keepalive_expiry: float = 5.0
+    pool_timeout: float = 30.0
+    max_connections_per_host: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.max_connections <= MAX_CONNECTIONS_CEILING:
+            problems.append(f"max_connections must be in 1..{MAX_CONNECTIONS_CEILING}, got {self.max_connections}")
+        if not 0 <= self.max_keepalive_connections <= self.max_connections:
+            problems.append(
+                "max_keepalive_connections must be in 0..max_connections "
+                f"({self.max_connections}), got {self.max_keepalive_connections}"
+            )
+        if not 0 <= self.max_connections_per_host <= self.max_connections:
+            problems.append(
+                "max_connections_per_host must be in 0..max_connections "
+                f"({self.max_connections}), got {self.max_connections_per_host}"
+            )
+        for name in ("keepalive_expiry", "pool_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+                problems.append(f"{name} must be in (0, {MAX_SECONDS:.0f}] seconds, got {value}")
+        if problems:
+            raise InvalidLimits("; ".join(problems))
+
+    def replace(self, **changes: Any) -> PoolLimits:
+        """A copy with ``changes`` applied; raises InvalidLimits if the result is invalid.
+
+        When ``max_connections`` shrinks and ``max_keepalive_connections`` /
+        ``max_connections_per_host`` are not among ``changes``, they are clamped
+        to it; values given explicitly are checked as given.
+        """
+        ceiling = changes.get("max_connections", self.max_connections)
+        for dependent in ("max_keepalive_connections", "max_connections_per_host"):
+            if dependent not in changes and isinstance(ceiling, int):
+                changes[dependent] = min(getattr(self, dependent), ceiling)
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeouts:
+    """Seconds. ``connect``/``read``/``write`` are httpx's per-operation timeouts;
+    ``request`` is the default total time of one fetch (all attempts and redirects)
+    and ``max_request`` the largest a caller may ask for."""
+
+    connect: float = 10.0
+    read: float = 30.0
+    write: float = 30.0
+    request: float = 60.0
+    max_request: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+                raise ConfigError(f"timeout {f.name} must be in (0, {MAX_SECONDS:.0f}] seconds, got {value}")
+        if self.request > self.max_request:
+            raise ConfigError("the default request timeout exceeds max_request")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FetchSettings:
+    """How fetches run: sizes in bytes, counts in items.
+
+    ``proxies`` are forward-proxy URLs (``http://user:pass@host:port``,
+    ``socks5://...``), one pool each; empty means direct. ``proxy_policy``
+    picks a proxy per request: ``round_robin``, ``least_busy`` or ``sticky``.
+    """
+
+    proxies: tuple[str, ...] = field(default=(), repr=False)  # may hold credentials
+    proxy_policy: str = "round_robin"
+    max_body_bytes: int = 10 * 1024 * 1024
+    follow_redirects: bool = True
+    max_redirects: int = 10
+    batch_concurrency: int = 64
+    max_batch_concurrency: int = 1024
+    max_batch_size: int = 100_000
+    ca_bundle: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.proxy_policy not in ("round_robin", "least_busy", "sticky"):
+            raise ConfigError(f"unknown proxy policy {self.proxy_policy!r} (round_robin, least_busy, sticky)")
+        if self.max_body_bytes < 1:
+            raise ConfigError("max_body_bytes must be positive")
+        if not 1 <= self.batch_concurrency <= self.max_batch_concurrency:
+            raise ConfigError("batch_concurrency must be in 1..max_batch_concurrency")
+        if self.max_batch_size < 1 or self.max_redirects < 0:
+            raise ConfigError("max_batch_size must be positive and max_redirects not negative")
+        if self.ca_bundle and not os.path.isfile(self.ca_bundle):
+            raise ConfigError(f"CA bundle {self.ca_bundle!r} is not a file")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerSettings:
+    """The gRPC side. ``grace_period`` and ``max_connection_age`` are seconds
+    (0 = no max age); ``max_message_bytes`` bounds received messages."""
+
+    listen: str = "127.0.0.1:50051"
+    grace_period: float = 25.0
+    max_connection_age: float = 0.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Everything ``fetchpool serve`` needs."""
+
+    server: ServerSettings = field(default_factory=ServerSettings)
+    limits: PoolLimits = field(default_factory=PoolLimits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    limits_file: str | None = None
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: where it goes (``section.field``), its flag and variable, and its doc."""
+
+    target: str
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def default(self) -> Any:
+        section, name = self.target.split(".")
+        if section == "settings":
+            return getattr(Settings(), name)
+        return getattr(getattr(Settings(), section), name)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("server.listen", "--listen", "FETCHPOOL_LISTEN", str, "gRPC listen address, host:port"),
+    Option("limits.max_connections", "--max-connections", "FETCHPOOL_MAX_CONNECTIONS", int,
+           "open connections per pool at most; also the requests in flight per pool"),
+    Option("limits.max_keepalive_connections", "--max-keepalive-connections",
+           "FETCHPOOL_MAX_KEEPALIVE_CONNECTIONS", int, "idle connections kept per pool at most"),
+    Option("limits.keepalive_expiry", "--keepalive-expiry", "FETCHPOOL_KEEPALIVE_EXPIRY", float,
+           "seconds an idle connection is kept"),
+    Option("limits.pool_timeout", "--pool-timeout", "FETCHPOOL_POOL_TIMEOUT", float,
+           "seconds a request may wait for a pooled connection (then POOL_TIMEOUT)"),
+    Option("limits.max_connections_per_host", "--max-connections-per-host",
+           "FETCHPOOL_MAX_CONNECTIONS_PER_HOST", int, "requests in flight to one origin at most; 0 = no cap"),
+    Option("timeouts.connect", "--connect-timeout", "FETCHPOOL_CONNECT_TIMEOUT", float,
+           "seconds to open a connection (TCP, proxy CONNECT, TLS)"),
+    Option("timeouts.read", "--read-timeout", "FETCHPOOL_READ_TIMEOUT", float, "seconds between two reads"),
+    Option("timeouts.write", "--write-timeout", "FETCHPOOL_WRITE_TIMEOUT", float, "seconds between two writes"),
+    Option("timeouts.request", "--request-timeout", "FETCHPOOL_REQUEST_TIMEOUT", float,
+           "default total seconds per fetch (a request's own timeout overrides it)"),
+    Option("timeouts.max_request", "--max-request-timeout", "FETCHPOOL_MAX_REQUEST_TIMEOUT", float,
+           "largest per-request timeout accepted, seconds"),
+    Option("fetch.proxies", "--proxy", "FETCHPOOL_PROXY", _csv,
+           "forward proxies, comma-separated (http://user:pass@host:port, socks5://...); empty = direct"),
+    Option("fetch.proxy_policy", "--proxy-policy", "FETCHPOOL_PROXY_POLICY", str,
+           "proxy choice per request: round_robin, least_busy or sticky"),
+    Option("fetch.batch_concurrency", "--batch-concurrency", "FETCHPOOL_BATCH_CONCURRENCY", int,
+           "fetches in flight per FetchMany/FetchStream call by default"),
+    Option("fetch.max_batch_concurrency", "--max-batch-concurrency", "FETCHPOOL_MAX_BATCH_CONCURRENCY", int,
+           "largest per-call concurrency a caller may ask for"),
+    Option("fetch.max_batch_size", "--max-batch-size", "FETCHPOOL_MAX_BATCH_SIZE", int,
+           "requests per FetchMany call at most (more: RESOURCE_EXHAUSTED)"),
+    Option("fetch.max_body_bytes", "--max-body-bytes", "FETCHPOOL_MAX_BODY_BYTES", int,
+           "largest response body, bytes (decoded); more gives TOO_LARGE"),
+    Option("fetch.follow_redirects", "--follow-redirects", "FETCHPOOL_FOLLOW_REDIRECTS", _bool,
+           "follow redirects unless a request says otherwise"),
+    Option("fetch.max_redirects", "--max-redirects", "FETCHPOOL_MAX_REDIRECTS", int, "redirects followed at most"),
+    Option("fetch.ca_bundle", "--ca-bundle", "FETCHPOOL_CA_BUNDLE", str,
+           "PEM file of CAs to trust instead of certifi's bundle"),
+    Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", float,
+           "seconds in-flight calls may run after SIGTERM before they are cancelled"),
+    Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", float,
+           "seconds before a caller's gRPC connection is recycled (so callers re-resolve); 0 = never"),
+    Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", int,
+           "largest gRPC message received, bytes"),
+    Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    Option("settings.limits_file", "--limits-file", "FETCHPOOL_LIMITS_FILE", str,
+           "JSON file of pool limits applied at start-up (written by the operator); ignored if absent"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option of :data:`OPTIONS` to ``parser`` (defaults stay None: resolved later)."""
+    for option in OPTIONS:
+        parser.add_argument(
+            option.flag,
+            dest=option.target.replace(".", "__"),
+            default=None,
+            metavar=option.env,
+            help=f"{option.help} (env {option.env}, default {option.default!r})",
+        )
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from parsed flags, then ``environ``, then defaults.
+
+    Raises :class:`~fetchpool.errors.ConfigError` naming the flag or variable at fault.
+    """
+    env = os.environ if environ is None else environ
+    sections: dict[str, dict[str, Any]] = {"server": {}, "limits": {}, "timeouts": {}, "fetch": {}, "settings": {}}
+    for option in OPTIONS:
+        raw = getattr(args, option.target.replace(".", "__"), None)
+        source = option.flag
+        if raw is None and env.get(option.env, "") != "":
+            raw, source = env[option.env], option.env
+        if raw is None:
+            continue
+        try:
+            value = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        section, name = option.target.split(".")
+        sections[section][name] = value
+    try:
+        return Settings(
+            server=ServerSettings(**sections["server"]),
+            limits=PoolLimits().replace(**sections["limits"]),
+            timeouts=Timeouts(**sections["timeouts"]),
+            fetch=FetchSettings(**sections["fetch"]),
+            **sections["settings"],
+        )
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_limits_file(path: str, base: PoolLimits) -> PoolLimits:
+    """Limits from a JSON object of :class:`PoolLimits` fields applied on ``base``.
+
+    A missing file returns ``base`` (the operator may not have written it yet).
+    Raises :class:`~fetchpool.errors.ConfigError` for unreadable JSON, unknown
+    fields or invalid limits.
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return base
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"limits file {path}: {exc}") from None
+    known = {f.name for f in dataclasses.fields(PoolLimits)}
+    if not isinstance(data, dict) or not set(data) <= known:
+        raise ConfigError(f"limits file {path}: expected an object with fields among {sorted(known)}")
+    try:
+        return base.replace(**data)
+    except (TypeError, InvalidLimits) as exc:
+        raise ConfigError(f"limits file {path}: {exc}") from None
+
+
+def option_table(options: Sequence[Option] = OPTIONS) -> str:
+    """The README's configuration table, in Markdown."""
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for option in options:
+        default = option.default
+        shown = "" if default in (None, (), "") else (", ".join(default) if isinstance(default, tuple) else default)
+        rows.append(f"| `{option.flag}` | `{option.env}` | `{shown}` | {option.help} |")
+    return "\n".join(rows)

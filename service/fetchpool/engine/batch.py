@@ -1,0 +1,83 @@
+"""Many fetches with bounded concurrency, results in completion order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any, TypeVar
+
+from fetchpool.engine.fetcher import Engine
+from fetchpool.engine.model import FetchSpec, Outcome
+from fetchpool.errors import ErrorKind
+
+K = TypeVar("K")
+_END = object()
+
+
+def unavailable(spec: FetchSpec) -> Outcome:
+    """The result of an item not started because the service is draining."""
+    return Outcome(
+        url=spec.url,
+        error_kind=ErrorKind.UNAVAILABLE,
+        error_message="not started: the server is shutting down; resubmit this item",
+    )
+
+
+async def run_batch(
+    engine: Engine, items: AsyncIterable[tuple[K, FetchSpec]], concurrency: int
+) -> AsyncIterator[tuple[K, Outcome]]:
+    """Fetch every ``(key, spec)`` of ``items`` and yield ``(key, outcome)`` as each completes.
+
+    At most ``concurrency`` items are in flight *or waiting to be consumed*, so a
+    slow consumer (gRPC flow control) slows the intake instead of piling results
+    up, and a 100,000-item batch holds at most ``concurrency`` results in memory.
+    Every item yields exactly one outcome; while the engine drains, items not yet
+    started yield UNAVAILABLE outcomes. Closing the generator cancels what is in
+    flight and waits for those fetches to release their connections.
+    """
+    results: asyncio.Queue[Any] = asyncio.Queue()
+    slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+    counts = {"accepted": 0}
+
+    async def fetch_one(key: K, spec: FetchSpec) -> None:
+        try:
+            outcome = await engine.fetch(spec)
+        except Exception as exc:  # Engine.fetch reports failures in the outcome; this is a bug guard
+            outcome = Outcome(url=spec.url, error_kind=ErrorKind.INTERNAL, error_message=repr(exc))
+        results.put_nowait((key, outcome))
+
+    async def feed() -> None:
+        async for key, spec in items:
+            await slots.acquire()
+            counts["accepted"] += 1
+            if engine.draining:
+                results.put_nowait((key, unavailable(spec)))
+                continue
+            task = asyncio.create_task(fetch_one(key, spec))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    def fed(task: asyncio.Task[None]) -> None:
+        results.put_nowait(_END if task.cancelled() or task.exception() is None else task.exception())
+
+    feeder = asyncio.create_task(feed())
+    feeder.add_done_callback(fed)
+    yielded = 0
+    feeding = True
+    try:
+        while feeding or yielded < counts["accepted"]:
+            item = await results.get()
+            if item is _END:
+                feeding = False
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            yielded += 1
+            slots.release()
+    finally:
+        feeder.cancel()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(feeder, *tasks, return_exceptions=True)

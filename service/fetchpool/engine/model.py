@@ -1,0 +1,62 @@
+"""What goes into the engine and what comes out; no protobuf here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fetchpool.errors import ErrorKind
+
+Headers = list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FetchSpec:
+    """One fetch as the engine sees it.
+
+    ``timeout`` is total seconds (None: the server default); ``max_body_bytes``
+    0 means the server default; ``follow_redirects`` None means the default.
+    """
+
+    url: str
+    method: str = "GET"
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    timeout: float | None = None
+    follow_redirects: bool | None = None
+    max_body_bytes: int = 0
+    session_key: str = ""
+
+
+@dataclass(slots=True)
+class Timings:
+    """Seconds spent per phase, summed over attempts and redirects (0 when a phase did not happen)."""
+
+    pool_wait: float = 0.0
+    connect: float = 0.0
+    proxy_connect: float = 0.0
+    tls: float = 0.0
+    ttfb: float = 0.0
+    total: float = 0.0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one fetch: a response, or ``error_kind`` with ``error_message``."""
+
+    url: str
+    final_url: str = ""
+    status_code: int = 0
+    headers: Headers = field(default_factory=list)
+    body: bytes = b""
+    http_version: str = ""
+    connection_reused: bool = False
+    timings: Timings = field(default_factory=Timings)
+    error_kind: ErrorKind | None = None
+    error_message: str = ""
+    pool: str = ""
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """No error (any HTTP status counts as a response)."""
+        return self.error_kind is None

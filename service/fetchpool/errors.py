@@ -1,0 +1,149 @@
+"""One exception tree, the error kinds, and the one table that maps them.
+
+Library exceptions (httpx, httpcore, h2, ssl, OS errors) are translated into an
+:class:`ErrorKind` once, in :func:`classify`, the way httpx translates httpcore's
+exceptions in one place (``httpx._transports.default.map_httpcore_exceptions``).
+The numeric values of :class:`ErrorKind` are those of ``fetchpool.v1.FetchError.Kind``
+(a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import ssl
+
+import grpc
+import h2.exceptions
+import httpcore
+import httpx
+
+__all__ = [
+    "CallError",
+    "ConfigError",
+    "ErrorKind",
+    "FetchFailed",
+    "FetchpoolError",
+    "InvalidLimits",
+    "classify",
+]
+
+
+class ErrorKind(enum.IntEnum):
+    """Why one fetch failed (``fetchpool.v1.FetchError.Kind``)."""
+
+    INVALID_URL = 1
+    INVALID_ARGUMENT = 2
+    DNS = 3
+    CONNECT = 4
+    TLS = 5
+    PROXY = 6
+    PROXY_AUTH = 7
+    TIMEOUT = 8
+    POOL_TIMEOUT = 9
+    TOO_LARGE = 10
+    PROTOCOL = 11
+    NETWORK = 12
+    TOO_MANY_REDIRECTS = 13
+    FORBIDDEN_TARGET = 14
+    UNAVAILABLE = 15
+    CANCELLED = 16
+    INTERNAL = 17
+
+
+class FetchpoolError(Exception):
+    """Base of every error fetchpool raises itself."""
+
+
+class ConfigError(FetchpoolError, ValueError):
+    """A setting is missing, malformed or inconsistent. Raised at start-up."""
+
+
+class InvalidLimits(ConfigError):
+    """Pool limits that are zero, negative, inconsistent or absurd (maps to INVALID_ARGUMENT)."""
+
+
+class CallError(FetchpoolError):
+    """A whole gRPC call is refused; ``code`` is the gRPC status to return."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FetchFailed(FetchpoolError):
+    """One fetch failed for a reason of ours (not a library exception)."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its ``__cause__``/``__context__`` chain, bounded against cycles."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 16 and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy: bool = False) -> tuple[
+    ErrorKind, str
+]:
+    """Map an exception raised while fetching to ``(kind, message)``.
+
+    ``via_proxy`` says the request went through a forward proxy;
+    ``connecting_to_proxy`` says the failure happened while the TCP connection
+    to the proxy was being made (so a refused connect is the proxy's fault).
+    The message never contains credentials: callers redact URLs before they
+    can reach an exception text.
+    """
+    if isinstance(exc, FetchFailed):
+        return exc.kind, str(exc)
+    chain = _causes(exc)
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ProxyError | httpcore.ProxyError):
+        if text.startswith("407"):
+            return ErrorKind.PROXY_AUTH, f"proxy refused the credentials: {text}"
+        return ErrorKind.PROXY, f"proxy refused the tunnel: {text}"
+    if isinstance(exc, httpx.PoolTimeout | httpcore.PoolTimeout):
+        return ErrorKind.POOL_TIMEOUT, "no pooled connection became available in time"
+    if isinstance(exc, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError):
+        what = {
+            httpx.ConnectTimeout: "connect",
+            httpx.ReadTimeout: "read",
+            httpx.WriteTimeout: "write",
+        }.get(type(exc), "request")
+        if connecting_to_proxy:
+            return ErrorKind.PROXY, "timed out connecting to the proxy"
+        return ErrorKind.TIMEOUT, f"{what} timed out"
+    if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
+        return ErrorKind.INVALID_URL, text
+    if any(isinstance(c, ssl.SSLError | ssl.CertificateError) for c in chain):
+        reason = next(str(c) for c in chain if isinstance(c, ssl.SSLError | ssl.CertificateError))
+        return ErrorKind.TLS, f"TLS failed: {reason}"
+    if isinstance(exc, httpx.ConnectError | httpcore.ConnectError):
+        if any(isinstance(c, socket.gaierror) for c in chain) or "Name or service not known" in text:
+            if connecting_to_proxy:
+                return ErrorKind.PROXY, f"proxy host did not resolve: {text}"
+            return ErrorKind.DNS, f"host did not resolve: {text}"
+        if connecting_to_proxy:
+            return ErrorKind.PROXY, f"could not connect to the proxy: {text}"
+        return ErrorKind.CONNECT, f"could not connect: {text}"
+    if isinstance(exc, httpx.RemoteProtocolError | httpcore.RemoteProtocolError) or any(
+        isinstance(c, h2.exceptions.ProtocolError) for c in chain
+    ):
+        return ErrorKind.PROTOCOL, f"protocol error: {text}"
+    if isinstance(exc, httpx.LocalProtocolError | httpcore.LocalProtocolError):
+        return ErrorKind.INVALID_ARGUMENT, f"request cannot be sent: {text}"
+    if isinstance(exc, httpx.DecodingError):
+        return ErrorKind.PROTOCOL, f"response body could not be decoded: {text}"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return ErrorKind.TOO_MANY_REDIRECTS, text
+    if isinstance(exc, httpx.NetworkError | httpcore.NetworkError | ConnectionError):
+        if via_proxy and connecting_to_proxy:
+            return ErrorKind.PROXY, f"proxy connection failed: {text}"
+        return ErrorKind.NETWORK, f"connection failed: {text}"
+    return ErrorKind.INTERNAL, f"{type(exc).__name__}: {text}"

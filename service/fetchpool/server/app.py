@@ -1,0 +1,135 @@
+"""Start-up and drain of the gRPC server: servicers, health, reflection, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fetchpool.config import Settings, load_limits_file
+from fetchpool.engine import Engine, FetchObserver
+from fetchpool.errors import ConfigError
+from fetchpool.server.servicer import FetchServicer, PoolAdminServicer
+from fetchpool.v1 import fetch_pb2 as pb
+from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+FETCH_SERVICE = pb.DESCRIPTOR.services_by_name["FetchService"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["PoolAdmin"].full_name
+#: Seconds between two checks of the limits file for changes.
+LIMITS_FILE_POLL = 5.0
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC channel arguments of the server."""
+    options = [
+        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+        # Never share a port silently with another process.
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.server.max_connection_age > 0:
+        # Callers reconnect, and so re-resolve a headless Service, after this long.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.server.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.server.grace_period * 1000)),
+        ]
+    return options
+
+
+def _apply_limits_file(engine: Engine, path: str) -> None:
+    """Apply the limits file (if present) to every pool. Raises ConfigError."""
+    limits = load_limits_file(path, engine.pools[0].limits)
+    engine.set_limits(dataclasses.asdict(limits))
+
+
+async def _watch_limits_file(engine: Engine, path: str) -> None:
+    """Re-apply the limits file when it changes (a mounted ConfigMap is updated in place)."""
+    seen = None
+    while True:
+        await asyncio.sleep(LIMITS_FILE_POLL)
+        with contextlib.suppress(OSError):
+            stamp = os.stat(path).st_mtime_ns
+            if seen is not None and stamp != seen:
+                try:
+                    _apply_limits_file(engine, path)
+                except ConfigError as exc:
+                    logger.error("%s; keeping the limits in force", exc)
+            seen = stamp
+
+
+async def serve(
+    settings: Settings,
+    *,
+    observer: FetchObserver | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    on_started: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the service until SIGTERM/SIGINT (or ``stop`` is set), then drain.
+
+    Drain: health turns NOT_SERVING, new calls get UNAVAILABLE, batch items not
+    yet started return UNAVAILABLE results, in-flight calls get
+    ``settings.server.grace_period`` seconds, then the HTTP client is closed.
+    ``on_started`` receives the bound port. Raises ConfigError for bad settings
+    and RuntimeError when the address cannot be bound.
+    """
+    engine = Engine(settings, observer=observer)
+    if settings.limits_file:
+        _apply_limits_file(engine, settings.limits_file)
+    server = grpc.aio.server(options=server_options(settings), interceptors=list(interceptors))
+    pb_grpc.add_FetchServiceServicer_to_server(FetchServicer(engine), server)
+    pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(engine), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (FETCH_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(settings.server.listen)
+        else:
+            port = server.add_secure_port(settings.server.listen, credentials)
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot listen on {settings.server.listen}: {exc}") from None
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    async with engine:
+        await server.start()
+        for service in ("", FETCH_SERVICE, ADMIN_SERVICE):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        host = settings.server.listen.rsplit(":", 1)[0]
+        logger.info("fetchpool serving on %s:%d (pools: %s)", host, port, ", ".join(p.name for p in engine.pools))
+        if on_started is not None:
+            on_started(port)
+        watcher = asyncio.create_task(_watch_limits_file(engine, settings.limits_file)) if settings.limits_file \
+            else None
+        try:
+            await stop.wait()
+        finally:
+            logger.info("draining: up to %.3g s for in-flight calls", settings.server.grace_period)
+            await health.enter_graceful_shutdown()
+            engine.draining = True
+            if watcher is not None:
+                watcher.cancel()
+            await server.stop(settings.server.grace_period)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signum)
+    logger.info("stopped")

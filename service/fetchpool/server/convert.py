@@ -1,0 +1,99 @@
+"""Protobuf <-> engine objects, at the edge of the gRPC layer."""
+
+from __future__ import annotations
+
+from fetchpool.config import PoolLimits
+from fetchpool.engine import FetchSpec, Outcome, PoolSnapshot
+from fetchpool.v1 import fetch_pb2 as pb
+
+
+def spec_from_proto(request: pb.FetchRequest) -> FetchSpec:
+    """A FetchSpec; values are checked by the engine (so a bad one fails its item only)."""
+    timeout = None
+    if request.HasField("timeout") and (request.timeout.seconds or request.timeout.nanos):
+        timeout = request.timeout.ToTimedelta().total_seconds()
+    return FetchSpec(
+        url=request.url,
+        method=request.method or "GET",
+        headers=[(h.name, h.value) for h in request.headers],
+        body=request.body,
+        timeout=timeout,
+        follow_redirects=request.follow_redirects if request.HasField("follow_redirects") else None,
+        max_body_bytes=request.max_body_bytes,
+        session_key=request.session_key,
+    )
+
+
+def result_to_proto(outcome: Outcome, request_id: str, index: int) -> pb.FetchResult:
+    """The FetchResult of one outcome."""
+    t = outcome.timings
+    result = pb.FetchResult(
+        id=request_id,
+        index=index,
+        url=outcome.url,
+        final_url=outcome.final_url,
+        status_code=outcome.status_code,
+        headers=[pb.Header(name=n, value=v) for n, v in outcome.headers],
+        body=outcome.body,
+        http_version=outcome.http_version,
+        connection_reused=outcome.connection_reused,
+        timings=pb.Timings(
+            pool_wait_seconds=t.pool_wait,
+            connect_seconds=t.connect,
+            proxy_connect_seconds=t.proxy_connect,
+            tls_seconds=t.tls,
+            ttfb_seconds=t.ttfb,
+            total_seconds=t.total,
+        ),
+        pool=outcome.pool,
+        attempts=outcome.attempts,
+    )
+    if outcome.error_kind is not None:
+        result.error.kind = int(outcome.error_kind)  # type: ignore[assignment]
+        result.error.message = outcome.error_message
+    return result
+
+
+def limits_to_proto(limits: PoolLimits) -> pb.PoolLimits:
+    """The PoolLimits message of limits in force."""
+    message = pb.PoolLimits(
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        max_connections_per_host=limits.max_connections_per_host,
+    )
+    message.keepalive_expiry.FromNanoseconds(round(limits.keepalive_expiry * 1e9))
+    message.pool_timeout.FromNanoseconds(round(limits.pool_timeout * 1e9))
+    return message
+
+
+def limit_changes(message: pb.PoolLimits) -> dict[str, float | int]:
+    """The fields set in a SetPoolLimits message, as PoolLimits keyword arguments."""
+    changes: dict[str, float | int] = {}
+    for name in ("max_connections", "max_keepalive_connections", "max_connections_per_host"):
+        if message.HasField(name):
+            changes[name] = getattr(message, name)
+    for name in ("keepalive_expiry", "pool_timeout"):
+        if message.HasField(name):
+            changes[name] = getattr(message, name).ToNanoseconds() / 1e9
+    return changes
+
+
+def stats_to_proto(s: PoolSnapshot) -> pb.PoolStats:
+    """The PoolStats message of one snapshot."""
+    return pb.PoolStats(
+        pool=s.pool,
+        limits=limits_to_proto(s.limits),
+        connections_open=s.connections_open,
+        connections_idle=s.connections_idle,
+        connections_active=s.connections_active,
+        http2_streams=s.http2_streams,
+        requests_active=s.requests_active,
+        requests_waiting=s.requests_waiting,
+        connections_created_total=s.connections_created_total,
+        requests_total=s.requests_total,
+        reuse_ratio=s.reuse_ratio,
+        acquire_wait_p50_seconds=s.acquire_wait_p50,
+        acquire_wait_p90_seconds=s.acquire_wait_p90,
+        acquire_wait_p99_seconds=s.acquire_wait_p99,
+        pool_timeouts_total=s.pool_timeouts_total,
+    )
