@@ -1,0 +1,190 @@
+"""A small ASGI app for what a static nginx site cannot do: delays, chosen statuses, redirects,
+flaky endpoints, echo. Served by hypercorn in its own process (see servers.AppServer).
+
+Endpoints (all GET-able; /echo takes any method):
+  /delay?s=0.5                 sleep s seconds (at most 300), then 200 "delayed <s>"
+  /status/{code}?retry_after=N status code (200-599), with Retry-After: N when given
+  /bytes?n=N                   N bytes of expected_bytes(N), Content-Length set, streamed in 64 KiB
+  /echo                        JSON: method, path, query, http_version, scheme,
+                               headers as [name, value] pairs (duplicates kept), body_b64
+  /redirect/{n}                302 to /redirect/{n-1}; /redirect/0 answers 200 "done"
+  /redirect-loop               302 to itself, forever
+  /flaky?key=K&fail=N          503 for the first N requests with key K, then 200; X-Attempt: count
+  /headers-big?n=N             200 with about N bytes of response headers (x-big-NNNN, 1000 B each)
+Anything else: 404. Bad parameters: 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+_PATTERN = bytes(range(256))
+_CHUNK = 64 * 1024  # a multiple of len(_PATTERN), so every chunk starts the pattern afresh
+_MAX_DELAY_S = 300.0
+_MAX_REDIRECTS = 1000
+_HEADER_VALUE_LEN = 1000
+_MAX_HEADER_BYTES = 1024 * 1024
+
+# Requests seen per /flaky key; lives as long as the server process.
+_flaky_counts: dict[str, int] = {}
+
+
+class BadRequest(ValueError):
+    """A request parameter is missing or out of range; answered with 400."""
+
+
+def expected_bytes(n: int) -> bytes:
+    """The body that /bytes?n=``n`` returns: bytes 0..255 repeated, cut to ``n``."""
+    return (_PATTERN * (n // len(_PATTERN) + 1))[:n]
+
+
+def _param(query: dict[str, list[str]], name: str, default: str | None = None) -> str:
+    values = query.get(name)
+    if values:
+        return values[0]
+    if default is None:
+        raise BadRequest(f"missing query parameter {name!r}")
+    return default
+
+
+def _float(text: str, low: float, high: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"not a number: {text!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{value} not in [{low}, {high}]")
+    return value
+
+
+def _int(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadRequest(f"not an integer: {text!r}") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{value} not in [{low}, {high}]")
+    return value
+
+
+async def _respond(send: Send, status: int, body: bytes = b"", headers: Headers | None = None) -> None:
+    all_headers = [(b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:  # ends with the last body message (more_body False) or the client leaving
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+async def _bytes(send: Send, n: int) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-length", str(n).encode()), (b"content-type", b"application/octet-stream")],
+        }
+    )
+    chunk = expected_bytes(_CHUNK)
+    for offset in range(0, n, _CHUNK):
+        size = min(_CHUNK, n - offset)
+        await send({"type": "http.response.body", "body": chunk[:size], "more_body": offset + size < n})
+    if n == 0:
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _echo(scope: Scope, receive: Receive, send: Send) -> None:
+    body = await _read_body(receive)
+    payload = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "query": scope["query_string"].decode("latin-1"),
+        "http_version": scope["http_version"],
+        "scheme": scope["scheme"],
+        "headers": [[name.decode("latin-1"), value.decode("latin-1")] for name, value in scope["headers"]],
+        "body_b64": base64.b64encode(body).decode("ascii"),
+    }
+    await _respond(send, 200, json.dumps(payload).encode(), [(b"content-type", b"application/json")])
+
+
+async def _route(scope: Scope, receive: Receive, send: Send) -> None:
+    path: str = scope["path"]
+    query = parse_qs(scope["query_string"].decode("latin-1"))
+    if path == "/echo":
+        await _echo(scope, receive, send)
+    elif path == "/delay":
+        seconds = _float(_param(query, "s", "0.5"), 0.0, _MAX_DELAY_S)
+        await asyncio.sleep(seconds)
+        await _respond(send, 200, f"delayed {seconds}".encode())
+    elif path.startswith("/status/"):
+        code = _int(path.removeprefix("/status/"), 200, 599)
+        headers: Headers = []
+        if "retry_after" in query:
+            headers.append((b"retry-after", _param(query, "retry_after").encode("latin-1")))
+        # 204 and 304 must not carry a body.
+        await _respond(send, code, b"" if code in (204, 304) else f"status {code}".encode(), headers)
+    elif path == "/bytes":
+        await _bytes(send, _int(_param(query, "n"), 0, 1 << 40))
+    elif path.startswith("/redirect/"):
+        hops = _int(path.removeprefix("/redirect/"), 0, _MAX_REDIRECTS)
+        if hops == 0:
+            await _respond(send, 200, b"done")
+        else:
+            await _respond(send, 302, b"", [(b"location", f"/redirect/{hops - 1}".encode())])
+    elif path == "/redirect-loop":
+        await _respond(send, 302, b"", [(b"location", b"/redirect-loop")])
+    elif path == "/flaky":
+        key = _param(query, "key")
+        fail = _int(_param(query, "fail", "1"), 0, 1_000_000)
+        _flaky_counts[key] = attempt = _flaky_counts.get(key, 0) + 1
+        status = 503 if attempt <= fail else 200
+        await _respond(send, status, f"attempt {attempt}".encode(), [(b"x-attempt", str(attempt).encode())])
+    elif path == "/headers-big":
+        total = _int(_param(query, "n"), 0, _MAX_HEADER_BYTES)
+        count = -(-total // _HEADER_VALUE_LEN)
+        big = [(f"x-big-{i:04d}".encode(), b"h" * _HEADER_VALUE_LEN) for i in range(count)]
+        await _respond(send, 200, b"big headers", big)
+    else:
+        await _respond(send, 404, b"not found")
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:  # ends at the server's shutdown message
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """The ASGI entry point."""
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    if scope["type"] != "http":
+        return
+    try:
+        await _route(scope, receive, send)
+    except BadRequest as exc:
+        await _respond(send, 400, str(exc).encode())
