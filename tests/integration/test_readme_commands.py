@@ -1,0 +1,69 @@
+"""The README's own commands, run the way a newcomer runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import Nginx
+
+from fetchpool.config import option_table
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def test_readme_shows_the_two_commands_and_ci_runs_make_test() -> None:
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README, re.S))
+    assert re.search(r"^make run\b", blocks, re.M) and re.search(r"^make test\b", blocks, re.M)
+    assert "make test" in (ROOT / ".ci/run").read_text()
+
+
+def test_readme_configuration_table_is_current() -> None:
+    assert option_table() in README, "regenerate the table: python -c 'from fetchpool.config import option_table; print(option_table())'"
+
+
+def _serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> None:
+    assert not _serving(DEFAULT_TARGET), f"something already serves on {DEFAULT_TARGET}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHPOOL_", "OTEL_"))}
+    log = (tmp_path / "make-run.log").open("wb")
+    make = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # a first `make run` may still have to build the venv
+        while not _serving(DEFAULT_TARGET):
+            assert make.poll() is None, (tmp_path / "make-run.log").read_text()
+            assert time.monotonic() < deadline, "make run never served"
+            time.sleep(0.2)
+        url = f"{nginx.http_url}/small.html?readme=1"
+        fetch = subprocess.run(
+            [sys.executable, "-m", "fetchpool", "fetch", url, "--target", DEFAULT_TARGET, "--body", "text"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert fetch.returncode == 0, fetch.stderr
+        [line] = fetch.stdout.splitlines()
+        result = json.loads(line)
+        assert result["status_code"] == 200 and result["url"] == url
+        assert result["body"] == (site_root / "small.html").read_text()
+    finally:
+        os.killpg(make.pid, signal.SIGTERM)
+        make.wait(30)
+        log.close()
