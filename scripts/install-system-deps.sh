@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages fetchpool's integration tests and benchmarks run for real:
-# nginx (HTTP/1.1 + TLS/HTTP/2 origin), tinyproxy and squid (forward proxies), wrk (load baseline),
+# nginx (HTTP/1.1 + TLS/HTTP/2 origin), tinyproxy and squid (forward proxies), microsocks (SOCKS5), wrk (load baseline),
 # iptables/iproute2 (fault injection, network namespaces) and python3.11-doc, whose HTML
 # (/usr/share/doc/python3.11/html, ~500 pages from a few KB to ~1 MB) is the static "real site"
 # the crawl tests and benchmarks fetch through nginx.
@@ -10,7 +10,7 @@
 # command to run and exits 1. Exit status is non-zero on any failure.
 set -euo pipefail
 
-readonly PACKAGES=(nginx-light tinyproxy squid wrk iptables iproute2 python3.11-doc)
+readonly PACKAGES=(nginx-light tinyproxy squid microsocks wrk iptables iproute2 python3.11-doc)
 readonly DOC_ROOT=/usr/share/doc/python3.11/html
 readonly MIN_DOC_PAGES=300
 readonly POLICY_RC=/usr/sbin/policy-rc.d

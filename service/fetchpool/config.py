@@ -23,6 +23,8 @@ __all__ = [
     "FetchSettings",
     "Option",
     "PoolLimits",
+    "PoolPolicy",
+    "RetryPolicy",
     "ServerSettings",
     "Settings",
     "Timeouts",
@@ -145,6 +147,74 @@ class FetchSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RetryPolicy:
+    """Retries of one fetch (after urllib3's ``Retry`` and Envoy's retry budget).
+
+    - ``attempts``: attempts at most per fetch, the first included (1 = no retries).
+    - Idempotent methods are retried on connect, proxy, reset and protocol errors
+      and on ``statuses``; other methods only when the request never left (connect errors).
+    - Back-off: full jitter, ``uniform(0, min(backoff_max, backoff_base * 2**retry))``
+      seconds (AWS Architecture Blog, "Exponential Backoff And Jitter"), unless the
+      response says ``Retry-After`` (seconds or HTTP-date); a ``Retry-After`` above
+      ``max_retry_after`` seconds is not waited for (the response is returned).
+    - Budget: retries in progress at most ``max(budget_min, budget_ratio * requests in
+      flight)``, so a failing target cannot multiply the load (Envoy ``retry_budget``:
+      ``budget_percent`` 20 %, ``min_retry_concurrency`` 3).
+    """
+
+    attempts: int = 3
+    statuses: tuple[int, ...] = (429, 503)
+    backoff_base: float = 0.1
+    backoff_max: float = 10.0
+    max_retry_after: float = 30.0
+    budget_ratio: float = 0.2
+    budget_min: int = 3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.attempts <= 20:
+            raise ConfigError("retry attempts must be in 1..20")
+        if not all(100 <= s <= 599 for s in self.statuses):
+            raise ConfigError("retry statuses must be HTTP status codes")
+        if not (0 <= self.backoff_base <= self.backoff_max <= MAX_SECONDS and self.max_retry_after >= 0):
+            raise ConfigError("retry back-off must satisfy 0 <= base <= max")
+        if not (0 <= self.budget_ratio <= 1 and self.budget_min >= 0):
+            raise ConfigError("retry budget ratio must be in 0..1 and its minimum not negative")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolPolicy:
+    """Connection hygiene, proxy ejection, politeness and dynamic sizing.
+
+    - ``max_requests_per_connection`` / ``max_connection_age`` (seconds): a connection that
+      reaches either is retired: it takes no new request and closes once idle (Envoy's
+      ``max_requests_per_connection`` / ``max_connection_duration``). 0 = no limit.
+    - ``proxy_eject_failures`` consecutive proxy failures (refused or failed connect to the
+      proxy, 407, 502/503/504 to CONNECT) eject a proxy's pool for ``proxy_eject_seconds``
+      times the number of its ejections, at most 10 times (Envoy outlier detection:
+      ``consecutive_gateway_failure``, ``base_ejection_time``). 0 failures = never eject.
+    - ``host_rate``: requests per second per origin at most (0 = no limit).
+    - ``dynamic``: each pool's working limit follows demand between ``dynamic_floor`` and
+      ``max_connections`` (see ``fetchpool.engine.sizing``).
+    """
+
+    max_requests_per_connection: int = 0
+    max_connection_age: float = 0.0
+    proxy_eject_failures: int = 5
+    proxy_eject_seconds: float = 30.0
+    host_rate: float = 0.0
+    dynamic: bool = False
+    dynamic_floor: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_requests_per_connection < 0 or not 0 <= self.max_connection_age <= MAX_SECONDS:
+            raise ConfigError("max requests per connection and max connection age must not be negative")
+        if self.proxy_eject_failures < 0 or not 0 < self.proxy_eject_seconds <= MAX_SECONDS:
+            raise ConfigError("proxy ejection needs failures >= 0 and seconds > 0")
+        if not (0 <= self.host_rate <= 1e6 and self.dynamic_floor >= 1):
+            raise ConfigError("host rate must be in 0..1e6 and the dynamic floor at least 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ServerSettings:
     """The gRPC side. ``grace_period`` and ``max_connection_age`` are seconds
     (0 = no max age); ``max_message_bytes`` bounds received messages."""
@@ -164,6 +234,8 @@ class Settings:
     limits: PoolLimits = field(default_factory=PoolLimits)
     timeouts: Timeouts = field(default_factory=Timeouts)
     fetch: FetchSettings = field(default_factory=FetchSettings)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    pool: PoolPolicy = field(default_factory=PoolPolicy)
     limits_file: str | None = None
 
 
@@ -178,6 +250,10 @@ def _bool(text: str) -> bool:
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _csv(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +311,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("fetch.max_redirects", "--max-redirects", "FETCHPOOL_MAX_REDIRECTS", int, "redirects followed at most"),
     Option("fetch.ca_bundle", "--ca-bundle", "FETCHPOOL_CA_BUNDLE", str,
            "PEM file of CAs to trust instead of certifi's bundle"),
+    Option("retry.attempts", "--retry-attempts", "FETCHPOOL_RETRY_ATTEMPTS", int,
+           "attempts per fetch at most, the first included (1 = no retries)"),
+    Option("retry.statuses", "--retry-statuses", "FETCHPOOL_RETRY_STATUSES", _ints,
+           "HTTP statuses retried for idempotent requests, comma-separated"),
+    Option("retry.backoff_base", "--retry-backoff-base", "FETCHPOOL_RETRY_BACKOFF_BASE", float,
+           "seconds; retry n waits uniform(0, min(max, base * 2**n)) unless Retry-After says"),
+    Option("retry.backoff_max", "--retry-backoff-max", "FETCHPOOL_RETRY_BACKOFF_MAX", float,
+           "seconds; the back-off cap"),
+    Option("retry.max_retry_after", "--max-retry-after", "FETCHPOOL_MAX_RETRY_AFTER", float,
+           "seconds; a longer Retry-After is not waited for (the response is returned)"),
+    Option("retry.budget_ratio", "--retry-budget", "FETCHPOOL_RETRY_BUDGET", float,
+           "retries in progress at most this share of requests in flight (Envoy retry_budget)"),
+    Option("pool.max_requests_per_connection", "--max-requests-per-connection",
+           "FETCHPOOL_MAX_REQUESTS_PER_CONNECTION", int, "retire a connection after this many requests; 0 = never"),
+    Option("pool.max_connection_age", "--max-connection-age", "FETCHPOOL_MAX_CONNECTION_AGE", float,
+           "seconds; retire a connection this old; 0 = never"),
+    Option("pool.proxy_eject_failures", "--proxy-eject-failures", "FETCHPOOL_PROXY_EJECT_FAILURES", int,
+           "consecutive proxy failures that eject a proxy for a cool-down; 0 = never"),
+    Option("pool.proxy_eject_seconds", "--proxy-eject-seconds", "FETCHPOOL_PROXY_EJECT_SECONDS", float,
+           "seconds a proxy is ejected, times its ejection count (at most 10x)"),
+    Option("pool.host_rate", "--host-rate", "FETCHPOOL_HOST_RATE", float,
+           "requests per second per origin at most; 0 = no limit"),
+    Option("pool.dynamic", "--dynamic-limits", "FETCHPOOL_DYNAMIC_LIMITS", _bool,
+           "let each pool's working limit follow demand between the floor and max_connections"),
+    Option("pool.dynamic_floor", "--dynamic-floor", "FETCHPOOL_DYNAMIC_FLOOR", int,
+           "the lowest working limit in dynamic mode"),
     Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", float,
            "seconds in-flight calls may run after SIGTERM before they are cancelled"),
     Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", float,
@@ -250,12 +352,14 @@ OPTIONS: tuple[Option, ...] = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every option of :data:`OPTIONS` to ``parser`` (defaults stay None: resolved later)."""
     for option in OPTIONS:
+        switch = {"nargs": "?", "const": "true"} if option.parse is _bool else {}  # `--flag` alone means true
         parser.add_argument(
             option.flag,
             dest=option.target.replace(".", "__"),
             default=None,
             metavar=option.env,
             help=f"{option.help} (env {option.env}, default {option.default!r})",
+            **switch,
         )
 
 
@@ -265,7 +369,9 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
     Raises :class:`~fetchpool.errors.ConfigError` naming the flag or variable at fault.
     """
     env = os.environ if environ is None else environ
-    sections: dict[str, dict[str, Any]] = {"server": {}, "limits": {}, "timeouts": {}, "fetch": {}, "settings": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "server": {}, "limits": {}, "timeouts": {}, "fetch": {}, "retry": {}, "pool": {}, "settings": {}
+    }
     for option in OPTIONS:
         raw = getattr(args, option.target.replace(".", "__"), None)
         source = option.flag
@@ -285,6 +391,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
             limits=PoolLimits().replace(**sections["limits"]),
             timeouts=Timeouts(**sections["timeouts"]),
             fetch=FetchSettings(**sections["fetch"]),
+            retry=RetryPolicy(**sections["retry"]),
+            pool=PoolPolicy(**sections["pool"]),
             **sections["settings"],
         )
     except ConfigError:
@@ -321,6 +429,6 @@ def option_table(options: Sequence[Option] = OPTIONS) -> str:
     rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
     for option in options:
         default = option.default
-        shown = "" if default in (None, (), "") else (", ".join(default) if isinstance(default, tuple) else default)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else ("" if default is None else default)
         rows.append(f"| `{option.flag}` | `{option.env}` | `{shown}` | {option.help} |")
     return "\n".join(rows)

@@ -26,6 +26,7 @@ __all__ = [
     "FetchpoolError",
     "InvalidLimits",
     "classify",
+    "proxy_status",
 ]
 
 
@@ -89,6 +90,15 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def proxy_status(exc: BaseException) -> int | None:
+    """The status a proxy gave to our CONNECT (httpcore's ProxyError says "<status> <reason>"), if any."""
+    for cause in _causes(exc):
+        if isinstance(cause, httpx.ProxyError | httpcore.ProxyError):
+            head = str(cause).split(" ", 1)[0]
+            return int(head) if head.isdigit() else None
+    return None
+
+
 def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy: bool = False) -> tuple[
     ErrorKind, str
 ]:
@@ -105,7 +115,7 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
     chain = _causes(exc)
     text = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ProxyError | httpcore.ProxyError):
-        if text.startswith("407"):
+        if text.startswith(("407", "401")):  # tinyproxy answers a bad Proxy-Authorization with 401
             return ErrorKind.PROXY_AUTH, f"proxy refused the credentials: {text}"
         return ErrorKind.PROXY, f"proxy refused the tunnel: {text}"
     if isinstance(exc, httpx.PoolTimeout | httpcore.PoolTimeout):
@@ -121,6 +131,12 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
         return ErrorKind.TIMEOUT, f"{what} timed out"
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
         return ErrorKind.INVALID_URL, text
+    if any(isinstance(c, ssl.SSLEOFError | ssl.SSLZeroReturnError) for c in chain):
+        # The peer (or a proxy in between) hung up mid-handshake: a connection failure,
+        # not a certificate problem.
+        if connecting_to_proxy or via_proxy:
+            return ErrorKind.PROXY, "the connection through the proxy closed during the TLS handshake"
+        return ErrorKind.CONNECT, "the connection closed during the TLS handshake"
     if any(isinstance(c, ssl.SSLError | ssl.CertificateError) for c in chain):
         reason = next(str(c) for c in chain if isinstance(c, ssl.SSLError | ssl.CertificateError))
         return ErrorKind.TLS, f"TLS failed: {reason}"

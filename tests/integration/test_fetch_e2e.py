@@ -9,11 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import AppServer, Nginx, Tinyproxy
-from support.fetchpool_service import FetchpoolService
-
 from fetchpool.client import FetchClient, make_request
 from fetchpool.v1 import fetch_pb2 as pb
+from support import AppServer, Nginx, Tinyproxy
+from support.fetchpool_service import FetchpoolService
 
 Kind = pb.FetchError
 
@@ -146,9 +145,7 @@ async def test_fetch_stream_answers_while_the_caller_still_sends(service: Fetchp
     assert sorted(seen) == sorted((str(i), i, 200) for i in range(20))
 
 
-async def test_cancelling_mid_batch_releases_every_connection(
-    service: FetchpoolService, app_server: AppServer
-) -> None:
+async def test_cancelling_mid_batch_releases_every_connection(service: FetchpoolService, app_server: AppServer) -> None:
     requests = [make_request(f"{app_server.https_url}/echo?n=0", id="quick")]
     requests += [make_request(f"{app_server.https_url}/delay?s=8&n={i}", id=str(i)) for i in range(20)]
     requests += [make_request(f"{app_server.http_url}/delay?s=8&h1={i}", id=f"h1-{i}") for i in range(20)]

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import grpc
+from fetchpool.config import option_table
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import Nginx
-
-from fetchpool.config import option_table
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -29,7 +28,9 @@ def test_readme_shows_the_two_commands_and_ci_runs_make_test() -> None:
 
 
 def test_readme_configuration_table_is_current() -> None:
-    assert option_table() in README, "regenerate the table: python -c 'from fetchpool.config import option_table; print(option_table())'"
+    assert option_table() in README, (
+        "regenerate the table: python -c 'from fetchpool.config import option_table; print(option_table())'"
+    )
 
 
 def _serving(target: str) -> bool:
@@ -45,8 +46,9 @@ def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> N
     assert not _serving(DEFAULT_TARGET), f"something already serves on {DEFAULT_TARGET}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHPOOL_", "OTEL_"))}
     log = (tmp_path / "make-run.log").open("wb")
-    make = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    make = subprocess.Popen(
+        ["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300  # a first `make run` may still have to build the venv
         while not _serving(DEFAULT_TARGET):
@@ -56,7 +58,10 @@ def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> N
         url = f"{nginx.http_url}/small.html?readme=1"
         fetch = subprocess.run(
             [sys.executable, "-m", "fetchpool", "fetch", url, "--target", DEFAULT_TARGET, "--body", "text"],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert fetch.returncode == 0, fetch.stderr
         [line] = fetch.stdout.splitlines()

@@ -4,7 +4,7 @@ through the rootdir conftest)."""
 
 from .certs import SERVER_IDENTITIES, CertPair, Certs
 from .process import INSTALL_HINT, MissingBinaryError, ServerProcess, ServerStartError, free_port
-from .servers import AppServer, Nginx, Squid, Tinyproxy
+from .servers import AppServer, Microsocks, Nginx, Squid, Tinyproxy
 from .site import DOC_PACKAGE, DOC_ROOT, SITE_PAGES, doc_pages, write_site
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "AppServer",
     "CertPair",
     "Certs",
+    "Microsocks",
     "MissingBinaryError",
     "Nginx",
     "ServerProcess",

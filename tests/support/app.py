@@ -9,7 +9,8 @@ Endpoints (all GET-able; /echo takes any method):
                                headers as [name, value] pairs (duplicates kept), body_b64
   /redirect/{n}                302 to /redirect/{n-1}; /redirect/0 answers 200 "done"
   /redirect-loop               302 to itself, forever
-  /flaky?key=K&fail=N          503 for the first N requests with key K, then 200; X-Attempt: count
+  /flaky?key=K&fail=N          503 (or ?status=) for the first N requests with key K, then 200;
+                               X-Attempt: count; ?retry_after=V adds Retry-After: V to the failures
   /headers-big?n=N             200 with about N bytes of response headers (x-big-NNNN, 1000 B each)
 Anything else: 404. Bad parameters: 400.
 """
@@ -155,9 +156,12 @@ async def _route(scope: Scope, receive: Receive, send: Send) -> None:
     elif path == "/flaky":
         key = _param(query, "key")
         fail = _int(_param(query, "fail", "1"), 0, 1_000_000)
+        code = _int(_param(query, "status", "503"), 400, 599)
         _flaky_counts[key] = attempt = _flaky_counts.get(key, 0) + 1
-        status = 503 if attempt <= fail else 200
-        await _respond(send, status, f"attempt {attempt}".encode(), [(b"x-attempt", str(attempt).encode())])
+        headers = [(b"x-attempt", str(attempt).encode())]
+        if attempt <= fail and "retry_after" in query:
+            headers.append((b"retry-after", _param(query, "retry_after").encode()))
+        await _respond(send, code if attempt <= fail else 200, f"attempt {attempt}".encode(), headers)
     elif path == "/headers-big":
         total = _int(_param(query, "n"), 0, _MAX_HEADER_BYTES)
         count = -(-total // _HEADER_VALUE_LEN)

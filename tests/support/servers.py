@@ -306,6 +306,30 @@ class Tinyproxy(ServerProcess):
         return _read_text(self.log_path, since)
 
 
+class Microsocks(ServerProcess):
+    """microsocks, a SOCKS5 proxy on 127.0.0.1; ``auth`` = (user, password) makes it require them."""
+
+    name = "microsocks"
+
+    def __init__(self, *, auth: tuple[str, str] | None = None, port: int | None = None) -> None:
+        super().__init__()
+        self.auth = auth
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        """``socks5://[user:password@]127.0.0.1:port``."""
+        credentials = f"{self.auth[0]}:{self.auth[1]}@" if self.auth else ""
+        return f"socks5://{credentials}{LOOPBACK}:{self.port}"
+
+    def ports(self) -> Sequence[int]:
+        return (self.port,)
+
+    def _command(self) -> list[str]:
+        auth = ["-u", self.auth[0], "-P", self.auth[1]] if self.auth else []
+        return [find_binary("microsocks"), "-i", LOOPBACK, "-p", str(self.port), *auth]
+
+
 class Squid(ServerProcess):
     """squid as a non-caching forward proxy on 127.0.0.1, allowing loopback clients only.
 

@@ -19,8 +19,16 @@ GENERATED = ("fetch_pb2.py", "fetch_pb2.pyi", "fetch_pb2_grpc.py")
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(ROOT / "proto/fetchpool/v1/fetch.proto")],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'proto'}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            str(ROOT / "proto/fetchpool/v1/fetch.proto"),
+        ],
         check=True,
     )
     for name in GENERATED:

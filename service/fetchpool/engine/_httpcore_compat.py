@@ -66,3 +66,44 @@ def count(transport: httpx.AsyncHTTPTransport) -> ConnectionCounts:
         else:
             active += 1
     return ConnectionCounts(open=idle + active, idle=idle, active=active)
+
+
+def _inner(connection: httpcore.AsyncConnectionInterface) -> object | None:
+    # AsyncHTTPConnection, AsyncTunnelHTTPConnection and AsyncSocks5Connection all keep
+    # the HTTP/1.1 or HTTP/2 connection they made in `_connection` (None until connected).
+    return getattr(connection, "_connection", None)
+
+
+def connection_of(
+    transport: httpx.AsyncHTTPTransport, network_stream: object
+) -> httpcore.AsyncConnectionInterface | None:
+    """The pool connection whose socket is ``network_stream`` (``response.extensions["network_stream"]``)."""
+    for connection in _pool(transport).connections:
+        if getattr(_inner(connection), "_network_stream", None) is network_stream:
+            return connection
+    return None
+
+
+def stop_new_requests(connection: httpcore.AsyncConnectionInterface) -> None:
+    """Make an HTTP/2 connection take no new streams; those in flight finish.
+
+    httpcore marks a connection that ran out of stream ids this way
+    (``AsyncHTTP2Connection._used_all_stream_ids``); ``is_available()`` then says
+    False and the pool opens a new connection for new requests. HTTP/1.1
+    connections carry one request at a time and are closed when idle instead.
+    """
+    inner = _inner(connection)
+    if inner is not None and hasattr(inner, "_used_all_stream_ids"):
+        inner._used_all_stream_ids = True
+
+
+def peer_closed(connection: httpcore.AsyncConnectionInterface) -> bool:
+    """Whether an idle connection's socket is readable, i.e. the peer closed it (or sent
+    something unasked, which an idle connection should not get either).
+
+    httpcore checks this for idle HTTP/1.1 connections (``has_expired``) but not for
+    HTTP/2 ones, so a proxy or server that went away leaves a dead HTTP/2 connection
+    that fails every request multiplexed onto it next.
+    """
+    stream = getattr(_inner(connection), "_network_stream", None)
+    return stream is not None and bool(stream.get_extra_info("is_readable"))

@@ -18,19 +18,24 @@ import httpx
 from fetchpool.config import PoolLimits, Settings
 from fetchpool.engine.admission import AdmissionTimeout
 from fetchpool.engine.hooks import FetchObserver
-from fetchpool.engine.model import FetchSpec, Outcome
+from fetchpool.engine.model import FetchSpec, Headers, Outcome
 from fetchpool.engine.phases import PhaseRecorder
-from fetchpool.engine.pool import Pool, PoolSnapshot
+from fetchpool.engine.politeness import HostRate
+from fetchpool.engine.pool import EWMA_WEIGHT, Pool, PoolSnapshot
 from fetchpool.engine.proxies import DIRECT, Selector, parse_proxy, redact_url
-from fetchpool.errors import ErrorKind, FetchFailed, InvalidLimits, classify
+from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff, parse_retry_after, retryable
+from fetchpool.errors import ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
 
 logger = logging.getLogger(__name__)
 
 #: Request extension naming the pool a request goes to (read by :class:`Router`).
 POOL_EXTENSION = "fetchpool.pool"
-#: Seconds between two passes of the idle-connection reaper.
-REAP_INTERVAL = 1.0
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: Seconds between two passes of the pools' upkeep (idle connections, dynamic limits, stats).
+TEND_INTERVAL = 1.0
+#: Statuses a proxy gives to CONNECT that count as the proxy's failure (gateway errors, 407).
+PROXY_FAULTS = frozenset({401, 407, 502, 503, 504})
+#: Sends of one attempt repeated at most when the connection went away before any response.
+RESENDS = 3
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\r\n\x00]")
 # httpx gives the host IDNA-encoded; what remains is a DNS name or an IP literal.
@@ -70,6 +75,16 @@ def _origin(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
 
+def _went_away(exc: BaseException) -> bool:
+    """Whether an exception says the peer shut the connection (HTTP/2 GOAWAY, or closed it)."""
+    text = f"{exc} {exc.__cause__} {exc.__context__}"
+    return any(sign in text for sign in ("ConnectionTerminated", "ConnectionState.CLOSED", "Server disconnected"))
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    return next((value for key, value in headers if key.lower() == name), None)
+
+
 class Engine:
     """Fetches URLs through one pooled HTTP/2 ``httpx.AsyncClient``.
 
@@ -83,11 +98,13 @@ class Engine:
         self.draining = False
         ssl_context = ssl.create_default_context(cafile=settings.fetch.ca_bundle or certifi.where())
         proxies = [parse_proxy(url) for url in settings.fetch.proxies]
-        pools = [Pool(p.key, settings.limits, ssl_context, proxy_url=p.url) for p in proxies] or [
-            Pool(DIRECT, settings.limits, ssl_context)
+        pools = [Pool(p.key, settings.limits, settings.pool, ssl_context, proxy_url=p.url) for p in proxies] or [
+            Pool(DIRECT, settings.limits, settings.pool, ssl_context)
         ]
         self._pools = {pool.name: pool for pool in pools}
         self._selector = Selector(settings.fetch.proxy_policy, pools)
+        self._budget = RetryBudget(settings.retry.budget_ratio, settings.retry.budget_min)
+        self._host_rate = HostRate(settings.pool.host_rate) if settings.pool.host_rate else None
         t = settings.timeouts
         self.client = httpx.AsyncClient(
             transport=Router(self._pools),
@@ -96,43 +113,61 @@ class Engine:
             trust_env=False,
             cookies=_NoCookies(),
         )
-        self._reaper: asyncio.Task[None] | None = None
+        self.processing_mean = 0.0
+        self._cpu_mark = (time.process_time(), 0)
+        self._tender: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Engine:
-        self._reaper = asyncio.create_task(self._reap(), name="fetchpool-reaper")
+        self._tender = asyncio.create_task(self._tend(), name="fetchpool-tend")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the reaper and close the client (every pool's connections)."""
-        if self._reaper is not None:
-            self._reaper.cancel()
+        """Stop the upkeep task and close the client (every pool's connections)."""
+        if self._tender is not None:
+            self._tender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
+                await self._tender
+            self._tender = None
         await self.client.aclose()
 
-    async def _reap(self) -> None:
-        # httpcore closes expired or surplus idle connections only when a request
-        # arrives; an idle pool would keep them (and a shrunk limit) forever.
+    async def _tend(self) -> None:
         while True:
-            await asyncio.sleep(REAP_INTERVAL)
+            await asyncio.sleep(TEND_INTERVAL)
+            self._measure_processing()
+            now = time.monotonic()
             for pool in self._pools.values():
                 try:
-                    await pool.close_surplus_idle()
+                    await pool.tend(now)
                 except Exception:
-                    logger.exception("closing idle connections of pool %s failed", pool.name)
+                    logger.exception("upkeep of pool %s failed", pool.name)
+            if self._host_rate is not None:
+                self._host_rate.prune()
+
+    def _measure_processing(self) -> None:
+        # Process CPU seconds per response served: the "processing time" of the sizing formula.
+        cpu, served = time.process_time(), sum(p.requests_total for p in self._pools.values())
+        spent, count = cpu - self._cpu_mark[0], served - self._cpu_mark[1]
+        if count > 0:
+            sample = spent / count
+            self.processing_mean += EWMA_WEIGHT * (sample - self.processing_mean) if self.processing_mean else sample
+        self._cpu_mark = (cpu, served)
 
     @property
     def pools(self) -> list[Pool]:
         """The pools, direct or one per proxy."""
         return list(self._pools.values())
 
+    @property
+    def demand(self) -> int:
+        """Requests in flight plus waiting, over every pool (the per-pod HPA signal)."""
+        return sum(pool.load for pool in self._pools.values())
+
     def snapshots(self) -> list[PoolSnapshot]:
         """Stats of every pool now."""
-        return [pool.snapshot() for pool in self._pools.values()]
+        return [pool.snapshot(self.processing_mean) for pool in self._pools.values()]
 
     def set_limits(self, changes: Mapping[str, Any], pool: str = "") -> dict[str, PoolLimits]:
         """Change limits live, for pool ``pool`` or for all when empty.
@@ -162,28 +197,26 @@ class Engine:
         started = time.monotonic()
         token = self.observer.fetch_started(spec) if self.observer is not None else None
         recorder: PhaseRecorder | None = None
+        self._budget.requests += 1
         try:
             method, url, timeout = self._check(spec)
-            pool = self._selector.pick(spec.session_key)  # type: ignore[assignment]
-            assert isinstance(pool, Pool)
-            outcome.pool = pool.name
-            recorder = PhaseRecorder(pool.counters)
+            recorder = PhaseRecorder()
             try:
                 async with asyncio.timeout(timeout):
-                    await self._exchange(spec, method, url, pool, recorder, outcome)
+                    await self._attempts(spec, method, url, recorder, outcome)
             except TimeoutError:
                 raise FetchFailed(ErrorKind.TIMEOUT, f"fetch exceeded its total timeout of {timeout:.3g} s") from None
         except asyncio.CancelledError:
             outcome.error_kind, outcome.error_message = ErrorKind.CANCELLED, "cancelled by the caller"
             raise
         except Exception as exc:
-            via_proxy = outcome.pool not in ("", DIRECT)
-            to_proxy = via_proxy and recorder is not None and recorder.failed_step in ("connect", "proxy.connect")
-            outcome.error_kind, outcome.error_message = classify(exc, via_proxy=via_proxy, connecting_to_proxy=to_proxy)
+            outcome.error_kind, outcome.error_message = classify(exc)
             if outcome.error_kind is ErrorKind.INTERNAL:
                 logger.exception("fetch of %s failed unexpectedly", redact_url(spec.url))
         finally:
-            outcome.timings = recorder.timings(time.monotonic() - started) if recorder else outcome.timings
+            self._budget.requests -= 1
+            if recorder is not None:
+                outcome.timings = recorder.timings(0.0)
             outcome.timings.total = time.monotonic() - started
             if self.observer is not None:
                 self.observer.fetch_finished(token, outcome, recorder)
@@ -222,13 +255,95 @@ class Engine:
             raise FetchFailed(ErrorKind.INVALID_ARGUMENT, "max_body_bytes must not be negative")
         return method, url, timeout
 
+    def _failure(self, exc: Exception, pool: Pool, recorder: PhaseRecorder) -> FetchFailed:
+        """Classify an attempt's exception once, and count it against the proxy when it is the proxy's."""
+        to_proxy = pool.proxy and recorder.failed_step in ("connect", "proxy.connect")
+        kind, message = classify(exc, via_proxy=pool.proxy, connecting_to_proxy=to_proxy)
+        # Like Envoy's consecutive local-origin failures: besides a refused or failed
+        # tunnel, a connection through the proxy that breaks before any response counts.
+        proxy_fault = kind in (ErrorKind.PROXY, ErrorKind.PROXY_AUTH) and proxy_status(exc) in (None, *PROXY_FAULTS)
+        proxy_fault |= kind in (ErrorKind.NETWORK, ErrorKind.PROTOCOL) and not recorder.responded
+        if pool.proxy and proxy_fault:
+            if pool.health.failure(time.monotonic()):
+                logger.warning("proxy %s ejected for %.0f s after %d consecutive failures", pool.name,
+                               pool.health.ejected_until - time.monotonic(), pool.health.failures)
+        return FetchFailed(kind, message)
+
+    async def _attempts(
+        self, spec: FetchSpec, method: str, url: httpx.URL, recorder: PhaseRecorder, outcome: Outcome
+    ) -> None:
+        """Attempts until one succeeds, the policy or the budget says stop, or the deadline passes.
+
+        A proxy failure, or a proxy ejected meanwhile, moves the next attempt to another
+        proxy; a 407 is never retried on the same proxy. Raises FetchFailed with the
+        last attempt's failure.
+        """
+        policy = self.settings.retry
+        pool: Pool = self._selector.pick(spec.session_key)  # type: ignore[assignment]
+        holding = False  # a retry-budget slot, held over the back-off and the retry
+        try:
+            for attempt in range(1, policy.attempts + 1):
+                outcome.pool = pool.name
+                outcome.attempts += 1
+                failure: FetchFailed | None = None
+                try:
+                    await self._exchange(spec, method, url, pool, recorder, outcome)
+                except FetchFailed as exc:
+                    failure = exc  # ours (TOO_LARGE, POOL_TIMEOUT, ...): never retried
+                    break
+                except Exception as exc:
+                    failure = self._failure(exc, pool, recorder)
+                    logger.debug("attempt %d of %s via %s: %s: %s", attempt, redact_url(url), pool.name,
+                                 failure.kind.name, failure)
+                    if failure.kind is ErrorKind.PROXY_AUTH:
+                        if self._selector.pick(spec.session_key, avoid=pool) is pool:
+                            break  # no other proxy to try the request on
+                    elif not retryable(failure.kind, method):
+                        break
+                    delay = backoff(attempt, policy)
+                else:
+                    if pool.proxy:
+                        pool.health.success()
+                    if outcome.status_code not in policy.statuses or method not in IDEMPOTENT:
+                        return
+                    after = parse_retry_after(_header(outcome.headers, "retry-after"))
+                    if after is not None and after > policy.max_retry_after:
+                        return
+                    delay = after if after is not None else backoff(attempt, policy)
+                if attempt == policy.attempts:
+                    break
+                if holding:
+                    self._budget.release()
+                    holding = False
+                # The budget protects targets from retry storms: a request that never left
+                # (a refused connect, a failed tunnel) or that an ejected proxy failed is exempt.
+                proxy_blamed = failure is not None and (failure.kind in NOT_SENT or failure.kind is ErrorKind.PROXY_AUTH
+                                                        or not pool.available)
+                if not proxy_blamed:
+                    holding = self._budget.try_acquire()
+                    if not holding:
+                        break
+                pool.retries_total += 1
+                start = time.monotonic()
+                await asyncio.sleep(delay)
+                recorder.add("retry.backoff", start, time.monotonic(), attempt=attempt + 1)
+                if failure is not None and (failure.kind in (ErrorKind.PROXY, ErrorKind.PROXY_AUTH)
+                                            or not pool.available):
+                    pool = self._selector.pick(spec.session_key, avoid=pool)  # type: ignore[assignment]
+            if failure is not None:
+                raise failure
+        finally:
+            if holding:
+                self._budget.release()
+
     async def _exchange(
         self, spec: FetchSpec, method: str, url: httpx.URL, pool: Pool, recorder: PhaseRecorder, outcome: Outcome
     ) -> None:
-        """Send, follow redirects, read the body; fills ``outcome``; raises on failure."""
+        """One attempt: send, follow redirects, read the body; fills ``outcome``; raises on failure."""
         fetch = self.settings.fetch
         follow = fetch.follow_redirects if spec.follow_redirects is None else spec.follow_redirects
         cap = min(spec.max_body_bytes or fetch.max_body_bytes, fetch.max_body_bytes)
+        outcome.status_code, outcome.headers, outcome.body, outcome.http_version = 0, [], b"", ""
         request = self.client.build_request(
             method,
             url,
@@ -237,32 +352,43 @@ class Engine:
             extensions={POOL_EXTENSION: pool.name, "trace": recorder.trace},
         )
         seen = {str(url)}
-        stale_retry_left = method in IDEMPOTENT
+        resends_left = RESENDS if method in IDEMPOTENT else 0
         while True:
             host = _origin(request.url)
-            wait = recorder.acquire_started(pool.name)
+            if self._host_rate is not None:
+                await self._host_rate.wait(host)
+            wait = recorder.acquire_started(pool.name, pool.counters)
             try:
                 await pool.admission.acquire(host, pool.limits.pool_timeout)
             except AdmissionTimeout:
                 pool.pool_timeouts_total += 1
                 raise FetchFailed(
-                    ErrorKind.POOL_TIMEOUT, f"no connection of pool {pool.name} free within {pool.limits.pool_timeout:g} s"
+                    ErrorKind.POOL_TIMEOUT,
+                    f"no connection of pool {pool.name} free within {pool.limits.pool_timeout:g} s",
                 ) from None
-            outcome.attempts += 1
             try:
                 response = await self.client.send(request, stream=True)
                 try:
-                    pool.record(wait=max(0.0, wait.end - wait.start), reused=not recorder.connected)
+                    ready = wait.end
+                    pool.acquired(ready - wait.start)
                     outcome.connection_reused = not recorder.connected
                     outcome.body = await self._read_body(response, cap, recorder)
+                    pool.served(reused=outcome.connection_reused, latency=time.monotonic() - ready)
                 finally:
                     await response.aclose()
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                # A pooled keep-alive connection the server closed meanwhile fails on its
-                # first write/read; retry an idempotent request once on a new connection
-                # (what Go's net/http does for a broken reused connection).
-                if stale_retry_left and not recorder.connected and not recorder.responded:
-                    stale_retry_left = False
+                # Before the slot is released, so nobody is admitted onto a connection due to retire.
+                await pool.after_response(response.extensions.get("network_stream"))
+            except (httpx.ProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                # The connection went away before any response: a pooled keep-alive
+                # connection the server closed meanwhile, or an HTTP/2 GOAWAY, after which
+                # httpcore fails even the streams below the last-stream-id (encode/httpcore
+                # PR #1054) and h2 may report its closed state as a local protocol error.
+                # Send an idempotent request again on another connection, outside the retry
+                # policy, as Go's net/http does for a broken reused connection or a GOAWAY.
+                if resends_left and not recorder.responded and (not recorder.connected or _went_away(exc)):
+                    resends_left -= 1
+                    outcome.attempts += 1
+                    pool.retries_total += 1
                     continue
                 raise
             finally:

@@ -55,11 +55,21 @@ class PhaseRecorder:
     being sent on a pooled one.
     """
 
-    __slots__ = ("_counters", "_open", "_pool_wait_open", "_stream_open", "connected", "phases", "wall_start_ns",
-                 "mono_start", "failed_step", "responded")
+    __slots__ = (
+        "_counters",
+        "_open",
+        "_pool_wait_open",
+        "_stream_open",
+        "connected",
+        "failed_step",
+        "mono_start",
+        "phases",
+        "responded",
+        "wall_start_ns",
+    )
 
-    def __init__(self, counters: PoolCounters) -> None:
-        self._counters = counters
+    def __init__(self) -> None:
+        self._counters = PoolCounters()
         self.wall_start_ns = time.time_ns()
         self.mono_start = time.monotonic()
         self.phases: list[Phase] = []
@@ -70,8 +80,10 @@ class PhaseRecorder:
         self.responded = False  # this attempt received response headers
         self.failed_step = ""
 
-    def acquire_started(self, pool_key: str) -> Phase:
-        """The request starts waiting for a pooled connection (a new attempt); returns that phase."""
+    def acquire_started(self, pool_key: str, counters: PoolCounters) -> Phase:
+        """The request starts waiting for a connection of pool ``pool_key`` (a new attempt or
+        redirect hop), whose counters this attempt updates; returns that phase."""
+        self._counters = counters
         self.connected = False
         self.responded = False
         self.failed_step = ""

@@ -1,26 +1,39 @@
 """One connection pool: an httpx transport (direct or through one proxy), its
-admission limiter, its live limits and its public statistics."""
+admission limiter, live limits, connection hygiene, proxy health and public stats."""
 
 from __future__ import annotations
 
 import collections
+import logging
 import ssl
+import time
+import weakref
 from dataclasses import dataclass
 
+import httpcore
 import httpx
 
-from fetchpool.config import PoolLimits
+from fetchpool.config import PoolLimits, PoolPolicy
 from fetchpool.engine import _httpcore_compat as compat
 from fetchpool.engine.admission import Admission
 from fetchpool.engine.phases import PoolCounters
+from fetchpool.engine.proxies import ProxyHealth
+from fetchpool.engine.sizing import DynamicLimit
+
+logger = logging.getLogger(__name__)
 
 #: Pool-acquire waits kept for percentiles (the most recent ones).
 WAIT_SAMPLES = 2048
+#: Weight of a new sample in the exponentially weighted means.
+EWMA_WEIGHT = 0.05
 
 
 @dataclass(frozen=True, slots=True)
 class PoolSnapshot:
-    """Stats of one pool at one moment (``fetchpool.v1.PoolStats``); waits in seconds."""
+    """Stats of one pool at one moment (``fetchpool.v1.PoolStats``); times in seconds.
+
+    ``ejected_until`` is a wall-clock epoch time (0 when not ejected).
+    """
 
     pool: str
     limits: PoolLimits
@@ -37,6 +50,15 @@ class PoolSnapshot:
     acquire_wait_p90: float
     acquire_wait_p99: float
     pool_timeouts_total: int
+    working_limit: int
+    latency_mean: float
+    processing_mean: float
+    concurrency_mean: float
+    ejected: bool
+    ejected_until: float
+    consecutive_failures: int
+    retries_total: int
+    connections_retired_total: int
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -53,11 +75,12 @@ class Pool:
     ``proxy_url`` may carry credentials; they go to httpx only.
     """
 
-    def __init__(self, name: str, limits: PoolLimits, ssl_context: ssl.SSLContext, proxy_url: str | None = None
-                 ) -> None:
+    def __init__(self, name: str, limits: PoolLimits, policy: PoolPolicy, ssl_context: ssl.SSLContext,
+                 proxy_url: str | None = None) -> None:
         self.name = name
         self.proxy = proxy_url is not None
         self._limits = limits
+        self._policy = policy
         self.transport = httpx.AsyncHTTPTransport(
             verify=ssl_context,
             http2=True,
@@ -70,16 +93,33 @@ class Pool:
             retries=0,
         )
         self.admission = Admission(limits.max_connections, limits.max_connections_per_host)
+        self.health = ProxyHealth(policy.proxy_eject_failures if self.proxy else 0, policy.proxy_eject_seconds)
+        self.dynamic = DynamicLimit(policy.dynamic_floor, limits.max_connections) if policy.dynamic else None
         self.counters = PoolCounters()
         self.requests_total = 0
         self.reused_total = 0
         self.pool_timeouts_total = 0
+        self.retries_total = 0
+        self.retired_total = 0
+        self.latency_mean = 0.0
+        self.concurrency_mean = 0.0
+        self._peak_demand = 0
         self._waits: collections.deque[float] = collections.deque(maxlen=WAIT_SAMPLES)
+        # Per connection: [first seen (monotonic), requests served]; weak, so closed ones vanish.
+        self._seen: weakref.WeakKeyDictionary[httpcore.AsyncConnectionInterface, list[float]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._hygiene = bool(policy.max_requests_per_connection or policy.max_connection_age)
 
     @property
     def limits(self) -> PoolLimits:
-        """The limits in force."""
+        """The limits in force (the ceiling when dynamic sizing is on)."""
         return self._limits
+
+    @property
+    def working_limit(self) -> int:
+        """Requests admitted at most right now."""
+        return self.dynamic.current if self.dynamic is not None else self._limits.max_connections
 
     @property
     def load(self) -> int:
@@ -88,52 +128,96 @@ class Pool:
 
     @property
     def available(self) -> bool:
-        """Whether the proxy selector may use this pool."""
-        return True
+        """False while the proxy is ejected."""
+        return self.health.available(time.monotonic())
 
     def set_limits(self, limits: PoolLimits) -> None:
         """Apply ``limits`` live; in-flight requests are not touched.
 
         Growing admits waiting requests at once. Shrinking admits nobody new until
         in-flight requests drop below the new cap; surplus idle connections are closed
-        by :meth:`close_surplus_idle` (the engine's reaper calls it).
+        by :meth:`tend` (the engine calls it every second).
         """
         self._limits = limits
+        if self.dynamic is not None:
+            self.dynamic.set_ceiling(limits.max_connections)
         compat.apply_limits(
             self.transport,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
         )
-        self.admission.resize(limits.max_connections, limits.max_connections_per_host)
+        self.admission.resize(self.working_limit, limits.max_connections_per_host)
 
-    async def close_surplus_idle(self) -> int:
-        """Close idle connections that expired or exceed the keep-alive or connection caps.
-
-        Returns how many were closed. An idle connection httpcore has just handed to
-        a request is safe to close: httpcore then retries that request on another one.
-        """
-        connections = [c for c in compat.connections(self.transport) if not c.is_closed()]
-        idle = [c for c in connections if c.is_idle()]
-        keep = min(self._limits.max_keepalive_connections, max(0, self._limits.max_connections - (len(connections)
-                   - len(idle))))
-        doomed = [c for c in idle if c.has_expired()]
-        fresh = [c for c in idle if c not in doomed]
-        doomed += fresh[keep:]
-        for connection in doomed:
-            await connection.aclose()
-        return len(doomed)
-
-    def record(self, *, wait: float, reused: bool) -> None:
-        """Count one request that got a connection after ``wait`` seconds."""
-        self.requests_total += 1
-        self.reused_total += reused
+    def acquired(self, wait: float) -> None:
+        """A request got a connection slot after ``wait`` seconds (for the demand peak)."""
+        self._peak_demand = max(self._peak_demand, self.load)
         self._waits.append(wait)
 
-    def snapshot(self) -> PoolSnapshot:
+    def served(self, *, reused: bool, latency: float) -> None:
+        """Count one response; ``latency`` is the seconds it held its connection."""
+        self.requests_total += 1
+        self.reused_total += reused
+        self.latency_mean += EWMA_WEIGHT * (latency - self.latency_mean) if self.requests_total > 1 else latency
+
+    async def after_response(self, network_stream: object | None) -> None:
+        """Retire the connection that served a response if it reached its max requests or age."""
+        if not self._hygiene or network_stream is None:
+            return
+        connection = compat.connection_of(self.transport, network_stream)
+        if connection is None:
+            return
+        now = time.monotonic()
+        seen = self._seen.setdefault(connection, [now, 0])
+        seen[1] += 1
+        await self._retire_if_due(connection, seen, now)
+
+    async def _retire_if_due(self, connection: httpcore.AsyncConnectionInterface, seen: list[float], now: float
+                             ) -> None:
+        policy = self._policy
+        due = (policy.max_requests_per_connection and seen[1] >= policy.max_requests_per_connection) or (
+            policy.max_connection_age and now - seen[0] >= policy.max_connection_age
+        )
+        if not due or connection.is_closed():
+            return
+        if connection.is_idle():
+            self.retired_total += 1
+            await connection.aclose()
+        else:
+            compat.stop_new_requests(connection)
+
+    async def tend(self, now: float) -> None:
+        """Once a second: follow demand (dynamic mode), retire aged connections, close
+        expired or surplus idle connections (httpcore only does that when a request comes)."""
+        demand, self._peak_demand = max(self._peak_demand, self.load), self.load
+        self.concurrency_mean += EWMA_WEIGHT * (demand - self.concurrency_mean)
+        if self.dynamic is not None:
+            before = self.dynamic.current
+            if self.dynamic.update(demand) != before:
+                self.admission.resize(self.dynamic.current, self._limits.max_connections_per_host)
+                logger.info("pool %s: working limit %d -> %d (demand %d)", self.name, before, self.dynamic.current,
+                            demand)
+        connections = [c for c in compat.connections(self.transport) if not c.is_closed()]
+        if self._policy.max_connection_age:
+            for connection in connections:
+                seen = self._seen.setdefault(connection, [now, 0])
+                await self._retire_if_due(connection, seen, now)
+            connections = [c for c in connections if not c.is_closed()]
+        idle = [c for c in connections if c.is_idle()]
+        active = len(connections) - len(idle)
+        keep = max(0, min(self._limits.max_keepalive_connections, self.working_limit - active))
+        doomed = [c for c in idle if c.has_expired() or compat.peer_closed(c)]
+        doomed += [c for c in idle if c not in doomed][keep:]
+        for connection in doomed:
+            self.retired_total += 1
+            await connection.aclose()
+
+    def snapshot(self, processing_mean: float = 0.0) -> PoolSnapshot:
         """Stats now; reads nothing private outside the compat module."""
         counts = compat.count(self.transport)
         waits = sorted(self._waits)
+        now = time.monotonic()
+        ejected = not self.health.available(now)
         return PoolSnapshot(
             pool=self.name,
             limits=self._limits,
@@ -150,6 +234,15 @@ class Pool:
             acquire_wait_p90=_percentile(waits, 0.90),
             acquire_wait_p99=_percentile(waits, 0.99),
             pool_timeouts_total=self.pool_timeouts_total,
+            working_limit=self.working_limit,
+            latency_mean=self.latency_mean,
+            processing_mean=processing_mean,
+            concurrency_mean=self.concurrency_mean,
+            ejected=ejected,
+            ejected_until=time.time() + (self.health.ejected_until - now) if ejected else 0.0,
+            consecutive_failures=self.health.consecutive,
+            retries_total=self.retries_total,
+            connections_retired_total=self.retired_total,
         )
 
     async def aclose(self) -> None:

@@ -43,7 +43,7 @@ def parse_proxy(url: str) -> ProxyConfig:
         raise ConfigError(f"proxy URL {redact_url(url)!r} is malformed") from None
     if parsed.scheme not in SCHEMES:
         raise ConfigError(f"proxy URL {redact_url(url)!r}: scheme {parsed.scheme!r} is not one of {', '.join(SCHEMES)}")
-    if not parsed.host or parsed.port is None and parsed.scheme.startswith("socks"):
+    if not parsed.host or (parsed.port is None and parsed.scheme.startswith("socks")):
         raise ConfigError(f"proxy URL {redact_url(url)!r} needs a host and a port")
     if parsed.userinfo and (not parsed.username or ":" not in parsed.userinfo.decode("ascii", "replace")):
         raise ConfigError(f"proxy URL {redact_url(url)!r}: credentials must be user:password")
@@ -76,12 +76,12 @@ class Selector:
         self._pools = list(pools)
         self._cycle = itertools.cycle(range(len(self._pools)))
 
-    def pick(self, session_key: str = "") -> Candidate:
-        """The pool for one request."""
+    def pick(self, session_key: str = "", avoid: Candidate | None = None) -> Candidate:
+        """The pool for one request; ``avoid`` (the pool that just failed) is skipped when another will do."""
         pools = self._pools
         if len(pools) == 1:
             return pools[0]
-        usable = [p for p in pools if p.available] or pools
+        usable = [p for p in pools if p.available and p is not avoid] or [p for p in pools if p is not avoid]
         if self._policy == "sticky" and session_key:
             start = zlib.crc32(session_key.encode()) % len(pools)
             for offset in range(len(pools)):
@@ -95,3 +95,42 @@ class Selector:
             if candidate in usable:
                 return candidate
         return usable[0]
+
+
+class ProxyHealth:
+    """Consecutive-failure ejection of one proxy (Envoy outlier detection's
+    ``consecutive_gateway_failure`` with ``base_ejection_time`` growing with each ejection).
+
+    ``failures`` consecutive failures eject the proxy for ``base_seconds * ejections``
+    (at most 10x); it is re-admitted when that time has passed, and ejected again,
+    for longer, if it keeps failing. ``failures`` 0 disables ejection.
+    """
+
+    __slots__ = ("base_seconds", "consecutive", "ejected_until", "ejections", "failures")
+
+    MAX_MULTIPLIER = 10
+
+    def __init__(self, failures: int, base_seconds: float) -> None:
+        self.failures = failures
+        self.base_seconds = base_seconds
+        self.consecutive = 0
+        self.ejections = 0
+        self.ejected_until = 0.0  # time.monotonic()
+
+    def available(self, now: float) -> bool:
+        """Not ejected at monotonic time ``now``."""
+        return now >= self.ejected_until
+
+    def success(self) -> None:
+        """A request through the proxy worked."""
+        self.consecutive = 0
+
+    def failure(self, now: float) -> bool:
+        """A proxy failure; returns True when it ejects the proxy now."""
+        self.consecutive += 1
+        if not self.failures or self.consecutive < self.failures or not self.available(now):
+            return False
+        self.ejections += 1
+        self.ejected_until = now + self.base_seconds * min(self.ejections, self.MAX_MULTIPLIER)
+        self.consecutive = 0
+        return True

@@ -80,7 +80,7 @@ def limit_changes(message: pb.PoolLimits) -> dict[str, float | int]:
 
 def stats_to_proto(s: PoolSnapshot) -> pb.PoolStats:
     """The PoolStats message of one snapshot."""
-    return pb.PoolStats(
+    message = pb.PoolStats(
         pool=s.pool,
         limits=limits_to_proto(s.limits),
         connections_open=s.connections_open,
@@ -96,4 +96,15 @@ def stats_to_proto(s: PoolSnapshot) -> pb.PoolStats:
         acquire_wait_p90_seconds=s.acquire_wait_p90,
         acquire_wait_p99_seconds=s.acquire_wait_p99,
         pool_timeouts_total=s.pool_timeouts_total,
+        working_limit=s.working_limit,
+        latency_mean_seconds=s.latency_mean,
+        processing_mean_seconds=s.processing_mean,
+        concurrency_mean=s.concurrency_mean,
+        ejected=s.ejected,
+        consecutive_failures=s.consecutive_failures,
+        retries_total=s.retries_total,
+        connections_retired_total=s.connections_retired_total,
     )
+    if s.ejected:
+        message.ejected_until.FromNanoseconds(round(s.ejected_until * 1e9))
+    return message

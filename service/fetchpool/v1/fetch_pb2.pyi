@@ -185,7 +185,7 @@ class GetPoolStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PoolStats(_message.Message):
-    __slots__ = ("pool", "limits", "connections_open", "connections_idle", "connections_active", "http2_streams", "requests_active", "requests_waiting", "connections_created_total", "requests_total", "reuse_ratio", "acquire_wait_p50_seconds", "acquire_wait_p90_seconds", "acquire_wait_p99_seconds", "pool_timeouts_total")
+    __slots__ = ("pool", "limits", "connections_open", "connections_idle", "connections_active", "http2_streams", "requests_active", "requests_waiting", "connections_created_total", "requests_total", "reuse_ratio", "acquire_wait_p50_seconds", "acquire_wait_p90_seconds", "acquire_wait_p99_seconds", "pool_timeouts_total", "working_limit", "latency_mean_seconds", "processing_mean_seconds", "concurrency_mean", "ejected", "ejected_until", "consecutive_failures", "retries_total", "connections_retired_total")
     POOL_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,15 @@ class PoolStats(_message.Message):
     ACQUIRE_WAIT_P90_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACQUIRE_WAIT_P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
     POOL_TIMEOUTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WORKING_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MEAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSING_MEAN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_MEAN_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_RETIRED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     pool: str
     limits: PoolLimits
     connections_open: int
@@ -216,7 +225,16 @@ class PoolStats(_message.Message):
     acquire_wait_p90_seconds: float
     acquire_wait_p99_seconds: float
     pool_timeouts_total: int
-    def __init__(self, pool: _Optional[str] = ..., limits: _Optional[_Union[PoolLimits, _Mapping]] = ..., connections_open: _Optional[int] = ..., connections_idle: _Optional[int] = ..., connections_active: _Optional[int] = ..., http2_streams: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., connections_created_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., reuse_ratio: _Optional[float] = ..., acquire_wait_p50_seconds: _Optional[float] = ..., acquire_wait_p90_seconds: _Optional[float] = ..., acquire_wait_p99_seconds: _Optional[float] = ..., pool_timeouts_total: _Optional[int] = ...) -> None: ...
+    working_limit: int
+    latency_mean_seconds: float
+    processing_mean_seconds: float
+    concurrency_mean: float
+    ejected: bool
+    ejected_until: _timestamp_pb2.Timestamp
+    consecutive_failures: int
+    retries_total: int
+    connections_retired_total: int
+    def __init__(self, pool: _Optional[str] = ..., limits: _Optional[_Union[PoolLimits, _Mapping]] = ..., connections_open: _Optional[int] = ..., connections_idle: _Optional[int] = ..., connections_active: _Optional[int] = ..., http2_streams: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_waiting: _Optional[int] = ..., connections_created_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., reuse_ratio: _Optional[float] = ..., acquire_wait_p50_seconds: _Optional[float] = ..., acquire_wait_p90_seconds: _Optional[float] = ..., acquire_wait_p99_seconds: _Optional[float] = ..., pool_timeouts_total: _Optional[int] = ..., working_limit: _Optional[int] = ..., latency_mean_seconds: _Optional[float] = ..., processing_mean_seconds: _Optional[float] = ..., concurrency_mean: _Optional[float] = ..., ejected: _Optional[bool] = ..., ejected_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consecutive_failures: _Optional[int] = ..., retries_total: _Optional[int] = ..., connections_retired_total: _Optional[int] = ...) -> None: ...
 
 class GetPoolStatsResponse(_message.Message):
     __slots__ = ("pools", "time")
