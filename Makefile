@@ -51,7 +51,7 @@ image-test: image ## run the image: fetchpool --help and a health check
 	bash scripts/image-test.sh
 
 chart-lint: install ## helm lint --strict and schema validation of the chart
-	bash scripts/chart-test.sh lint
+	bash scripts/chart-test.sh --lint
 
 chart-test: install ## render, lint and validate the chart for every ci/*-values.yaml
 	bash scripts/chart-test.sh

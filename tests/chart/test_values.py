@@ -1,0 +1,227 @@
+"""Bad values fail at install time (schema or a template `fail`), with both Helms; values.yaml is
+documented parameter by parameter and every parameter is in values.schema.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import chartlib
+import pytest
+import yaml
+
+# (id, values, a fragment of the expected message). Messages from the schema name the path;
+# messages from templates/validate.yaml name the values to change.
+BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
+    ("negative-max-connections", {"config": {"limits": {"maxConnections": -5}}}, "maxConnections"),
+    ("zero-max-connections", {"config": {"limits": {"maxConnections": 0}}}, "maxConnections"),
+    ("negative-keepalive", {"config": {"limits": {"maxKeepaliveConnections": -1}}}, "maxKeepaliveConnections"),
+    ("negative-per-host", {"config": {"limits": {"maxConnectionsPerHost": -1}}}, "maxConnectionsPerHost"),
+    ("zero-timeout", {"config": {"timeouts": {"connect": 0}}}, "connect"),
+    ("negative-grace", {"config": {"gracePeriod": -1}}, "gracePeriod"),
+    ("negative-body", {"config": {"maxBodyBytes": -1}}, "maxBodyBytes"),
+    ("string-limit", {"config": {"limits": {"maxConnections": "lots"}}}, "maxConnections"),
+    ("unknown-proxy-scheme", {"proxy": {"urls": ["ftp://proxy.example:21"]}}, "proxy/urls/0"),
+    ("proxy-without-scheme", {"proxy": {"urls": ["proxy.example:3128"]}}, "proxy/urls/0"),
+    ("proxy-with-comma", {"proxy": {"urls": ["http://a:1,http://b:2"]}}, "proxy/urls/0"),
+    ("unknown-proxy-policy", {"proxy": {"policy": "random"}}, "policy"),
+    (
+        "hpa-and-keda",
+        {
+            "autoscaling": {"enabled": True},
+            "keda": {"enabled": True, "prometheus": {"serverAddress": "http://p:9090"}},
+            "resources": {"requests": {"cpu": "1"}},
+        },
+        "mutually exclusive",
+    ),
+    (
+        "hpa-min-above-max",
+        {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}, "resources": {"requests": {"cpu": "1"}}},
+        "autoscaling.minReplicas (5) must not exceed autoscaling.maxReplicas (3)",
+    ),
+    (
+        "keda-min-above-max",
+        {
+            "keda": {
+                "enabled": True,
+                "minReplicaCount": 9,
+                "maxReplicaCount": 2,
+                "prometheus": {"serverAddress": "http://p:9090"},
+            }
+        },
+        "keda.minReplicaCount (9)",
+    ),
+    ("hpa-zero-max", {"autoscaling": {"maxReplicas": 0}}, "maxReplicas"),
+    ("hpa-cpu-without-requests", {"autoscaling": {"enabled": True}}, "resources.requests.cpu"),
+    (
+        "hpa-without-metrics",
+        {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}},
+        "needs a metric",
+    ),
+    (
+        "demand-without-metrics",
+        {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None, "demand": {"enabled": True}}},
+        "metrics.enabled",
+    ),
+    ("keda-without-prometheus", {"keda": {"enabled": True}}, "serverAddress"),
+    ("negative-replicas", {"replicaCount": -1}, "replicaCount"),
+    ("grace-not-above-drain", {"terminationGracePeriodSeconds": 20}, "terminationGracePeriodSeconds (20) must exceed"),
+    ("pdb-both", {"pdb": {"minAvailable": 1, "maxUnavailable": 1}}, "mutually exclusive"),
+    ("pdb-bad-percent", {"pdb": {"maxUnavailable": "half"}}, "maxUnavailable"),
+    ("tls-without-secret", {"tls": {"enabled": True}}, "tls.existingSecret"),
+    ("mtls-without-tls", {"tls": {"clientAuth": True}}, "tls.clientAuth needs tls.enabled"),
+    ("auth-without-token", {"auth": {"enabled": True}}, "auth.existingSecret"),
+    ("servicemonitor-without-metrics", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.enabled"),
+    ("metrics-on-grpc-port", {"metrics": {"enabled": True, "port": 50051}}, "metrics.port"),
+    ("privileged-metrics-port", {"metrics": {"port": 80}}, "metrics/port"),
+    (
+        "fetchpool-min-above-max",
+        {"operator": {"fetchPool": {"minPerReplica": 300, "maxPerReplica": 200}}},
+        "minPerReplica (300)",
+    ),
+    ("keepalive-share-above-one", {"operator": {"fetchPool": {"keepaliveShare": 1.5}}}, "keepaliveShare"),
+    ("unknown-mode", {"operator": {"fetchPool": {"mode": "magic"}}}, "mode"),
+    (
+        "keepalive-above-max",
+        {"config": {"limits": {"maxConnections": 10, "maxKeepaliveConnections": 20}}},
+        "maxKeepaliveConnections (20)",
+    ),
+    ("bad-log-level", {"config": {"logLevel": "LOUD"}}, "logLevel"),
+    ("bad-otel-protocol", {"otel": {"protocol": "thrift"}}, "protocol"),
+    ("bad-pull-policy", {"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+    ("bad-digest", {"image": {"digest": "latest"}}, "digest"),
+    ("bad-port", {"service": {"port": 70000}}, "port"),
+    ("bad-service-type", {"service": {"type": "ExternalName"}}, "type"),
+    ("unknown-top-level-key", {"replicas": 3}, "replicas"),
+    ("typo-in-nested-key", {"config": {"limit": {"maxConnections": 5}}}, "limit"),
+    ("bad-secret-name", {"proxy": {"existingSecret": "Not_A_Name"}}, "existingSecret"),
+    (
+        "cluster-wide-and-namespaces",
+        {"operator": {"clusterWide": True, "watchNamespaces": ["a"]}},
+        "operator.clusterWide",
+    ),
+    ("test-port-privileged", {"tests": {"httpPort": 80}}, "httpPort"),
+]
+
+
+@pytest.mark.parametrize(("values", "fragment"), [pytest.param(v, f, id=i) for i, v, f in BAD_VALUES])
+def test_bad_values_rejected_by_helm4(values: dict[str, Any], fragment: str) -> None:
+    message = chartlib.render_error(values)
+    assert message, f"Helm v4 rendered {values}"
+    assert fragment in message, message
+
+
+@pytest.mark.parametrize(("values", "fragment"), [pytest.param(v, f, id=i) for i, v, f in BAD_VALUES])
+def test_bad_values_rejected_by_helm3(helm_cli: str, values: dict[str, Any], fragment: str) -> None:
+    proc = chartlib.run_helm(
+        "template", chartlib.RELEASE, str(chartlib.CHART), "--namespace", chartlib.NAMESPACE, values=values
+    )
+    assert proc.returncode != 0, f"Helm v3 rendered {values}"
+    # Helm v3 writes schema paths with dots ("proxy.urls.0: Does not match pattern").
+    assert fragment.replace("/", ".") in proc.stderr, proc.stderr
+
+
+GOOD_VALUES: list[tuple[str, dict[str, Any]]] = [
+    ("fractional-seconds", {"config": {"limits": {"keepaliveExpiry": 2.5}, "timeouts": {"connect": 0.5}}}),
+    (
+        "socks-proxies",
+        {"proxy": {"urls": ["socks5://u:p@10.0.0.1:1080", "socks5h://10.0.0.2:1080", "https://p.example:443"]}},
+    ),
+    ("percent-pdb", {"pdb": {"maxUnavailable": "25%"}}),
+    (
+        "scale-to-zero-keda",
+        {"keda": {"enabled": True, "minReplicaCount": 0, "prometheus": {"serverAddress": "http://p:9090"}}},
+    ),
+    ("explicit-grace", {"terminationGracePeriodSeconds": 60}),
+    ("no-prestop", {"preStopDelaySeconds": 0}),
+    ("hard-anti-affinity", {"podAntiAffinityPreset": "hard"}),
+    ("image-digest", {"image": {"registry": "registry.example", "digest": "sha256:" + "a" * 64}}),
+    ("ipv6", {"config": {"listenAddress": "[::]"}}),
+    ("extra-env", {"config": {"extraEnv": {"FETCHPOOL_MAX_REDIRECTS": 5, "FETCHPOOL_FOLLOW_REDIRECTS": True}}}),
+]
+
+
+@pytest.mark.parametrize("values", [pytest.param(v, id=i) for i, v in GOOD_VALUES])
+def test_good_values_render(values: dict[str, Any]) -> None:
+    assert chartlib.render_error(values) == ""
+
+
+def test_rendered_numbers_and_images_follow_values() -> None:
+    r = chartlib.render(dict(GOOD_VALUES)["fractional-seconds"])
+    env = r.configmap_env()
+    assert env["FETCHPOOL_KEEPALIVE_EXPIRY"] == "2.5" and env["FETCHPOOL_CONNECT_TIMEOUT"] == "0.5"
+    r = chartlib.render(dict(GOOD_VALUES)["image-digest"])
+    assert r.server_container()["image"] == "registry.example/fetchpool@sha256:" + "a" * 64
+    assert r.operator()["spec"]["template"]["spec"]["containers"][0]["image"] == r.server_container()["image"]
+    r = chartlib.render({"image": {"tag": "1.2.3"}})
+    assert r.server_container()["image"] == "fetchpool:1.2.3"
+    assert chartlib.render("default").server_container()["image"] == f"fetchpool:{chartlib.chart_meta()['appVersion']}"
+    r = chartlib.render(dict(GOOD_VALUES)["extra-env"])
+    assert r.configmap_env()["FETCHPOOL_MAX_REDIRECTS"] == "5"
+    assert r.configmap_env()["FETCHPOOL_FOLLOW_REDIRECTS"] == "true"
+
+
+# --- documentation and schema coverage --------------------------------------------------------------
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of values.yaml; a map or list with content counts as one parameter when it is
+    documented as a whole (checked by the caller)."""
+    if isinstance(node, dict) and node:
+        return [p for k, v in node.items() for p in _leaves(v, f"{prefix}.{k}" if prefix else k)]
+    return [prefix]
+
+
+def _documented() -> list[str]:
+    text = (chartlib.CHART / "values.yaml").read_text()
+    return re.findall(r"^\s*## @param (\S+) \S", text, re.MULTILINE)
+
+
+def test_every_value_is_documented() -> None:
+    values = yaml.safe_load((chartlib.CHART / "values.yaml").read_text())
+    documented = _documented()
+    assert len(documented) == len(set(documented)), "a parameter documented twice"
+    for leaf in _leaves(values):
+        parts = leaf.split(".")
+        covered = any(".".join(parts[:n]) in documented for n in range(1, len(parts) + 1))
+        assert covered, f"{leaf} has no '## @param' line"
+    for param in documented:
+        node: Any = values
+        for part in param.split("."):
+            assert isinstance(node, dict) and part in node, f"@param {param} names no value"
+            node = node[part]
+
+
+def test_every_value_is_in_the_schema() -> None:
+    schema = json.loads((chartlib.CHART / "values.schema.json").read_text())
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            node = schema["definitions"][node["$ref"].rsplit("/", 1)[1]]
+        return node
+
+    for param in _documented():
+        node = schema
+        for part in param.split("."):
+            node = resolve(node)
+            assert part in node.get("properties", {}), f"{param} is not in values.schema.json"
+            node = node["properties"][part]
+
+
+def test_defaults_satisfy_the_schema_and_objects_are_closed() -> None:
+    import jsonschema
+
+    schema = json.loads((chartlib.CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load((chartlib.CHART / "values.yaml").read_text()), schema)
+    assert schema["additionalProperties"] is False
+    for name in ("config", "proxy", "tls", "autoscaling", "keda", "operator", "networkPolicy"):
+        assert schema["properties"][name]["additionalProperties"] is False, name
+
+
+def test_readme_parameters_up_to_date() -> None:
+    import readme
+
+    current = (chartlib.CHART / "README.md").read_text()
+    assert readme.render_readme(current) == current, "run: python tests/chart/readme.py"
