@@ -97,7 +97,7 @@ class FetchClient:
 
     async def close(self) -> None:
         """Close the channel (cancels calls still running)."""
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     def _call(self, timeout: float | None) -> dict[str, Any]:
         return {"timeout": timeout if timeout is not None else self._timeout, "metadata": self._metadata}

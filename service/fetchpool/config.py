@@ -121,6 +121,11 @@ class FetchSettings:
     ``proxies`` are forward-proxy URLs (``http://user:pass@host:port``,
     ``socks5://...``), one pool each; empty means direct. ``proxy_policy``
     picks a proxy per request: ``round_robin``, ``least_busy`` or ``sticky``.
+    ``ssrf_guard`` refuses non-global addresses unless ``allow_targets`` (CIDRs or
+    host patterns) allows them; ``deny_targets`` are refused always (see
+    ``fetchpool.engine.guard``). Responses over ``max_header_bytes`` or
+    ``max_header_count`` are TOO_LARGE; ``max_fetches`` caps the fetches in flight
+    or waiting in the whole process.
     """
 
     proxies: tuple[str, ...] = field(default=(), repr=False)  # may hold credentials
@@ -132,6 +137,12 @@ class FetchSettings:
     max_batch_concurrency: int = 1024
     max_batch_size: int = 100_000
     ca_bundle: str | None = None
+    ssrf_guard: bool = True
+    allow_targets: tuple[str, ...] = ()
+    deny_targets: tuple[str, ...] = ()
+    max_header_bytes: int = 65_536
+    max_header_count: int = 256
+    max_fetches: int = 10_000
 
     def __post_init__(self) -> None:
         if self.proxy_policy not in ("round_robin", "least_busy", "sticky"):
@@ -142,6 +153,8 @@ class FetchSettings:
             raise ConfigError("batch_concurrency must be in 1..max_batch_concurrency")
         if self.max_batch_size < 1 or self.max_redirects < 0:
             raise ConfigError("max_batch_size must be positive and max_redirects not negative")
+        if min(self.max_header_bytes, self.max_header_count, self.max_fetches) < 1:
+            raise ConfigError("max_header_bytes, max_header_count and max_fetches must be positive")
         if self.ca_bundle and not os.path.isfile(self.ca_bundle):
             raise ConfigError(f"CA bundle {self.ca_bundle!r} is not a file")
 
@@ -337,6 +350,18 @@ OPTIONS: tuple[Option, ...] = (
            "let each pool's working limit follow demand between the floor and max_connections"),
     Option("pool.dynamic_floor", "--dynamic-floor", "FETCHPOOL_DYNAMIC_FLOOR", int,
            "the lowest working limit in dynamic mode"),
+    Option("fetch.ssrf_guard", "--ssrf-guard", "FETCHPOOL_SSRF_GUARD", _bool,
+           "refuse targets that resolve to loopback, private, link-local, ... addresses"),
+    Option("fetch.allow_targets", "--allow-targets", "FETCHPOOL_ALLOW_TARGETS", _csv,
+           "CIDRs and host patterns allowed despite the SSRF guard, comma-separated"),
+    Option("fetch.deny_targets", "--deny-targets", "FETCHPOOL_DENY_TARGETS", _csv,
+           "CIDRs and host patterns always refused (e.g. the cluster's service range)"),
+    Option("fetch.max_header_bytes", "--max-header-bytes", "FETCHPOOL_MAX_HEADER_BYTES", int,
+           "largest response header block, bytes; more gives TOO_LARGE"),
+    Option("fetch.max_header_count", "--max-header-count", "FETCHPOOL_MAX_HEADER_COUNT", int,
+           "most response header fields; more gives TOO_LARGE"),
+    Option("fetch.max_fetches", "--max-fetches", "FETCHPOOL_MAX_FETCHES", int,
+           "fetches in flight or waiting in the whole process at most"),
     Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", float,
            "seconds in-flight calls may run after SIGTERM before they are cancelled"),
     Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", float,
@@ -352,7 +377,7 @@ OPTIONS: tuple[Option, ...] = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every option of :data:`OPTIONS` to ``parser`` (defaults stay None: resolved later)."""
     for option in OPTIONS:
-        switch = {"nargs": "?", "const": "true"} if option.parse is _bool else {}  # `--flag` alone means true
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if option.parse is _bool else {}  # `--flag` = true
         parser.add_argument(
             option.flag,
             dest=option.target.replace(".", "__"),

@@ -121,11 +121,9 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
     if isinstance(exc, httpx.PoolTimeout | httpcore.PoolTimeout):
         return ErrorKind.POOL_TIMEOUT, "no pooled connection became available in time"
     if isinstance(exc, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError):
-        what = {
-            httpx.ConnectTimeout: "connect",
-            httpx.ReadTimeout: "read",
-            httpx.WriteTimeout: "write",
-        }.get(type(exc), "request")
+        what = {httpx.ConnectTimeout: "connect", httpx.ReadTimeout: "read", httpx.WriteTimeout: "write"}.get(
+            type(exc), "request"  # type: ignore[arg-type]
+        )
         if connecting_to_proxy:
             return ErrorKind.PROXY, "timed out connecting to the proxy"
         return ErrorKind.TIMEOUT, f"{what} timed out"
@@ -148,6 +146,8 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
         if connecting_to_proxy:
             return ErrorKind.PROXY, f"could not connect to the proxy: {text}"
         return ErrorKind.CONNECT, f"could not connect: {text}"
+    if "Receive buffer too long" in text:  # h11 refuses a header block over its 100 KiB buffer
+        return ErrorKind.TOO_LARGE, "response headers exceed the HTTP/1.1 parser's limit"
     if isinstance(exc, httpx.RemoteProtocolError | httpcore.RemoteProtocolError) or any(
         isinstance(c, h2.exceptions.ProtocolError) for c in chain
     ):

@@ -102,7 +102,8 @@ def start_server(rendered: chartlib.Rendered, extra: dict[str, str] | None = Non
     port = free_port()
     env = pod_env(rendered.server_container(), {})
     env.update(rendered.configmap_env())  # envFrom (env entries win; none overlap)
-    env.update({"FETCHPOOL_LISTEN": f"127.0.0.1:{port}", **(extra or {})})
+    # The test's targets live on loopback, which the SSRF guard refuses unless allowed.
+    env.update({"FETCHPOOL_LISTEN": f"127.0.0.1:{port}", "FETCHPOOL_ALLOW_TARGETS": "127.0.0.0/8", **(extra or {})})
     return Server(env, port)
 
 

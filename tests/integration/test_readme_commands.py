@@ -45,6 +45,7 @@ def _serving(target: str) -> bool:
 def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> None:
     assert not _serving(DEFAULT_TARGET), f"something already serves on {DEFAULT_TARGET}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHPOOL_", "OTEL_"))}
+    env["FETCHPOOL_ALLOW_TARGETS"] = "127.0.0.0/8"  # the test nginx is on loopback, which make run refuses
     log = (tmp_path / "make-run.log").open("wb")
     make = subprocess.Popen(
         ["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -34,7 +34,10 @@ class FetchpoolService(ServerProcess):
     ) -> None:
         super().__init__(workdir)
         self.port = port or free_port()
-        self.args = [*args, *(["--ca-bundle", str(ca_pem)] if ca_pem else [])]
+        # Test servers live on loopback, which the SSRF guard refuses unless allowed.
+        allow = [] if any(a.startswith(("--allow-targets", "--ssrf-guard")) for a in args) else [
+            "--allow-targets", "127.0.0.0/8,::1/128"]
+        self.args = [*args, *allow, *(["--ca-bundle", str(ca_pem)] if ca_pem else [])]
         self.env = dict(env or {})
 
     @property

@@ -13,21 +13,12 @@ this was checked against (httpx 0.28.1, httpcore 1.0.9).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import socket
 
 import httpcore
 import httpx
 
 CHECKED_VERSIONS = {"httpx": "0.28.1", "httpcore": "1.0.9"}
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionCounts:
-    """Connections of one pool: ``open`` = ``idle`` + ``active`` (connecting counts as active)."""
-
-    open: int
-    idle: int
-    active: int
 
 
 def _pool(transport: httpx.AsyncHTTPTransport) -> httpcore.AsyncConnectionPool:
@@ -53,19 +44,6 @@ def apply_limits(
 def connections(transport: httpx.AsyncHTTPTransport) -> list[httpcore.AsyncConnectionInterface]:
     """The pool's connections (a copy), through httpcore's public ``connections`` property."""
     return list(_pool(transport).connections)
-
-
-def count(transport: httpx.AsyncHTTPTransport) -> ConnectionCounts:
-    """Open, idle and active connections right now."""
-    idle = active = 0
-    for connection in _pool(transport).connections:
-        if connection.is_closed():
-            continue
-        if connection.is_idle():
-            idle += 1
-        else:
-            active += 1
-    return ConnectionCounts(open=idle + active, idle=idle, active=active)
 
 
 def _inner(connection: httpcore.AsyncConnectionInterface) -> object | None:
@@ -98,12 +76,33 @@ def stop_new_requests(connection: httpcore.AsyncConnectionInterface) -> None:
 
 
 def peer_closed(connection: httpcore.AsyncConnectionInterface) -> bool:
-    """Whether an idle connection's socket is readable, i.e. the peer closed it (or sent
-    something unasked, which an idle connection should not get either).
+    """Whether the peer closed an idle connection's socket (EOF or reset seen by a peek).
 
-    httpcore checks this for idle HTTP/1.1 connections (``has_expired``) but not for
+    httpcore notices this for idle HTTP/1.1 connections (``has_expired``) but not for
     HTTP/2 ones, so a proxy or server that went away leaves a dead HTTP/2 connection
-    that fails every request multiplexed onto it next.
+    that fails every request multiplexed onto it next. Readable data alone is not a
+    close (an HTTP/2 peer may have sent SETTINGS, PING or WINDOW_UPDATE), so this peeks.
     """
     stream = getattr(_inner(connection), "_network_stream", None)
-    return stream is not None and bool(stream.get_extra_info("is_readable"))
+    transport_socket = stream.get_extra_info("socket") if stream is not None else None
+    if transport_socket is None:
+        return False
+    # asyncio hands out a TransportSocket without recv(); peek through a duplicate descriptor.
+    try:
+        with socket.fromfd(transport_socket.fileno(), transport_socket.family, transport_socket.type) as sock:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+def install_network_backend(transport: httpx.AsyncHTTPTransport, backend: httpcore.AsyncNetworkBackend) -> None:
+    """Make the pool open its TCP connections through ``backend`` (the SSRF guard).
+
+    ``httpcore.AsyncConnectionPool`` takes a ``network_backend`` argument, but
+    ``httpx.AsyncHTTPTransport`` does not pass one through; the pool hands
+    ``_network_backend`` to every connection it creates.
+    """
+    _pool(transport)._network_backend = backend
+

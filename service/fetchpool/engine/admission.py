@@ -50,6 +50,10 @@ class Admission:
         """Requests waiting for a slot now."""
         return len(self._waiters)
 
+    def hosts(self) -> list[str]:
+        """The hosts holding slots now."""
+        return list(self._by_host)
+
     def _fits(self, host: str) -> bool:
         return self._active < self._capacity and (self._per_host == 0 or self._by_host[host] < self._per_host)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from fetchpool.engine.fetcher import Engine
@@ -11,6 +11,7 @@ from fetchpool.engine.model import FetchSpec, Outcome
 from fetchpool.errors import ErrorKind
 
 K = TypeVar("K")
+T = TypeVar("T")
 _END = object()
 
 
@@ -78,6 +79,24 @@ async def run_batch(
             slots.release()
     finally:
         feeder.cancel()
-        for task in list(tasks):
+        pending = [feeder, *tasks]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(feeder, *tasks, return_exceptions=True)
+        # asyncio.wait, not gather: if we are cancelled again meanwhile, gather would cancel
+        # the fetches a second time, inside httpcore's own clean-up, and leak their streams.
+        await asyncio.wait(pending)
+
+
+async def cancel_once(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` in a task of its own that is cancelled at most once.
+
+    A caller may be cancelled several times (a gRPC deadline, then the call's
+    cancellation); httpcore releases a connection in clean-up code that must not be
+    interrupted by a second cancellation, so the fetch is shielded and cancelled once.
+    """
+    task = asyncio.create_task(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise

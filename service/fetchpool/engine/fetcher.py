@@ -17,6 +17,8 @@ import httpx
 
 from fetchpool.config import PoolLimits, Settings
 from fetchpool.engine.admission import AdmissionTimeout
+from fetchpool.engine.body import ACCEPT_ENCODING, read_body
+from fetchpool.engine.guard import GuardedBackend, TargetGuard
 from fetchpool.engine.hooks import FetchObserver
 from fetchpool.engine.model import FetchSpec, Headers, Outcome
 from fetchpool.engine.phases import PhaseRecorder
@@ -28,8 +30,9 @@ from fetchpool.errors import ErrorKind, FetchFailed, InvalidLimits, classify, pr
 
 logger = logging.getLogger(__name__)
 
-#: Request extension naming the pool a request goes to (read by :class:`Router`).
+#: Request extensions read by :class:`Router`: the pool, and whether to skip TLS verification.
 POOL_EXTENSION = "fetchpool.pool"
+INSECURE_EXTENSION = "fetchpool.insecure"
 #: Seconds between two passes of the pools' upkeep (idle connections, dynamic limits, stats).
 TEND_INTERVAL = 1.0
 #: Statuses a proxy gives to CONNECT that count as the proxy's failure (gateway errors, 407).
@@ -64,7 +67,8 @@ class Router(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         pool = self._pools[request.extensions[POOL_EXTENSION]]
-        return await pool.transport.handle_async_request(request)
+        transport = pool.transport_for(request.extensions.get(INSECURE_EXTENSION, False))
+        return await transport.handle_async_request(request)
 
     async def aclose(self) -> None:
         for pool in self._pools.values():
@@ -96,10 +100,14 @@ class Engine:
         self.settings = settings
         self.observer = observer
         self.draining = False
-        ssl_context = ssl.create_default_context(cafile=settings.fetch.ca_bundle or certifi.where())
-        proxies = [parse_proxy(url) for url in settings.fetch.proxies]
+        fetch = settings.fetch
+        ssl_context = ssl.create_default_context(cafile=fetch.ca_bundle or certifi.where())
+        self.guard = TargetGuard(fetch.ssrf_guard, fetch.allow_targets, fetch.deny_targets)
+        proxies = [parse_proxy(url) for url in fetch.proxies]
+        # Proxies are the operator's choice (often private addresses): only direct pools
+        # connect through the guard; proxied targets are checked before each request.
         pools = [Pool(p.key, settings.limits, settings.pool, ssl_context, proxy_url=p.url) for p in proxies] or [
-            Pool(DIRECT, settings.limits, settings.pool, ssl_context)
+            Pool(DIRECT, settings.limits, settings.pool, ssl_context, network_backend=GuardedBackend(self.guard))
         ]
         self._pools = {pool.name: pool for pool in pools}
         self._selector = Selector(settings.fetch.proxy_policy, pools)
@@ -112,7 +120,9 @@ class Engine:
             follow_redirects=False,
             trust_env=False,
             cookies=_NoCookies(),
+            headers={"Accept-Encoding": ACCEPT_ENCODING},
         )
+        self._fetch_slots = asyncio.Semaphore(fetch.max_fetches)
         self.processing_mean = 0.0
         self._cpu_mark = (time.process_time(), 0)
         self._tender: asyncio.Task[None] | None = None
@@ -202,7 +212,7 @@ class Engine:
             method, url, timeout = self._check(spec)
             recorder = PhaseRecorder()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout), self._fetch_slots:
                     await self._attempts(spec, method, url, recorder, outcome)
             except TimeoutError:
                 raise FetchFailed(ErrorKind.TIMEOUT, f"fetch exceeded its total timeout of {timeout:.3g} s") from None
@@ -263,10 +273,9 @@ class Engine:
         # tunnel, a connection through the proxy that breaks before any response counts.
         proxy_fault = kind in (ErrorKind.PROXY, ErrorKind.PROXY_AUTH) and proxy_status(exc) in (None, *PROXY_FAULTS)
         proxy_fault |= kind in (ErrorKind.NETWORK, ErrorKind.PROTOCOL) and not recorder.responded
-        if pool.proxy and proxy_fault:
-            if pool.health.failure(time.monotonic()):
-                logger.warning("proxy %s ejected for %.0f s after %d consecutive failures", pool.name,
-                               pool.health.ejected_until - time.monotonic(), pool.health.failures)
+        if pool.proxy and proxy_fault and pool.health.failure(time.monotonic()):
+            logger.warning("proxy %s ejected for %.0f s after %d consecutive failures", pool.name,
+                           pool.health.ejected_until - time.monotonic(), pool.health.failures)
         return FetchFailed(kind, message)
 
     async def _attempts(
@@ -349,12 +358,16 @@ class Engine:
             url,
             headers=spec.headers,
             content=spec.body or None,
-            extensions={POOL_EXTENSION: pool.name, "trace": recorder.trace},
+            extensions={POOL_EXTENSION: pool.name, INSECURE_EXTENSION: spec.tls_insecure_skip_verify,
+                        "trace": recorder.trace},
         )
         seen = {str(url)}
         resends_left = RESENDS if method in IDEMPOTENT else 0
         while True:
             host = _origin(request.url)
+            if pool.proxy:
+                await self.guard.check(request.url.host, request.url.port or (443 if request.url.scheme == "https"
+                                                                               else 80))
             if self._host_rate is not None:
                 await self._host_rate.wait(host)
             wait = recorder.acquire_started(pool.name, pool.counters)
@@ -372,12 +385,13 @@ class Engine:
                     ready = wait.end
                     pool.acquired(ready - wait.start)
                     outcome.connection_reused = not recorder.connected
-                    outcome.body = await self._read_body(response, cap, recorder)
+                    self._check_headers(response)
+                    outcome.body = await read_body(response, cap, recorder)
                     pool.served(reused=outcome.connection_reused, latency=time.monotonic() - ready)
                 finally:
-                    await response.aclose()
-                # Before the slot is released, so nobody is admitted onto a connection due to retire.
-                await pool.after_response(response.extensions.get("network_stream"))
+                    # httpcore's close of a finished stream is not safe against cancellation
+                    # (cut short, it leaves the connection ACTIVE forever): never interrupt it.
+                    await asyncio.shield(self._release(response, pool))
             except (httpx.ProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 # The connection went away before any response: a pooled keep-alive
                 # connection the server closed meanwhile, or an HTTP/2 GOAWAY, after which
@@ -410,19 +424,20 @@ class Engine:
             request = next_request
 
     @staticmethod
-    async def _read_body(response: httpx.Response, cap: int, recorder: PhaseRecorder) -> bytes:
-        """Read the decoded body, failing with TOO_LARGE as soon as it passes ``cap`` bytes."""
-        declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > cap \
-                and "content-encoding" not in response.headers:
-            raise FetchFailed(ErrorKind.TOO_LARGE, f"body of {declared} bytes exceeds the limit of {cap} bytes")
-        start = time.monotonic()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > cap:
-                raise FetchFailed(ErrorKind.TOO_LARGE, f"body exceeds the limit of {cap} bytes")
-            chunks.append(chunk)
-        recorder.add("response.body", start, time.monotonic(), size=size)
-        return b"".join(chunks)
+    async def _release(response: httpx.Response, pool: Pool) -> None:
+        """Close the response, then retire its connection if it is due, with no other task
+        running in between (so no request is sent on a connection that is due to retire)."""
+        await response.aclose()
+        await pool.after_response(response.extensions.get("network_stream"))
+
+    def _check_headers(self, response: httpx.Response) -> None:
+        """Refuse a response with too many or too large header fields (TOO_LARGE)."""
+        fetch = self.settings.fetch
+        raw = response.headers.raw
+        size = sum(len(name) + len(value) + 4 for name, value in raw)
+        if len(raw) > fetch.max_header_count or size > fetch.max_header_bytes:
+            raise FetchFailed(
+                ErrorKind.TOO_LARGE,
+                f"response headers: {len(raw)} fields, {size} bytes; the limits are {fetch.max_header_count} "
+                f"fields and {fetch.max_header_bytes} bytes",
+            )

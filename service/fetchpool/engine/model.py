@@ -14,7 +14,8 @@ class FetchSpec:
     """One fetch as the engine sees it.
 
     ``timeout`` is total seconds (None: the server default); ``max_body_bytes``
-    0 means the server default; ``follow_redirects`` None means the default.
+    0 means the server default; ``follow_redirects`` None means the default;
+    ``tls_insecure_skip_verify`` accepts any certificate, for this request only.
     """
 
     url: str
@@ -25,6 +26,7 @@ class FetchSpec:
     follow_redirects: bool | None = None
     max_body_bytes: int = 0
     session_key: str = ""
+    tls_insecure_skip_verify: bool = False
 
 
 @dataclass(slots=True)

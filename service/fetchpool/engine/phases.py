@@ -126,9 +126,10 @@ class PhaseRecorder:
             self._open[name] = phase
             self.phases.append(phase)
             return
-        phase = self._open.get(name)
-        if phase is None:
+        ended = self._open.get(name)
+        if ended is None:
             return
+        phase = ended
         self._end(phase, now, failed=state == "failed")
         if state == "failed":
             if name == "request.send":

@@ -76,22 +76,16 @@ class Pool:
     """
 
     def __init__(self, name: str, limits: PoolLimits, policy: PoolPolicy, ssl_context: ssl.SSLContext,
-                 proxy_url: str | None = None) -> None:
+                 proxy_url: str | None = None, network_backend: httpcore.AsyncNetworkBackend | None = None) -> None:
         self.name = name
         self.proxy = proxy_url is not None
+        self._proxy_url = proxy_url
+        self._backend = network_backend
         self._limits = limits
         self._policy = policy
-        self.transport = httpx.AsyncHTTPTransport(
-            verify=ssl_context,
-            http2=True,
-            limits=httpx.Limits(
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-            ),
-            proxy=httpx.Proxy(proxy_url) if proxy_url else None,
-            retries=0,
-        )
+        self.transport = self._make_transport(ssl_context)
+        # Requests that skip certificate checks get connections of their own, made on demand.
+        self._insecure: httpx.AsyncHTTPTransport | None = None
         self.admission = Admission(limits.max_connections, limits.max_connections_per_host)
         self.health = ProxyHealth(policy.proxy_eject_failures if self.proxy else 0, policy.proxy_eject_seconds)
         self.dynamic = DynamicLimit(policy.dynamic_floor, limits.max_connections) if policy.dynamic else None
@@ -110,6 +104,41 @@ class Pool:
             weakref.WeakKeyDictionary()
         )
         self._hygiene = bool(policy.max_requests_per_connection or policy.max_connection_age)
+        self._suspects: weakref.WeakSet[httpcore.AsyncConnectionInterface] = weakref.WeakSet()
+
+    def _make_transport(self, ssl_context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
+        limits = self._limits
+        transport = httpx.AsyncHTTPTransport(
+            verify=ssl_context,
+            http2=True,
+            limits=httpx.Limits(
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+            ),
+            proxy=httpx.Proxy(self._proxy_url) if self._proxy_url else None,
+            retries=0,
+        )
+        if self._backend is not None:
+            compat.install_network_backend(transport, self._backend)
+        return transport
+
+    def transport_for(self, insecure: bool) -> httpx.AsyncHTTPTransport:
+        """The transport for verified requests, or the one for ``tls_insecure_skip_verify`` ones."""
+        if not insecure:
+            return self.transport
+        if self._insecure is None:
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            self._insecure = self._make_transport(context)
+        return self._insecure
+
+    def _transports(self) -> list[httpx.AsyncHTTPTransport]:
+        return [self.transport] if self._insecure is None else [self.transport, self._insecure]
+
+    def _connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        return [c for t in self._transports() for c in compat.connections(t) if not c.is_closed()]
 
     @property
     def limits(self) -> PoolLimits:
@@ -141,12 +170,13 @@ class Pool:
         self._limits = limits
         if self.dynamic is not None:
             self.dynamic.set_ceiling(limits.max_connections)
-        compat.apply_limits(
-            self.transport,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-        )
+        for transport in self._transports():
+            compat.apply_limits(
+                transport,
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+            )
         self.admission.resize(self.working_limit, limits.max_connections_per_host)
 
     def acquired(self, wait: float) -> None:
@@ -164,7 +194,9 @@ class Pool:
         """Retire the connection that served a response if it reached its max requests or age."""
         if not self._hygiene or network_stream is None:
             return
-        connection = compat.connection_of(self.transport, network_stream)
+        connection = next(
+            (c for t in self._transports() if (c := compat.connection_of(t, network_stream)) is not None), None
+        )
         if connection is None:
             return
         now = time.monotonic()
@@ -197,12 +229,14 @@ class Pool:
                 self.admission.resize(self.dynamic.current, self._limits.max_connections_per_host)
                 logger.info("pool %s: working limit %d -> %d (demand %d)", self.name, before, self.dynamic.current,
                             demand)
-        connections = [c for c in compat.connections(self.transport) if not c.is_closed()]
+        connections = self._connections()
         if self._policy.max_connection_age:
             for connection in connections:
                 seen = self._seen.setdefault(connection, [now, 0])
                 await self._retire_if_due(connection, seen, now)
             connections = [c for c in connections if not c.is_closed()]
+        await self._close_orphans(connections)
+        connections = [c for c in connections if not c.is_closed()]
         idle = [c for c in connections if c.is_idle()]
         active = len(connections) - len(idle)
         keep = max(0, min(self._limits.max_keepalive_connections, self.working_limit - active))
@@ -212,18 +246,37 @@ class Pool:
             self.retired_total += 1
             await connection.aclose()
 
+    async def _close_orphans(self, connections: list[httpcore.AsyncConnectionInterface]) -> None:
+        """Close connections that stay busy while no request to their origin is admitted.
+
+        httpcore's clean-up is not safe at every point against cancellation: a request
+        cancelled between connect and first use leaves an HTTP/1.1 connection in state
+        NEW, one cancelled while its stream closes leaves an HTTP/2 connection ACTIVE with
+        no stream. Neither is idle, available nor closed again, and each counts against
+        max_connections for good. Seen busy with no request in two upkeeps running: closed.
+        """
+        origins = [httpcore.URL(host).origin for host in self.admission.hosts()]
+        busy = [c for c in connections if not c.is_idle() and not any(c.can_handle_request(o) for o in origins)]
+        orphans = [c for c in busy if c in self._suspects]
+        self._suspects = weakref.WeakSet(busy)
+        for connection in orphans:
+            logger.debug("closing orphaned connection %s", connection.info())
+            self.retired_total += 1
+            await connection.aclose()
+
     def snapshot(self, processing_mean: float = 0.0) -> PoolSnapshot:
         """Stats now; reads nothing private outside the compat module."""
-        counts = compat.count(self.transport)
+        connections = self._connections()
+        idle = sum(c.is_idle() for c in connections)
         waits = sorted(self._waits)
         now = time.monotonic()
         ejected = not self.health.available(now)
         return PoolSnapshot(
             pool=self.name,
             limits=self._limits,
-            connections_open=counts.open,
-            connections_idle=counts.idle,
-            connections_active=counts.active,
+            connections_open=len(connections),
+            connections_idle=idle,
+            connections_active=len(connections) - idle,
             http2_streams=self.counters.http2_streams,
             requests_active=self.admission.active,
             requests_waiting=self.admission.waiting,
@@ -247,4 +300,5 @@ class Pool:
 
     async def aclose(self) -> None:
         """Close every connection of this pool."""
-        await self.transport.aclose()
+        for transport in self._transports():
+            await transport.aclose()

@@ -11,9 +11,8 @@ import signal
 from collections.abc import Callable, Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fetchpool.config import Settings, load_limits_file
@@ -75,6 +74,7 @@ async def serve(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     on_started: Callable[[int], None] | None = None,
+    on_engine: Callable[[Engine], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run the service until SIGTERM/SIGINT (or ``stop`` is set), then drain.
@@ -82,14 +82,18 @@ async def serve(
     Drain: health turns NOT_SERVING, new calls get UNAVAILABLE, batch items not
     yet started return UNAVAILABLE results, in-flight calls get
     ``settings.server.grace_period`` seconds, then the HTTP client is closed.
-    ``on_started`` receives the bound port. Raises ConfigError for bad settings
+    ``on_started`` receives the bound port; ``on_engine`` the engine, before serving starts
+    (telemetry reads its pools). Raises ConfigError for bad settings
     and RuntimeError when the address cannot be bound.
     """
     engine = Engine(settings, observer=observer)
+    if on_engine is not None:
+        on_engine(engine)
     if settings.limits_file:
         _apply_limits_file(engine, settings.limits_file)
     server = grpc.aio.server(options=server_options(settings), interceptors=list(interceptors))
-    pb_grpc.add_FetchServiceServicer_to_server(FetchServicer(engine), server)
+    fetch_servicer = FetchServicer(engine)
+    pb_grpc.add_FetchServiceServicer_to_server(fetch_servicer, server)
     pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(engine), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -124,11 +128,15 @@ async def serve(
             await stop.wait()
         finally:
             logger.info("draining: up to %.3g s for in-flight calls", settings.server.grace_period)
+            drained_by = loop.time() + settings.server.grace_period
             await health.enter_graceful_shutdown()
             engine.draining = True
+            # Keep serving while in-flight calls finish: health answers NOT_SERVING, new
+            # fetch calls get UNAVAILABLE; then stop (cancelling what outlived the grace).
+            await fetch_servicer.wait_idle(settings.server.grace_period)
             if watcher is not None:
                 watcher.cancel()
-            await server.stop(settings.server.grace_period)
+            await server.stop(max(0.0, drained_by - loop.time()))
             for signum in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(signum)

@@ -21,6 +21,7 @@ def spec_from_proto(request: pb.FetchRequest) -> FetchSpec:
         follow_redirects=request.follow_redirects if request.HasField("follow_redirects") else None,
         max_body_bytes=request.max_body_bytes,
         session_key=request.session_key,
+        tls_insecure_skip_verify=request.tls_insecure_skip_verify,
     )
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 
 import grpc
 
 from fetchpool.engine import Engine, FetchSpec
-from fetchpool.engine.batch import run_batch
+from fetchpool.engine.batch import cancel_once, run_batch
 from fetchpool.errors import InvalidLimits
-from fetchpool.server.convert import limit_changes, limits_to_proto, result_to_proto, spec_from_proto, stats_to_proto
+from fetchpool.server.convert import (
+    limit_changes,
+    limits_to_proto,
+    result_to_proto,
+    spec_from_proto,
+    stats_to_proto,
+)
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 
@@ -23,6 +31,29 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        self._calls += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._calls -= 1
+            if not self._calls:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the fetch calls in flight to end; True if they did."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self._engine.draining:
@@ -30,7 +61,8 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResult:
         await self._refuse_if_draining(context)
-        outcome = await self._engine.fetch(spec_from_proto(request))
+        with self._tracked():
+            outcome = await cancel_once(self._engine.fetch(spec_from_proto(request)))
         return result_to_proto(outcome, request.id, 0)
 
     async def FetchMany(
@@ -52,8 +84,9 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
             for index, item in enumerate(request.requests):
                 yield (index, item.id), spec_from_proto(item)
 
-        async for (index, request_id), outcome in run_batch(self._engine, items(), concurrency):
-            yield result_to_proto(outcome, request_id, index)
+        with self._tracked():
+            async for (index, request_id), outcome in run_batch(self._engine, items(), concurrency):
+                yield result_to_proto(outcome, request_id, index)
 
     async def FetchStream(
         self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
@@ -67,8 +100,9 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
                 index += 1
 
         concurrency = self._engine.settings.fetch.batch_concurrency
-        async for (index, request_id), outcome in run_batch(self._engine, items(), concurrency):
-            yield result_to_proto(outcome, request_id, index)
+        with self._tracked():
+            async for (index, request_id), outcome in run_batch(self._engine, items(), concurrency):
+                yield result_to_proto(outcome, request_id, index)
 
 
 class PoolAdminServicer(pb_grpc.PoolAdminServicer):

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65tchpool/v1/fetch.proto\x12\x0c\x66\x65tchpool.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xf9\x01\n\x0c\x46\x65tchRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12%\n\x07headers\x18\x04 \x03(\x0b\x32\x14.fetchpool.v1.Header\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x10\x66ollow_redirects\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0emax_body_bytes\x18\x08 \x01(\x03\x12\x13\n\x0bsession_key\x18\t \x01(\tB\x13\n\x11_follow_redirects\"U\n\x10\x46\x65tchManyRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.fetchpool.v1.FetchRequest\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\r\"\x9e\x01\n\x07Timings\x12\x19\n\x11pool_wait_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63onnect_seconds\x18\x02 \x01(\x01\x12\x1d\n\x15proxy_connect_seconds\x18\x03 \x01(\x01\x12\x13\n\x0btls_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cttfb_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"\xef\x02\n\nFetchError\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.fetchpool.v1.FetchError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa2\x02\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINVALID_URL\x10\x01\x12\x14\n\x10INVALID_ARGUMENT\x10\x02\x12\x07\n\x03\x44NS\x10\x03\x12\x0b\n\x07\x43ONNECT\x10\x04\x12\x07\n\x03TLS\x10\x05\x12\t\n\x05PROXY\x10\x06\x12\x0e\n\nPROXY_AUTH\x10\x07\x12\x0b\n\x07TIMEOUT\x10\x08\x12\x10\n\x0cPOOL_TIMEOUT\x10\t\x12\r\n\tTOO_LARGE\x10\n\x12\x0c\n\x08PROTOCOL\x10\x0b\x12\x0b\n\x07NETWORK\x10\x0c\x12\x16\n\x12TOO_MANY_REDIRECTS\x10\r\x12\x14\n\x10\x46ORBIDDEN_TARGET\x10\x0e\x12\x0f\n\x0bUNAVAILABLE\x10\x0f\x12\r\n\tCANCELLED\x10\x10\x12\x0c\n\x08INTERNAL\x10\x11\"\xb4\x02\n\x0b\x46\x65tchResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x11\n\tfinal_url\x18\x04 \x01(\t\x12\x13\n\x0bstatus_code\x18\x05 \x01(\r\x12%\n\x07headers\x18\x06 \x03(\x0b\x32\x14.fetchpool.v1.Header\x12\x0c\n\x04\x62ody\x18\x07 \x01(\x0c\x12\x14\n\x0chttp_version\x18\x08 \x01(\t\x12\x19\n\x11\x63onnection_reused\x18\t \x01(\x08\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.fetchpool.v1.Timings\x12\'\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x18.fetchpool.v1.FetchError\x12\x0c\n\x04pool\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\"\xae\x02\n\nPoolLimits\x12\x1c\n\x0fmax_connections\x18\x01 \x01(\rH\x00\x88\x01\x01\x12&\n\x19max_keepalive_connections\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x33\n\x10keepalive_expiry\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cpool_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x18max_connections_per_host\x18\x05 \x01(\rH\x02\x88\x01\x01\x42\x12\n\x10_max_connectionsB\x1c\n\x1a_max_keepalive_connectionsB\x1b\n\x19_max_connections_per_host\"\x16\n\x14GetPoolLimitsRequest\"\x9e\x01\n\x15GetPoolLimitsResponse\x12=\n\x05pools\x18\x01 \x03(\x0b\x32..fetchpool.v1.GetPoolLimitsResponse.PoolsEntry\x1a\x46\n\nPoolsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.fetchpool.v1.PoolLimits:\x02\x38\x01\"N\n\x14SetPoolLimitsRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.fetchpool.v1.PoolLimits\"\x15\n\x13GetPoolStatsRequest\"\xbc\x05\n\tPoolStats\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.fetchpool.v1.PoolLimits\x12\x18\n\x10\x63onnections_open\x18\x03 \x01(\r\x12\x18\n\x10\x63onnections_idle\x18\x04 \x01(\r\x12\x1a\n\x12\x63onnections_active\x18\x05 \x01(\r\x12\x15\n\rhttp2_streams\x18\x06 \x01(\r\x12\x17\n\x0frequests_active\x18\x07 \x01(\r\x12\x18\n\x10requests_waiting\x18\x08 \x01(\r\x12!\n\x19\x63onnections_created_total\x18\t \x01(\x04\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x13\n\x0breuse_ratio\x18\x0b \x01(\x01\x12 \n\x18\x61\x63quire_wait_p50_seconds\x18\x0c \x01(\x01\x12 \n\x18\x61\x63quire_wait_p90_seconds\x18\r \x01(\x01\x12 \n\x18\x61\x63quire_wait_p99_seconds\x18\x0e \x01(\x01\x12\x1b\n\x13pool_timeouts_total\x18\x0f \x01(\x04\x12\x15\n\rworking_limit\x18\x10 \x01(\r\x12\x1c\n\x14latency_mean_seconds\x18\x11 \x01(\x01\x12\x1f\n\x17processing_mean_seconds\x18\x12 \x01(\x01\x12\x18\n\x10\x63oncurrency_mean\x18\x13 \x01(\x01\x12\x0f\n\x07\x65jected\x18\x14 \x01(\x08\x12\x31\n\rejected_until\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x16 \x01(\r\x12\x15\n\rretries_total\x18\x17 \x01(\x04\x12!\n\x19\x63onnections_retired_total\x18\x18 \x01(\x04\"h\n\x14GetPoolStatsResponse\x12&\n\x05pools\x18\x01 \x03(\x0b\x32\x17.fetchpool.v1.PoolStats\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe2\x01\n\x0c\x46\x65tchService\x12>\n\x05\x46\x65tch\x12\x1a.fetchpool.v1.FetchRequest\x1a\x19.fetchpool.v1.FetchResult\x12H\n\tFetchMany\x12\x1e.fetchpool.v1.FetchManyRequest\x1a\x19.fetchpool.v1.FetchResult0\x01\x12H\n\x0b\x46\x65tchStream\x12\x1a.fetchpool.v1.FetchRequest\x1a\x19.fetchpool.v1.FetchResult(\x01\x30\x01\x32\x96\x02\n\tPoolAdmin\x12X\n\rGetPoolLimits\x12\".fetchpool.v1.GetPoolLimitsRequest\x1a#.fetchpool.v1.GetPoolLimitsResponse\x12X\n\rSetPoolLimits\x12\".fetchpool.v1.SetPoolLimitsRequest\x1a#.fetchpool.v1.GetPoolLimitsResponse\x12U\n\x0cGetPoolStats\x12!.fetchpool.v1.GetPoolStatsRequest\x1a\".fetchpool.v1.GetPoolStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65tchpool/v1/fetch.proto\x12\x0c\x66\x65tchpool.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x9b\x02\n\x0c\x46\x65tchRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12%\n\x07headers\x18\x04 \x03(\x0b\x32\x14.fetchpool.v1.Header\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12*\n\x07timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x10\x66ollow_redirects\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\x0emax_body_bytes\x18\x08 \x01(\x03\x12\x13\n\x0bsession_key\x18\t \x01(\t\x12 \n\x18tls_insecure_skip_verify\x18\n \x01(\x08\x42\x13\n\x11_follow_redirects\"U\n\x10\x46\x65tchManyRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.fetchpool.v1.FetchRequest\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\r\"\x9e\x01\n\x07Timings\x12\x19\n\x11pool_wait_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63onnect_seconds\x18\x02 \x01(\x01\x12\x1d\n\x15proxy_connect_seconds\x18\x03 \x01(\x01\x12\x13\n\x0btls_seconds\x18\x04 \x01(\x01\x12\x14\n\x0cttfb_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"\xef\x02\n\nFetchError\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.fetchpool.v1.FetchError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa2\x02\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bINVALID_URL\x10\x01\x12\x14\n\x10INVALID_ARGUMENT\x10\x02\x12\x07\n\x03\x44NS\x10\x03\x12\x0b\n\x07\x43ONNECT\x10\x04\x12\x07\n\x03TLS\x10\x05\x12\t\n\x05PROXY\x10\x06\x12\x0e\n\nPROXY_AUTH\x10\x07\x12\x0b\n\x07TIMEOUT\x10\x08\x12\x10\n\x0cPOOL_TIMEOUT\x10\t\x12\r\n\tTOO_LARGE\x10\n\x12\x0c\n\x08PROTOCOL\x10\x0b\x12\x0b\n\x07NETWORK\x10\x0c\x12\x16\n\x12TOO_MANY_REDIRECTS\x10\r\x12\x14\n\x10\x46ORBIDDEN_TARGET\x10\x0e\x12\x0f\n\x0bUNAVAILABLE\x10\x0f\x12\r\n\tCANCELLED\x10\x10\x12\x0c\n\x08INTERNAL\x10\x11\"\xb4\x02\n\x0b\x46\x65tchResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0b\n\x03url\x18\x03 \x01(\t\x12\x11\n\tfinal_url\x18\x04 \x01(\t\x12\x13\n\x0bstatus_code\x18\x05 \x01(\r\x12%\n\x07headers\x18\x06 \x03(\x0b\x32\x14.fetchpool.v1.Header\x12\x0c\n\x04\x62ody\x18\x07 \x01(\x0c\x12\x14\n\x0chttp_version\x18\x08 \x01(\t\x12\x19\n\x11\x63onnection_reused\x18\t \x01(\x08\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.fetchpool.v1.Timings\x12\'\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x18.fetchpool.v1.FetchError\x12\x0c\n\x04pool\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\"\xae\x02\n\nPoolLimits\x12\x1c\n\x0fmax_connections\x18\x01 \x01(\rH\x00\x88\x01\x01\x12&\n\x19max_keepalive_connections\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x33\n\x10keepalive_expiry\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cpool_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x18max_connections_per_host\x18\x05 \x01(\rH\x02\x88\x01\x01\x42\x12\n\x10_max_connectionsB\x1c\n\x1a_max_keepalive_connectionsB\x1b\n\x19_max_connections_per_host\"\x16\n\x14GetPoolLimitsRequest\"\x9e\x01\n\x15GetPoolLimitsResponse\x12=\n\x05pools\x18\x01 \x03(\x0b\x32..fetchpool.v1.GetPoolLimitsResponse.PoolsEntry\x1a\x46\n\nPoolsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.fetchpool.v1.PoolLimits:\x02\x38\x01\"N\n\x14SetPoolLimitsRequest\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.fetchpool.v1.PoolLimits\"\x15\n\x13GetPoolStatsRequest\"\xbc\x05\n\tPoolStats\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12(\n\x06limits\x18\x02 \x01(\x0b\x32\x18.fetchpool.v1.PoolLimits\x12\x18\n\x10\x63onnections_open\x18\x03 \x01(\r\x12\x18\n\x10\x63onnections_idle\x18\x04 \x01(\r\x12\x1a\n\x12\x63onnections_active\x18\x05 \x01(\r\x12\x15\n\rhttp2_streams\x18\x06 \x01(\r\x12\x17\n\x0frequests_active\x18\x07 \x01(\r\x12\x18\n\x10requests_waiting\x18\x08 \x01(\r\x12!\n\x19\x63onnections_created_total\x18\t \x01(\x04\x12\x16\n\x0erequests_total\x18\n \x01(\x04\x12\x13\n\x0breuse_ratio\x18\x0b \x01(\x01\x12 \n\x18\x61\x63quire_wait_p50_seconds\x18\x0c \x01(\x01\x12 \n\x18\x61\x63quire_wait_p90_seconds\x18\r \x01(\x01\x12 \n\x18\x61\x63quire_wait_p99_seconds\x18\x0e \x01(\x01\x12\x1b\n\x13pool_timeouts_total\x18\x0f \x01(\x04\x12\x15\n\rworking_limit\x18\x10 \x01(\r\x12\x1c\n\x14latency_mean_seconds\x18\x11 \x01(\x01\x12\x1f\n\x17processing_mean_seconds\x18\x12 \x01(\x01\x12\x18\n\x10\x63oncurrency_mean\x18\x13 \x01(\x01\x12\x0f\n\x07\x65jected\x18\x14 \x01(\x08\x12\x31\n\rejected_until\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x16 \x01(\r\x12\x15\n\rretries_total\x18\x17 \x01(\x04\x12!\n\x19\x63onnections_retired_total\x18\x18 \x01(\x04\"h\n\x14GetPoolStatsResponse\x12&\n\x05pools\x18\x01 \x03(\x0b\x32\x17.fetchpool.v1.PoolStats\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe2\x01\n\x0c\x46\x65tchService\x12>\n\x05\x46\x65tch\x12\x1a.fetchpool.v1.FetchRequest\x1a\x19.fetchpool.v1.FetchResult\x12H\n\tFetchMany\x12\x1e.fetchpool.v1.FetchManyRequest\x1a\x19.fetchpool.v1.FetchResult0\x01\x12H\n\x0b\x46\x65tchStream\x12\x1a.fetchpool.v1.FetchRequest\x1a\x19.fetchpool.v1.FetchResult(\x01\x30\x01\x32\x96\x02\n\tPoolAdmin\x12X\n\rGetPoolLimits\x12\".fetchpool.v1.GetPoolLimitsRequest\x1a#.fetchpool.v1.GetPoolLimitsResponse\x12X\n\rSetPoolLimits\x12\".fetchpool.v1.SetPoolLimitsRequest\x1a#.fetchpool.v1.GetPoolLimitsResponse\x12U\n\x0cGetPoolStats\x12!.fetchpool.v1.GetPoolStatsRequest\x1a\".fetchpool.v1.GetPoolStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADER']._serialized_start=107
   _globals['_HEADER']._serialized_end=144
   _globals['_FETCHREQUEST']._serialized_start=147
-  _globals['_FETCHREQUEST']._serialized_end=396
-  _globals['_FETCHMANYREQUEST']._serialized_start=398
-  _globals['_FETCHMANYREQUEST']._serialized_end=483
-  _globals['_TIMINGS']._serialized_start=486
-  _globals['_TIMINGS']._serialized_end=644
-  _globals['_FETCHERROR']._serialized_start=647
-  _globals['_FETCHERROR']._serialized_end=1014
-  _globals['_FETCHERROR_KIND']._serialized_start=724
-  _globals['_FETCHERROR_KIND']._serialized_end=1014
-  _globals['_FETCHRESULT']._serialized_start=1017
-  _globals['_FETCHRESULT']._serialized_end=1325
-  _globals['_POOLLIMITS']._serialized_start=1328
-  _globals['_POOLLIMITS']._serialized_end=1630
-  _globals['_GETPOOLLIMITSREQUEST']._serialized_start=1632
-  _globals['_GETPOOLLIMITSREQUEST']._serialized_end=1654
-  _globals['_GETPOOLLIMITSRESPONSE']._serialized_start=1657
-  _globals['_GETPOOLLIMITSRESPONSE']._serialized_end=1815
-  _globals['_GETPOOLLIMITSRESPONSE_POOLSENTRY']._serialized_start=1745
-  _globals['_GETPOOLLIMITSRESPONSE_POOLSENTRY']._serialized_end=1815
-  _globals['_SETPOOLLIMITSREQUEST']._serialized_start=1817
-  _globals['_SETPOOLLIMITSREQUEST']._serialized_end=1895
-  _globals['_GETPOOLSTATSREQUEST']._serialized_start=1897
-  _globals['_GETPOOLSTATSREQUEST']._serialized_end=1918
-  _globals['_POOLSTATS']._serialized_start=1921
-  _globals['_POOLSTATS']._serialized_end=2621
-  _globals['_GETPOOLSTATSRESPONSE']._serialized_start=2623
-  _globals['_GETPOOLSTATSRESPONSE']._serialized_end=2727
-  _globals['_FETCHSERVICE']._serialized_start=2730
-  _globals['_FETCHSERVICE']._serialized_end=2956
-  _globals['_POOLADMIN']._serialized_start=2959
-  _globals['_POOLADMIN']._serialized_end=3237
+  _globals['_FETCHREQUEST']._serialized_end=430
+  _globals['_FETCHMANYREQUEST']._serialized_start=432
+  _globals['_FETCHMANYREQUEST']._serialized_end=517
+  _globals['_TIMINGS']._serialized_start=520
+  _globals['_TIMINGS']._serialized_end=678
+  _globals['_FETCHERROR']._serialized_start=681
+  _globals['_FETCHERROR']._serialized_end=1048
+  _globals['_FETCHERROR_KIND']._serialized_start=758
+  _globals['_FETCHERROR_KIND']._serialized_end=1048
+  _globals['_FETCHRESULT']._serialized_start=1051
+  _globals['_FETCHRESULT']._serialized_end=1359
+  _globals['_POOLLIMITS']._serialized_start=1362
+  _globals['_POOLLIMITS']._serialized_end=1664
+  _globals['_GETPOOLLIMITSREQUEST']._serialized_start=1666
+  _globals['_GETPOOLLIMITSREQUEST']._serialized_end=1688
+  _globals['_GETPOOLLIMITSRESPONSE']._serialized_start=1691
+  _globals['_GETPOOLLIMITSRESPONSE']._serialized_end=1849
+  _globals['_GETPOOLLIMITSRESPONSE_POOLSENTRY']._serialized_start=1779
+  _globals['_GETPOOLLIMITSRESPONSE_POOLSENTRY']._serialized_end=1849
+  _globals['_SETPOOLLIMITSREQUEST']._serialized_start=1851
+  _globals['_SETPOOLLIMITSREQUEST']._serialized_end=1929
+  _globals['_GETPOOLSTATSREQUEST']._serialized_start=1931
+  _globals['_GETPOOLSTATSREQUEST']._serialized_end=1952
+  _globals['_POOLSTATS']._serialized_start=1955
+  _globals['_POOLSTATS']._serialized_end=2655
+  _globals['_GETPOOLSTATSRESPONSE']._serialized_start=2657
+  _globals['_GETPOOLSTATSRESPONSE']._serialized_end=2761
+  _globals['_FETCHSERVICE']._serialized_start=2764
+  _globals['_FETCHSERVICE']._serialized_end=2990
+  _globals['_POOLADMIN']._serialized_start=2993
+  _globals['_POOLADMIN']._serialized_end=3271
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("id", "url", "method", "headers", "body", "timeout", "follow_redirects", "max_body_bytes", "session_key")
+    __slots__ = ("id", "url", "method", "headers", "body", "timeout", "follow_redirects", "max_body_bytes", "session_key", "tls_insecure_skip_verify")
     ID_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class FetchRequest(_message.Message):
     FOLLOW_REDIRECTS_FIELD_NUMBER: _ClassVar[int]
     MAX_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    TLS_INSECURE_SKIP_VERIFY_FIELD_NUMBER: _ClassVar[int]
     id: str
     url: str
     method: str
@@ -39,7 +40,8 @@ class FetchRequest(_message.Message):
     follow_redirects: bool
     max_body_bytes: int
     session_key: str
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., method: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., follow_redirects: _Optional[bool] = ..., max_body_bytes: _Optional[int] = ..., session_key: _Optional[str] = ...) -> None: ...
+    tls_insecure_skip_verify: bool
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., method: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., follow_redirects: _Optional[bool] = ..., max_body_bytes: _Optional[int] = ..., session_key: _Optional[str] = ..., tls_insecure_skip_verify: _Optional[bool] = ...) -> None: ...
 
 class FetchManyRequest(_message.Message):
     __slots__ = ("requests", "concurrency")

@@ -1,0 +1,156 @@
+"""The SSRF guard: which addresses a fetch may reach, checked after DNS, on the address connected to.
+
+A name is resolved here, every address it resolves to is checked, and the
+connection is made to a checked address (so DNS rebinding between check and
+connect cannot point it elsewhere). Connections are made per origin, so every
+redirect to a new origin is checked again. Through a forward proxy the proxy
+resolves the name itself; the guard then checks what the name resolves to here,
+before the request is sent (the proxy's own egress rules are the second line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import ipaddress
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import httpcore
+
+from fetchpool.errors import ConfigError, ErrorKind, FetchFailed
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# httpcore's SOCKET_OPTION (httpcore._backends.base), spelled out to stay off its private module.
+SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Seconds a proxied target's verdict is remembered (saves a DNS lookup per request).
+VERDICT_TTL = 30.0
+
+
+def _parse_rules(entries: Iterable[str]) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
+    networks: list[IPNetwork] = []
+    patterns: list[str] = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            if not entry or any(c.isspace() for c in entry):
+                raise ConfigError(f"target rule {entry!r} is neither a CIDR nor a host pattern") from None
+            patterns.append(entry.lower().rstrip("."))
+    return tuple(networks), tuple(patterns)
+
+
+@dataclass(frozen=True)
+class TargetGuard:
+    """Decides which hosts and addresses may be fetched.
+
+    Built-in rule: only globally routable addresses (``ipaddress``'s ``is_global``:
+    no loopback, RFC 1918, link-local incl. 169.254.169.254, unique-local, multicast,
+    unspecified, CGNAT, documentation or reserved ranges; IPv4-mapped IPv6 is judged by
+    its IPv4 address). ``allow`` entries (CIDRs or host patterns such as
+    ``*.corp.example``) are allowed anyway; ``deny`` entries are refused even then.
+    ``enabled=False`` allows everything except ``deny``. Raises ConfigError for a bad rule.
+    """
+
+    enabled: bool = True
+    allow: Sequence[str] = ()
+    deny: Sequence[str] = ()
+    _allow: tuple[tuple[IPNetwork, ...], tuple[str, ...]] = field(init=False, repr=False)
+    _deny: tuple[tuple[IPNetwork, ...], tuple[str, ...]] = field(init=False, repr=False)
+    _verdicts: dict[tuple[str, int], float] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_allow", _parse_rules(self.allow))
+        object.__setattr__(self, "_deny", _parse_rules(self.deny))
+
+    def _host_matches(self, host: str, patterns: tuple[str, ...]) -> bool:
+        host = host.lower().rstrip(".")
+        return any(fnmatch.fnmatchcase(host, pattern) for pattern in patterns)
+
+    def address_allowed(self, address: str, host: str = "") -> bool:
+        """Whether ``address`` (an IP literal) may be connected to for ``host``."""
+        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self._deny[0]) or self._host_matches(host, self._deny[1]):
+            return False
+        if not self.enabled or ip.is_global:
+            return True
+        return any(ip in net for net in self._allow[0]) or self._host_matches(host, self._allow[1])
+
+    async def resolve(self, host: str, port: int) -> list[str]:
+        """The addresses of ``host`` that may be connected to, in resolver order.
+
+        Raises FetchFailed(FORBIDDEN_TARGET) when any address is refused (a name that
+        resolves to both a public and a private address is refused whole), and
+        ``socket.gaierror`` when the name does not resolve.
+        """
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        refused = [a for a in addresses if not self.address_allowed(a, host)]
+        if refused:
+            raise FetchFailed(ErrorKind.FORBIDDEN_TARGET, f"{host} resolves to {refused[0]}, which is not allowed")
+        return addresses
+
+    async def check(self, host: str, port: int) -> None:
+        """Check a target reached through a proxy (verdicts cached for VERDICT_TTL seconds).
+
+        Raises FetchFailed(FORBIDDEN_TARGET); a name that does not resolve here is left to the proxy.
+        """
+        key = (host, port)
+        if self._verdicts.get(key, 0.0) > time.monotonic():
+            return
+        try:
+            await self.resolve(host, port)
+        except socket.gaierror:
+            return
+        if len(self._verdicts) > 10_000:
+            self._verdicts.clear()
+        self._verdicts[key] = time.monotonic() + VERDICT_TTL
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend with the guard in front of every TCP connect.
+
+    Resolves, checks, then connects to the checked addresses in order until one answers.
+    """
+
+    def __init__(self, guard: TargetGuard, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._guard = guard
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            with anyio.fail_after(timeout):
+                addresses = await self._guard.resolve(host, port)
+        except socket.gaierror as exc:
+            raise httpcore.ConnectError(f"{host}: {exc.strerror or exc}") from exc
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[SocketOption] | None = None
+                                  ) -> httpcore.AsyncNetworkStream:
+        raise FetchFailed(ErrorKind.FORBIDDEN_TARGET, "unix sockets are not fetch targets")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
