@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,11 +33,23 @@ def _serve(args: argparse.Namespace) -> int:
     )
     # httpx logs every request at INFO, URL included (which may carry secrets in its query).
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    from fetchpool.telemetry import setup_telemetry
+
     try:
-        asyncio.run(serve(settings))
+        telemetry = setup_telemetry(settings.server.listen)  # None unless OTEL_* / FETCHPOOL_METRICS_PORT ask
+    except ConfigError as exc:
+        print(f"fetchpool serve: {exc}", file=sys.stderr)
+        return 2
+    hooks: dict[str, Any] = {} if telemetry is None else {
+        "observer": telemetry.observer, "interceptors": telemetry.interceptors, "on_engine": telemetry.attach}
+    try:
+        asyncio.run(serve(settings, **hooks))
     except (ConfigError, RuntimeError) as exc:
         print(f"fetchpool serve: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()  # flush spans and last metrics (bounded)
     return 0
 
 
@@ -53,15 +65,19 @@ def _result_json(result: Any, body: str) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
-async def _fetch(args: argparse.Namespace) -> int:
+def _fetch(args: argparse.Namespace) -> int:
+    urls = list(args.urls)
+    if args.file:
+        text = Path(args.file).read_text(encoding="utf-8")
+        urls += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return asyncio.run(_fetch_urls(args, urls))
+
+
+async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
     from tqdm import tqdm
 
     from fetchpool.client import FetchClient, make_request
 
-    urls = list(args.urls)
-    if args.file:
-        with open(args.file, encoding="utf-8") as handle:
-            urls += [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
     if not urls:
         print("fetchpool fetch: give URLs or --file", file=sys.stderr)
         return 2
@@ -112,12 +128,6 @@ async def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator(args: argparse.Namespace) -> int:
-    from fetchpool import operator
-
-    return operator.main(args.operator_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``fetchpool`` argument parser."""
     parser = argparse.ArgumentParser(prog="fetchpool", description="Pooled HTTP/2 fetching over gRPC.")
@@ -138,20 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--concurrency", type=int, default=0, help="fetches in flight (default: the server's)")
     fetch.add_argument("--body", choices=("base64", "text", "omit"), default="base64",
                        help="how to print bodies (default base64, the proto3 JSON mapping)")
-    fetch.set_defaults(run=lambda a: asyncio.run(_fetch(a)))
+    fetch.set_defaults(run=_fetch)
 
     stats = commands.add_parser("stats", help="print the pool stats of a running service as JSON")
     stats.add_argument("--target", default=DEFAULT_TARGET)
     stats.set_defaults(run=lambda a: asyncio.run(_stats(a)))
 
-    operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf)", add_help=False)
-    operator.add_argument("operator_args", nargs=argparse.REMAINDER)
-    operator.set_defaults(run=_operator)
+    # Listed for --help only: main() hands `fetchpool operator ...` to fetchpool.operator.main.
+    commands.add_parser("operator", help="run the Kubernetes operator (kopf); see fetchpool operator --help")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fetchpool`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["operator"]:
+        # The operator has its own flags (kopf's), which argparse.REMAINDER would not pass on
+        # when they come first.
+        from fetchpool import operator
+
+        return operator.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
