@@ -1,0 +1,61 @@
+"""``make bench-smoke`` as a test: the benchmark runs end to end against its real servers, every client
+answers every request with the right body, and the report is produced (table on stdout, JSON,
+markdown, PNG). It asserts no timing and no goal: those are for ``make bench`` to report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE_CLIENTS = {"fp-many", "fp-stream", "httpx", "httpx2", "aiohttp", "unpooled", "wrk"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_smoke_completes_every_request_and_writes_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=840, check=False,
+    )
+    assert proc.returncode == 0, f"bench --smoke exited {proc.returncode}\n{proc.stderr[-4000:]}"
+
+    data = json.loads((out / "latest.json").read_text())
+    results = data["results"]
+    cells = data["meta"]["args"]["cells"].split(",")
+    if os.geteuid() != 0:  # the latency cells need a network namespace
+        cells = [c for c in cells if not c.startswith("lat-")]
+    assert any(c.startswith("lat-") for c in cells) or os.geteuid() != 0
+    seen = {(r["cell"], r["client_key"]) for r in results}
+    for cell in cells:
+        for client in SMOKE_CLIENTS:
+            if client == "wrk" and "proxy" in cell:
+                continue
+            assert (cell, client) in seen, f"no run of {client} on {cell}"
+
+    for r in results:
+        where = f"{r['cell']} {r['client_key']}: {r.get('first_error') or r.get('stderr_tail')}"
+        assert r["rc"] == 0, where
+        assert r["errors"] == 0 and r["bad"] == 0, where
+        if r["client_key"] == "wrk":
+            assert r["ok"] > 0, where
+        else:
+            assert r["ok"] == r["n"] > 0, where
+
+    memory, resize = data["memory"], data["resize"]
+    assert memory["ok"] == memory["n"] > 0 and not memory["errors"] and not memory["bad"]
+    assert memory["samples"], "no RSS samples"
+    assert resize["failed"] == 0 and resize["ok"] == resize["n"] > 0
+    assert data["goals"], "no goals table"
+
+    markdown = (out / "latest.md").read_text()
+    for heading in ("## Key ratios", "## Goals", "## Per scenario", "cores"):
+        assert heading in markdown
+        assert heading in proc.stdout
+    assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
