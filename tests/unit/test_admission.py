@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from fetchpool.engine.admission import Admission, AdmissionTimeout
 
 
