@@ -230,13 +230,21 @@ class PoolPolicy:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServerSettings:
     """The gRPC side. ``grace_period`` and ``max_connection_age`` are seconds
-    (0 = no max age); ``max_message_bytes`` bounds received messages."""
+    (0 = no max age); ``max_message_bytes`` bounds received messages. ``tls_cert`` and
+    ``tls_key`` (PEM files) turn on TLS, ``tls_client_ca`` mutual TLS; a bearer token
+    (``auth_token_file`` or ``auth_token``) is then required from callers
+    (``fetchpool.server.security``)."""
 
     listen: str = "127.0.0.1:50051"
     grace_period: float = 25.0
     max_connection_age: float = 0.0
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token_file: str = ""
+    auth_token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -369,6 +377,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", int,
            "largest gRPC message received, bytes"),
     Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    Option("server.tls_cert", "--tls-cert", "FETCHPOOL_TLS_CERT", str, "PEM certificate chain: serve gRPC over TLS"),
+    Option("server.tls_key", "--tls-key", "FETCHPOOL_TLS_KEY", str, "PEM private key of --tls-cert"),
+    Option("server.tls_client_ca", "--tls-client-ca", "FETCHPOOL_TLS_CLIENT_CA", str,
+           "PEM CA bundle: require client certificates it signed (mutual TLS)"),
+    Option("server.auth_token_file", "--auth-token-file", "FETCHPOOL_AUTH_TOKEN_FILE", str,
+           "file holding the bearer token callers must send (health checks excepted)"),
+    Option("server.auth_token", "--auth-token", "FETCHPOOL_AUTH_TOKEN", str,
+           "the bearer token itself (prefer the file: flags show in ps)"),
     Option("settings.limits_file", "--limits-file", "FETCHPOOL_LIMITS_FILE", str,
            "JSON file of pool limits applied at start-up (written by the operator); ignored if absent"),
 )

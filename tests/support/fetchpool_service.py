@@ -19,7 +19,8 @@ class FetchpoolService(ServerProcess):
     """``python -m fetchpool serve --listen 127.0.0.1:PORT *args`` with ``env`` added to the environment.
 
     ``start`` returns once the health service answers SERVING (not just once the port listens).
-    ``ca_pem`` makes the service trust the tests' CA (``--ca-bundle``).
+    ``ca_pem`` makes the service trust the tests' CA (``--ca-bundle``); ``credentials`` are
+    the channel credentials of the readiness check when the service serves TLS.
     """
 
     name = "fetchpool"
@@ -31,8 +32,10 @@ class FetchpoolService(ServerProcess):
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         workdir: Path | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         super().__init__(workdir)
+        self.credentials = credentials  # for the readiness check of a TLS service
         self.port = port or free_port()
         # Test servers live on loopback, which the SSRF guard refuses unless allowed.
         allow = [] if any(a.startswith(("--allow-targets", "--ssrf-guard")) for a in args) else [
@@ -61,7 +64,10 @@ class FetchpoolService(ServerProcess):
             os.environ.clear()
             os.environ.update(saved)
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        channel = (
+            grpc.secure_channel(self.target, self.credentials) if self.credentials else grpc.insecure_channel(self.target)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:

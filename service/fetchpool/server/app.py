@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from fetchpool.config import Settings, load_limits_file
 from fetchpool.engine import Engine, FetchObserver
 from fetchpool.errors import ConfigError
+from fetchpool.server.security import BearerTokenInterceptor, load_token, server_credentials
 from fetchpool.server.servicer import FetchServicer, PoolAdminServicer
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
@@ -72,7 +73,6 @@ async def serve(
     *,
     observer: FetchObserver | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    credentials: grpc.ServerCredentials | None = None,
     on_started: Callable[[int], None] | None = None,
     on_engine: Callable[[Engine], None] | None = None,
     stop: asyncio.Event | None = None,
@@ -91,7 +91,11 @@ async def serve(
         on_engine(engine)
     if settings.limits_file:
         _apply_limits_file(engine, settings.limits_file)
-    server = grpc.aio.server(options=server_options(settings), interceptors=list(interceptors))
+    credentials = server_credentials(settings.server)
+    token = load_token(settings.server)
+    # The token check runs first, so a refused call never reaches telemetry or the engine.
+    checks = [BearerTokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=server_options(settings), interceptors=[*checks, *interceptors])
     fetch_servicer = FetchServicer(engine)
     pb_grpc.add_FetchServiceServicer_to_server(fetch_servicer, server)
     pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(engine), server)
