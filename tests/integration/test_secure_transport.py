@@ -6,10 +6,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fetchpool.client import FetchClient
 from support import Certs, Nginx
 from support.fetchpool_service import FetchpoolService
-
-from fetchpool.client import FetchClient
 
 TOKEN = "s3cret-token-value"
 

@@ -64,9 +64,8 @@ class FetchpoolService(ServerProcess):
             os.environ.clear()
             os.environ.update(saved)
         deadline = time.monotonic() + timeout
-        channel = (
-            grpc.secure_channel(self.target, self.credentials) if self.credentials else grpc.insecure_channel(self.target)
-        )
+        secure = self.credentials is not None
+        channel = grpc.secure_channel(self.target, self.credentials) if secure else grpc.insecure_channel(self.target)
         with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
