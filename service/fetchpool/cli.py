@@ -43,7 +43,12 @@ def _serve(args: argparse.Namespace) -> int:
     hooks: dict[str, Any] = {} if telemetry is None else {
         "observer": telemetry.observer, "interceptors": telemetry.interceptors, "on_engine": telemetry.attach}
     try:
-        asyncio.run(serve(settings, **hooks))
+        if settings.server.event_loop == "uvloop":
+            import uvloop  # libuv's loop: ~15 % less CPU per fetch here (make bench)
+
+            uvloop.run(serve(settings, **hooks))
+        else:
+            asyncio.run(serve(settings, **hooks))
     except (ConfigError, RuntimeError) as exc:
         print(f"fetchpool serve: {exc}", file=sys.stderr)
         return 2

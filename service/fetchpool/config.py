@@ -240,11 +240,23 @@ class ServerSettings:
     max_connection_age: float = 0.0
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
+    event_loop: str = "uvloop"
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
     auth_token_file: str = ""
     auth_token: str = field(default="", repr=False)
+
+
+    def __post_init__(self) -> None:
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise ConfigError(f"event loop must be uvloop or asyncio, got {self.event_loop!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if not (0 <= self.grace_period <= MAX_SECONDS and 0 <= self.max_connection_age <= MAX_SECONDS):
+            raise ConfigError("grace period and max connection age must be in 0..86400 seconds")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("max message bytes must be at least 1024")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -377,6 +389,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", int,
            "largest gRPC message received, bytes"),
     Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    Option("server.event_loop", "--event-loop", "FETCHPOOL_EVENT_LOOP", str, "uvloop or asyncio"),
     Option("server.tls_cert", "--tls-cert", "FETCHPOOL_TLS_CERT", str, "PEM certificate chain: serve gRPC over TLS"),
     Option("server.tls_key", "--tls-key", "FETCHPOOL_TLS_KEY", str, "PEM private key of --tls-cert"),
     Option("server.tls_client_ca", "--tls-client-ca", "FETCHPOOL_TLS_CLIENT_CA", str,

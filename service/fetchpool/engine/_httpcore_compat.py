@@ -7,7 +7,8 @@ httpcore's ``AsyncConnectionPool`` re-reads ``_max_connections`` and
 exposes its connections through the public ``connections`` property whose items
 have the public ``is_idle()``, ``is_closed()``, ``has_expired()``, ``info()`` and
 ``aclose()`` methods. What is private here: ``AsyncHTTPTransport._pool`` and the
-three limit attributes. ``tests/unit/test_httpcore_compat.py`` pins the versions
+three limit attributes, the connections' ``_connection``/``_network_stream``, and
+httpcore's HTTP/2 configuration. ``tests/unit/test_contract.py`` pins the versions
 this was checked against (httpx 0.28.1, httpcore 1.0.9).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import socket
 
+import h2.config
 import httpcore
 import httpx
 
@@ -106,3 +108,16 @@ def install_network_backend(transport: httpx.AsyncHTTPTransport, backend: httpco
     """
     _pool(transport)._network_backend = backend
 
+
+
+def validate_http2_responses() -> None:
+    """Make h2 check the response header blocks it receives (RFC 9113 §8.3.2: a response
+    without ``:status``, with upper-case or connection-specific fields, is malformed).
+
+    httpcore turns this off (``AsyncHTTP2Connection.CONFIG``, a class attribute read when a
+    connection is made) and then reports a response with no ``:status`` as a 200. Go's
+    HTTP/2 client rejects such responses too. Process-wide; idempotent.
+    """
+    from httpcore._async.http2 import AsyncHTTP2Connection
+
+    AsyncHTTP2Connection.CONFIG = h2.config.H2Configuration(validate_inbound_headers=True)

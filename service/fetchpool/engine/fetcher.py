@@ -16,6 +16,7 @@ import certifi
 import httpx
 
 from fetchpool.config import PoolLimits, Settings
+from fetchpool.engine import _httpcore_compat as compat
 from fetchpool.engine.admission import AdmissionTimeout
 from fetchpool.engine.body import ACCEPT_ENCODING, read_body
 from fetchpool.engine.guard import GuardedBackend, TargetGuard
@@ -40,7 +41,8 @@ PROXY_FAULTS = frozenset({401, 407, 502, 503, 504})
 #: Sends of one attempt repeated at most when the connection went away before any response.
 RESENDS = 3
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
+# Field values are sent as ASCII by httpx: visible characters, spaces and tabs (RFC 9110 §5.5).
+_BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
 # httpx gives the host IDNA-encoded; what remains is a DNS name or an IP literal.
 _HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?)$")
 
@@ -101,6 +103,7 @@ class Engine:
         self.observer = observer
         self.draining = False
         fetch = settings.fetch
+        compat.validate_http2_responses()
         ssl_context = ssl.create_default_context(cafile=fetch.ca_bundle or certifi.where())
         self.guard = TargetGuard(fetch.ssrf_guard, fetch.allow_targets, fetch.deny_targets)
         proxies = [parse_proxy(url) for url in fetch.proxies]
@@ -370,24 +373,31 @@ class Engine:
                                                                                else 80))
             if self._host_rate is not None:
                 await self._host_rate.wait(host)
+            opener = pool.proxy and request.url.scheme == "https" and await pool.open_first(host)
             wait = recorder.acquire_started(pool.name, pool.counters)
             try:
                 await pool.admission.acquire(host, pool.limits.pool_timeout)
             except AdmissionTimeout:
+                if opener:
+                    pool.opened(host, ok=False)
                 pool.pool_timeouts_total += 1
                 raise FetchFailed(
                     ErrorKind.POOL_TIMEOUT,
                     f"no connection of pool {pool.name} free within {pool.limits.pool_timeout:g} s",
                 ) from None
             try:
-                response = await self.client.send(request, stream=True)
+                try:
+                    response = await self.client.send(request, stream=True)
+                finally:
+                    if opener:
+                        pool.opened(host, ok=recorder.responded)
                 try:
                     ready = wait.end
                     pool.acquired(ready - wait.start)
                     outcome.connection_reused = not recorder.connected
                     self._check_headers(response)
                     outcome.body = await read_body(response, cap, recorder)
-                    pool.served(reused=outcome.connection_reused, latency=time.monotonic() - ready)
+                    pool.served(host, reused=outcome.connection_reused, latency=time.monotonic() - ready)
                 finally:
                     # httpcore's close of a finished stream is not safe against cancellation
                     # (cut short, it leaves the connection ACTIVE forever): never interrupt it.

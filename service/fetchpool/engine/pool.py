@@ -3,6 +3,7 @@ admission limiter, live limits, connection hygiene, proxy health and public stat
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import ssl
@@ -105,6 +106,9 @@ class Pool:
         )
         self._hygiene = bool(policy.max_requests_per_connection or policy.max_connection_age)
         self._suspects: weakref.WeakSet[httpcore.AsyncConnectionInterface] = weakref.WeakSet()
+        # Tunnels: origin -> when a response last came back, and the first connection being opened.
+        self._warm: dict[str, float] = {}
+        self._opening: dict[str, asyncio.Event] = {}
 
     def _make_transport(self, ssl_context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
         limits = self._limits
@@ -160,6 +164,33 @@ class Pool:
         """False while the proxy is ejected."""
         return self.health.available(time.monotonic())
 
+    async def open_first(self, origin: str) -> bool:
+        """Through a proxy, let one request open the first tunnel to an HTTPS ``origin``;
+        returns True for that request, which must then call :meth:`opened`.
+
+        httpcore cannot know a tunnel will speak HTTP/2 before its TLS handshake, so a
+        burst of requests to a new origin opens one tunnel each (and every later request
+        scans them all). Waiting for the first one lets the burst share its HTTP/2
+        connection, as a direct HTTPS pool does by itself. Other requests wait here,
+        before admission, until the opener has response headers (or has failed).
+        """
+        if time.monotonic() - self._warm.get(origin, -1e9) < self._limits.keepalive_expiry:
+            return False
+        opening = self._opening.get(origin)
+        if opening is None:
+            self._opening[origin] = asyncio.Event()
+            return True
+        await opening.wait()
+        return False
+
+    def opened(self, origin: str, *, ok: bool) -> None:
+        """The opener of ``origin`` got its response (``ok``) or failed: release the others."""
+        if ok:
+            self._warm[origin] = time.monotonic()
+        opening = self._opening.pop(origin, None)
+        if opening is not None:
+            opening.set()
+
     def set_limits(self, limits: PoolLimits) -> None:
         """Apply ``limits`` live; in-flight requests are not touched.
 
@@ -184,8 +215,10 @@ class Pool:
         self._peak_demand = max(self._peak_demand, self.load)
         self._waits.append(wait)
 
-    def served(self, *, reused: bool, latency: float) -> None:
-        """Count one response; ``latency`` is the seconds it held its connection."""
+    def served(self, origin: str, *, reused: bool, latency: float) -> None:
+        """Count one response from ``origin``; ``latency`` is the seconds it held its connection."""
+        if self.proxy:
+            self._warm[origin] = time.monotonic()
         self.requests_total += 1
         self.reused_total += reused
         self.latency_mean += EWMA_WEIGHT * (latency - self.latency_mean) if self.requests_total > 1 else latency
@@ -222,6 +255,8 @@ class Pool:
         """Once a second: follow demand (dynamic mode), retire aged connections, close
         expired or surplus idle connections (httpcore only does that when a request comes)."""
         demand, self._peak_demand = max(self._peak_demand, self.load), self.load
+        for origin in [o for o, seen in self._warm.items() if now - seen > self._limits.keepalive_expiry]:
+            del self._warm[origin]
         self.concurrency_mean += EWMA_WEIGHT * (demand - self.concurrency_mean)
         if self.dynamic is not None:
             before = self.dynamic.current

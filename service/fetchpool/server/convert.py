@@ -11,7 +11,8 @@ def spec_from_proto(request: pb.FetchRequest) -> FetchSpec:
     """A FetchSpec; values are checked by the engine (so a bad one fails its item only)."""
     timeout = None
     if request.HasField("timeout") and (request.timeout.seconds or request.timeout.nanos):
-        timeout = request.timeout.ToTimedelta().total_seconds()
+        # Plain arithmetic: ToTimedelta() overflows on absurd values and would fail the whole call.
+        timeout = request.timeout.seconds + request.timeout.nanos / 1e9
     return FetchSpec(
         url=request.url,
         method=request.method or "GET",
