@@ -98,13 +98,33 @@ class Server:
         return out
 
 
-def start_server(rendered: chartlib.Rendered, extra: dict[str, str] | None = None) -> Server:
+def start_server(
+    rendered: chartlib.Rendered, extra: dict[str, str] | None = None, *, allow_loopback: bool = True
+) -> Server:
+    """``fetchpool serve`` with the rendered environment. ``allow_loopback`` adds 127.0.0.0/8 to the
+    SSRF guard's allow list (the tests' targets live on loopback); False keeps the chart's own."""
     port = free_port()
     env = pod_env(rendered.server_container(), {})
     env.update(rendered.configmap_env())  # envFrom (env entries win; none overlap)
-    # The test's targets live on loopback, which the SSRF guard refuses unless allowed.
-    env.update({"FETCHPOOL_LISTEN": f"127.0.0.1:{port}", "FETCHPOOL_ALLOW_TARGETS": "127.0.0.0/8", **(extra or {})})
+    env["FETCHPOOL_LISTEN"] = f"127.0.0.1:{port}"
+    if allow_loopback:
+        env["FETCHPOOL_ALLOW_TARGETS"] = "127.0.0.0/8"
+    env.update(extra or {})
     return Server(env, port)
+
+
+def start_serving(rendered: chartlib.Rendered, **kwargs: Any) -> Server:
+    srv = start_server(rendered, **kwargs)
+    try:
+        wait_serving(srv.target)
+    except AssertionError:
+        pytest.fail("fetchpool serve did not start with the chart's environment:\n" + srv.stop())
+    return srv
+
+
+# The helm test's self-served page (tests.fetchUrl empty), allowed through the SSRF guard by values
+# (in a cluster: the pod network; here the pod "IP" is 127.0.0.1).
+SELF_SERVED_PAGE = {"tests": {"fetchUrl": ""}, "ssrf": {"allowTargets": ["127.0.0.0/8"]}}
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +148,59 @@ def run_program(
     )
 
 
-def test_helm_test_program_passes(server: Server) -> None:
-    pod = chartlib.render("default").get("Pod", "demo-fetchpool-test")
-    (container,) = pod["spec"]["containers"]
-    proc = run_program(container, {"FP_TARGET": server.target, "FP_HTTP_PORT": str(free_port())})
+def test_helm_test_program_passes() -> None:
+    """The self-served page through a service whose SSRF allow list is the chart's own rendering."""
+    rendered = chartlib.render(SELF_SERVED_PAGE)
+    assert rendered.configmap_env()["FETCHPOOL_ALLOW_TARGETS"] == "127.0.0.0/8"
+    srv = start_serving(rendered, allow_loopback=False)
+    try:
+        (container,) = rendered.get("Pod", "demo-fetchpool-test")["spec"]["containers"]
+        proc = run_program(container, {"FP_TARGET": srv.target, "FP_HTTP_PORT": str(free_port())})
+    finally:
+        srv.stop()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "health '' SERVING" in proc.stdout
     assert "health 'fetchpool.v1.FetchService' SERVING" in proc.stdout
     assert '"status_code": 200' in proc.stdout and proc.stdout.rstrip().endswith("ok")
+
+
+def test_helm_test_page_is_refused_by_the_default_ssrf_guard() -> None:
+    """Why the chart insists on ssrf.allowTargets for the self-served page: with the default guard
+    the service refuses the test pod's (cluster-internal) address."""
+    srv = start_serving(chartlib.render("default"), allow_loopback=False)
+    try:
+        (container,) = chartlib.render(SELF_SERVED_PAGE).get("Pod")["spec"]["containers"]
+        proc = run_program(container, {"FP_TARGET": srv.target, "FP_HTTP_PORT": str(free_port())})
+    finally:
+        srv.stop()
+    assert proc.returncode != 0 and "FORBIDDEN_TARGET" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_metrics_endpoint_serves_demand_with_otlp_off() -> None:
+    """metrics.enabled without OTLP: exporters `none`, and the Prometheus endpoint still serves
+    fetchpool_demand_requests (with OTEL_SDK_DISABLED=true the SDK's meters would be no-ops)."""
+    import urllib.request
+
+    port = free_port()
+    while port < 1024:  # the schema wants an unprivileged port
+        port = free_port()
+    rendered = chartlib.render({"metrics": {"enabled": True, "port": port}})
+    assert rendered.configmap_env()["OTEL_METRICS_EXPORTER"] == "none"
+    srv = start_serving(rendered)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                    text = response.read().decode()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        out = srv.stop()
+    assert "\nfetchpool_demand_requests" in "\n" + text, text[:2000] + out
 
 
 def test_helm_test_program_fails_when_the_fetch_fails(server: Server) -> None:
@@ -224,8 +289,12 @@ def test_sigterm_drains_within_the_pods_grace_period() -> None:
         srv.stop()
 
 
-@pytest.mark.parametrize("value_set", ["default", "keda", "networkpolicy"])
-def test_operator_args_are_accepted_by_the_cli(value_set: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "value_set",
+    ["default", "keda", "networkpolicy", {"operator": {"peering": {"enabled": False}, "metrics": {"enabled": False}}}],
+    ids=["default", "keda", "networkpolicy", "standalone"],
+)
+def test_operator_args_are_accepted_by_the_cli(value_set: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """`fetchpool <the operator container's args>` reaches `fetchpool.operator.main` with arguments
     its parser accepts (a flag the CLI rejects would crash-loop the operator pod)."""
     cli = pytest.importorskip("fetchpool.cli")
@@ -245,3 +314,11 @@ def test_operator_args_are_accepted_by_the_cli(value_set: str, monkeypatch: pyte
     assert status == 0 and received, "fetchpool.operator.main was not called"
     parsed = operator.build_parser().parse_args(received[0])
     assert parsed.liveness == "http://0.0.0.0:8080/healthz"
+    standalone = isinstance(value_set, dict)
+    assert parsed.standalone is standalone
+    if standalone:
+        assert parsed.peering is None and parsed.metrics is None
+    else:
+        kind = "ClusterKopfPeering" if value_set == "keda" else "KopfPeering"
+        assert parsed.peering in {o["metadata"]["name"] for o in chartlib.render(value_set).all(kind)}
+        assert parsed.metrics == "http://0.0.0.0:9090/metrics"

@@ -16,7 +16,7 @@ VALUE_SETS = sorted(chartlib.CI_VALUES)
 GRPC_PORT = 50051
 
 # Kinds outside the Kubernetes schemas: checked against their CRD (crds/) or by hand below.
-CUSTOM_KINDS = {"FetchPool", "ServiceMonitor", "ScaledObject"}
+CUSTOM_KINDS = {"FetchPool", "KopfPeering", "ClusterKopfPeering", "ServiceMonitor", "PodMonitor", "ScaledObject"}
 IMMUTABLE_SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
 STANDARD_LABELS = {
     "helm.sh/chart",
@@ -28,18 +28,24 @@ STANDARD_LABELS = {
     "app.kubernetes.io/component",
 }
 
-# The operator's RBAC, exactly: (apiGroup, resource, verb).
+# The operator's RBAC, exactly: (apiGroup, resource, verb). What fetchpool.operator (k8s.py: reads,
+# the limits ConfigMap, the status patch) and kopf 1.45 (watches, indexes, Events) use. No patch on
+# fetchpools (the operator writes only the status: no finalizers, no annotations), no get on pods
+# (listed by selector, never read one by one), nothing on CRDs or namespaces (kopf only warns).
 OPERATOR_PERMISSIONS = {
-    *(("fetchpool.io", "fetchpools", v) for v in ("get", "list", "watch", "patch")),
+    *(("fetchpool.io", "fetchpools", v) for v in ("get", "list", "watch")),
     ("fetchpool.io", "fetchpools/status", "patch"),
     *(("autoscaling", "horizontalpodautoscalers", v) for v in ("get", "list", "watch")),
     *(("apps", "deployments", v) for v in ("get", "list", "watch")),
-    *(("", "pods", v) for v in ("get", "list", "watch")),
-    *(("", "configmaps", v) for v in ("get", "list", "watch", "create", "patch", "update")),
+    *(("", "pods", v) for v in ("list", "watch")),
+    *(("", "configmaps", v) for v in ("get", "create", "patch")),
     ("", "events", "create"),
-    *(("kopf.zalando.org", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")),
 }
-CLUSTER_ONLY_PERMISSIONS = {("kopf.zalando.org", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+# kopf peering (kopf.dev, not the old kopf.zalando.org): namespaced with the Roles, cluster-wide with
+# the ClusterRole; list/watch on the kind, get/patch on the peering object only.
+PEERING_VERBS = ("get", "list", "watch", "patch")
+NAMESPACED_PEERING_PERMISSIONS = {("kopf.dev", "kopfpeerings", v) for v in PEERING_VERBS}
+CLUSTER_PEERING_PERMISSIONS = {("kopf.dev", "clusterkopfpeerings", v) for v in PEERING_VERBS}
 
 
 def fullname(r: chartlib.Rendered) -> str:
@@ -226,10 +232,15 @@ def test_resources_named_and_labelled_consistently(value_set: str) -> None:
     base = fullname(r)
     suffixes = {"", "-headless", "-config", "-proxy", "-auth", "-operator", "-test"}
     values = chartlib.load_values(value_set)
+    peering_name = values.get("operator", {}).get("peering", {}).get("name")
     for obj in r.objects:
         meta = obj["metadata"]
         name = meta["name"]
         if obj["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+            assert name == f"{chartlib.NAMESPACE}-{base}-operator"
+        elif obj["kind"] in ("KopfPeering", "ClusterKopfPeering") and peering_name:
+            assert name == peering_name
+        elif obj["kind"] == "ClusterKopfPeering":
             assert name == f"{chartlib.NAMESPACE}-{base}-operator"
         elif obj["kind"] == "ServiceAccount" and not values.get("serviceAccount", {}).get("create", True):
             pytest.fail("no ServiceAccount when serviceAccount.create is false")
@@ -243,7 +254,7 @@ def test_resources_named_and_labelled_consistently(value_set: str) -> None:
         assert labels["helm.sh/chart"] == f"fetchpool-{chartlib.chart_meta()['version']}"
         for key, value in values.get("commonLabels", {}).items():
             assert labels[key] == value
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"):
             assert meta["namespace"] in (chartlib.NAMESPACE, *values.get("operator", {}).get("watchNamespaces", []))
 
 
@@ -391,11 +402,16 @@ def test_otel_env_and_downward_api(value_set: str) -> None:
     cm = r.configmap_env()
     values = chartlib.load_values(value_set)
     otel = values.get("otel", {})
-    assert cm["OTEL_SDK_DISABLED"] == ("false" if otel.get("enabled") else "true")
+    # Never OTEL_SDK_DISABLED (a no-op SDK under the Prometheus endpoint too): per-signal exporters.
+    assert "OTEL_SDK_DISABLED" not in cm and "OTEL_SDK_DISABLED" not in env
+    exporter = "otlp" if otel.get("enabled") else "none"
+    assert (cm["OTEL_TRACES_EXPORTER"], cm["OTEL_METRICS_EXPORTER"]) == (exporter, exporter)
     assert cm["OTEL_SERVICE_NAME"] == fullname(r)
     if otel.get("endpoint"):
         assert cm["OTEL_EXPORTER_OTLP_ENDPOINT"] == otel["endpoint"]
         assert attrs["deployment.environment.name"] == "staging"
+    if not otel.get("enabled"):
+        assert not [k for k in cm if k.startswith(("OTEL_EXPORTER_", "OTEL_TRACES_SAMPLER"))]
     if otel.get("headers", {}).get("existingSecret"):
         assert env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"]["name"] == "otlp-headers"
 
@@ -547,6 +563,126 @@ def test_servicemonitor_scrapes_the_metrics_port() -> None:
     assert render("default").configmap_env()["FETCHPOOL_METRICS_PORT"] == "0"
 
 
+# --- telemetry: OTLP export vs the Prometheus endpoint ---------------------------------------------
+
+TELEMETRY_CASES = [
+    # (otel.enabled, metrics.enabled, trace exporters, pushed metric exporters, Prometheus port)
+    (False, False, (), (), 0),
+    (False, True, (), (), 9464),
+    (True, False, ("otlp",), ("otlp",), 0),
+    (True, True, ("otlp",), ("otlp",), 9464),
+]
+
+
+@pytest.mark.parametrize(("otel", "metrics", "traces", "pushed", "port"), TELEMETRY_CASES)
+def test_telemetry_env_as_the_service_reads_it(
+    otel: bool, metrics: bool, traces: tuple[str, ...], pushed: tuple[str, ...], port: int
+) -> None:
+    """Metrics on with OTLP off must keep the Prometheus endpoint alive: exporters `none`, never
+    OTEL_SDK_DISABLED (which makes the SDK's meters no-ops)."""
+    values = {
+        "otel": {"enabled": otel, "endpoint": "http://otel-collector.observability:4317"},
+        "metrics": {"enabled": metrics},
+    }
+    r = render(values)
+    cm = r.configmap_env()
+    assert "OTEL_SDK_DISABLED" not in cm
+    assert cm["OTEL_TRACES_EXPORTER"] == cm["OTEL_METRICS_EXPORTER"] == ("otlp" if otel else "none")
+    assert cm["FETCHPOOL_METRICS_PORT"] == str(port)
+    assert ("OTEL_EXPORTER_OTLP_ENDPOINT" in cm) == otel
+    ports = {p["name"]: p["containerPort"] for p in r.server_container()["ports"]}
+    assert ports.get("metrics") == (port or None)
+    # What the service makes of it (fetchpool.telemetry.config, when importable).
+    config = pytest.importorskip("fetchpool.telemetry.config")
+    env = {**cm, **{e["name"]: e["value"] for e in r.server_container()["env"] if "value" in e}}
+    parsed = config.TelemetryConfig.from_env(env, listen_host="0.0.0.0")
+    assert (parsed.trace_exporters, parsed.metric_exporters, parsed.prometheus_port) == (traces, pushed, port)
+    assert parsed.enabled == (otel or metrics)
+
+
+def test_otlp_headers_only_with_otlp() -> None:
+    r = render({"otel": {"headers": {"existingSecret": "otlp-headers"}}})
+    assert "OTEL_EXPORTER_OTLP_HEADERS" not in env_of(r.server_container())
+
+
+def test_demand_metric_port_and_name_are_consistent() -> None:
+    """ServiceMonitor, HPA Pods metric and KEDA trigger all reach the pods' metrics port and the
+    service's demand metric, `fetchpool_demand_requests`."""
+    demand = "fetchpool_demand_requests"
+    names = pytest.importorskip("fetchpool.telemetry.names")
+    assert names.DEMAND.prometheus == demand, "the service renamed its demand metric"
+    for value_set in ("hpa", "keda"):
+        r = render(value_set)
+        cm = r.configmap_env()
+        container_ports = {p["name"]: p["containerPort"] for p in r.server_container()["ports"]}
+        assert container_ports["metrics"] == int(cm["FETCHPOOL_METRICS_PORT"]) == 9464
+        svc_port = next(p for p in r.get("Service", fullname(r))["spec"]["ports"] if p["name"] == "metrics")
+        assert svc_port["targetPort"] == "metrics" and svc_port["port"] == 9464
+        if r.has("ServiceMonitor"):
+            (endpoint,) = r.get("ServiceMonitor")["spec"]["endpoints"]
+            assert endpoint["port"] == svc_port["name"]
+        if r.has("HorizontalPodAutoscaler"):
+            pods = [m for m in r.get("HorizontalPodAutoscaler")["spec"]["metrics"] if m["type"] == "Pods"]
+            assert [m["pods"]["metric"]["name"] for m in pods] == [demand]
+        if r.has("ScaledObject"):
+            (trigger,) = r.get("ScaledObject")["spec"]["triggers"]
+            # `service` is the label prometheus-operator gives targets of the Service <fullname>.
+            assert f'{demand}{{namespace="prod",service="{fullname(r)}"}}' in trigger["metadata"]["query"]
+    import yaml
+
+    defaults = yaml.safe_load((chartlib.CHART / "values.yaml").read_text())
+    assert defaults["autoscaling"]["demand"]["metricName"] == demand
+    assert demand in defaults["keda"]["prometheus"]["query"]
+
+
+def test_config_extra_env_overrides_chart_keys() -> None:
+    r = render({"config": {"extraEnv": {"OTEL_TRACES_EXPORTER": "console", "FETCHPOOL_MAX_REDIRECTS": 3}}})
+    cm = r.configmap_env()
+    assert cm["OTEL_TRACES_EXPORTER"] == "console" and cm["FETCHPOOL_MAX_REDIRECTS"] == "3"
+    assert r.files["fetchpool/templates/configmap.yaml"].count("OTEL_TRACES_EXPORTER:") == 1
+
+
+# --- SSRF guard ----------------------------------------------------------------------------------
+
+
+def test_ssrf_guard_on_by_default_without_lists() -> None:
+    cm = render("default").configmap_env()
+    assert cm["FETCHPOOL_SSRF_GUARD"] == "true"
+    assert "FETCHPOOL_ALLOW_TARGETS" not in cm and "FETCHPOOL_DENY_TARGETS" not in cm
+
+
+def test_ssrf_lists_rendered_and_read_by_the_service() -> None:
+    values = {
+        "ssrf": {
+            "allowTargets": ["10.0.0.0/8", "*.corp.example"],
+            "denyTargets": ["*.svc.cluster.local"],
+            "serviceCIDRs": ["10.96.0.0/12", "fd00:10:96::/112"],
+        }
+    }
+    r = render(values)
+    cm = r.configmap_env()
+    assert cm["FETCHPOOL_ALLOW_TARGETS"] == "10.0.0.0/8,*.corp.example"
+    # The cluster's Service CIDRs join the deny list.
+    assert cm["FETCHPOOL_DENY_TARGETS"] == "*.svc.cluster.local,10.96.0.0/12,fd00:10:96::/112"
+    assert "FETCHPOOL_ALLOW_TARGETS" not in env_of(r.server_container())  # envFrom, one source
+    config = pytest.importorskip("fetchpool.config")
+    by_env = {o.env: o for o in config.OPTIONS}
+    allow = by_env["FETCHPOOL_ALLOW_TARGETS"].parse(cm["FETCHPOOL_ALLOW_TARGETS"])
+    deny = by_env["FETCHPOOL_DENY_TARGETS"].parse(cm["FETCHPOOL_DENY_TARGETS"])
+    assert by_env["FETCHPOOL_SSRF_GUARD"].parse(cm["FETCHPOOL_SSRF_GUARD"]) is True
+    guard = pytest.importorskip("fetchpool.engine.guard").TargetGuard(True, allow, deny)
+    assert guard.address_allowed("10.20.30.40")  # allowed private range
+    assert not guard.address_allowed("10.96.0.1"), "a ClusterIP inside the allowed range stays denied"
+    assert not guard.address_allowed("10.1.2.3", "api.ns.svc.cluster.local")
+    assert not guard.address_allowed("169.254.169.254")  # not allowed, not global
+    assert guard.address_allowed("93.184.215.14")
+
+
+def test_ssrf_guard_can_be_turned_off_but_deny_still_renders() -> None:
+    cm = render({"ssrf": {"enabled": False, "serviceCIDRs": ["10.96.0.0/12"]}}).configmap_env()
+    assert cm["FETCHPOOL_SSRF_GUARD"] == "false" and cm["FETCHPOOL_DENY_TARGETS"] == "10.96.0.0/12"
+
+
 # --- operator and RBAC ----------------------------------------------------------------------------
 
 
@@ -575,8 +711,19 @@ def test_operator_rbac_is_exactly_least_privilege(value_set: str) -> None:
     assert not any("*" in p for perm in granted for p in perm), "no wildcards"
     assert not any(resource in ("secrets", "*") for _, resource, _ in granted), "no access to Secrets"
     op_values = values.get("operator", {})
-    expected = OPERATOR_PERMISSIONS | (CLUSTER_ONLY_PERMISSIONS if op_values.get("clusterWide") else set())
+    peering = CLUSTER_PEERING_PERMISSIONS if op_values.get("clusterWide") else NAMESPACED_PEERING_PERMISSIONS
+    expected = OPERATOR_PERMISSIONS | (peering if op_values.get("peering", {}).get("enabled", True) else set())
     assert granted == expected, f"extra: {sorted(granted - expected)}, missing: {sorted(expected - granted)}"
+    assert not any(group == "kopf.zalando.org" for group, _, _ in granted), "kopf 1.45 peers in kopf.dev"
+    # Peering objects: list/watch on the kind; get/patch only on the object this operator peers on.
+    peering_name = r.operator()["spec"]["template"]["spec"]["containers"][0]["args"]
+    peering_name = next((a.split("=", 1)[1] for a in peering_name if a.startswith("--peering=")), None)
+    for role in r.all("Role") + r.all("ClusterRole"):
+        for rule in role["rules"]:
+            if rule["apiGroups"] == ["kopf.dev"] and set(rule["verbs"]) & {"get", "patch"}:
+                assert rule["resourceNames"] == [peering_name], rule
+            elif rule["apiGroups"] == ["kopf.dev"]:
+                assert sorted(rule["verbs"]) == ["list", "watch"] and "resourceNames" not in rule, rule
     operator = r.operator()
     sa = operator["spec"]["template"]["spec"]["serviceAccountName"]
     bindings = r.all("RoleBinding") + r.all("ClusterRoleBinding")
@@ -618,6 +765,108 @@ def test_operator_deployment(value_set: str) -> None:
         assert [a.split("=", 1)[1] for a in args if a.startswith("--namespace=")] == expected
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert {"name": "healthz", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
+    # Peering is explicit: --peering NAME on the object the chart creates, or --standalone; never
+    # kopf's auto-detection.
+    peering = [a for a in args if a.startswith("--peering") or a == "--standalone"]
+    if values.get("peering", {}).get("enabled", True):
+        (arg,) = peering
+        assert arg.startswith("--peering=")
+        name = arg.split("=", 1)[1]
+        kind = "ClusterKopfPeering" if values.get("clusterWide") else "KopfPeering"
+        assert {o["metadata"]["name"] for o in r.all(kind)} == {name}
+    else:
+        assert peering == ["--standalone"]
+    # kopf names this peer after the pod.
+    assert env_of(container)["POD_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # The operator's Prometheus endpoint (--metrics) on the container port `metrics`.
+    assert "--metrics=http://0.0.0.0:9090/metrics" in args
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+
+
+def _peering_objects(r: chartlib.Rendered) -> list[dict[str, Any]]:
+    return r.all("KopfPeering") + r.all("ClusterKopfPeering")
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_peering_object_created_for_the_operator(value_set: str) -> None:
+    """kopf never creates the peering object, and a `--peering NAME` operator stays paused without
+    it: the chart creates NAME where kopf looks (cluster-wide, or in every watched namespace)."""
+    r = render(value_set)
+    objects = _peering_objects(r)
+    operator = r.operator()
+    if operator is None:
+        assert not objects
+        return
+    op_values = chartlib.load_values(value_set).get("operator", {})
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    (name,) = [a.split("=", 1)[1] for a in args if a.startswith("--peering=")]
+    schemas = chartlib.crd_schemas()
+    for obj in objects:
+        assert obj["apiVersion"] == "kopf.dev/v1"
+        assert obj["metadata"]["name"] == name
+        assert "status" not in obj and "spec" not in obj, "kopf owns the status"
+        schema = schemas.get(("kopf.dev", "v1", obj["kind"]))
+        assert schema, f"{obj['kind']} has no CRD in crds/"
+        import jsonschema
+
+        jsonschema.validate({k: v for k, v in obj.items() if k != "metadata"}, _openapi_to_jsonschema(schema))
+    if op_values.get("clusterWide"):
+        assert [o["kind"] for o in objects] == ["ClusterKopfPeering"] and "namespace" not in objects[0]["metadata"]
+    else:
+        namespaces = op_values.get("watchNamespaces") or [chartlib.NAMESPACE]
+        assert {o["kind"] for o in objects} == {"KopfPeering"}
+        assert sorted(o["metadata"]["namespace"] for o in objects) == sorted(namespaces)
+
+
+def test_peering_names_are_per_release() -> None:
+    assert render("default").get("KopfPeering")["metadata"]["name"] == "demo-fetchpool-operator"
+    assert render("default", name="other").get("KopfPeering")["metadata"]["name"] == "other-fetchpool-operator"
+    cluster = render({"operator": {"clusterWide": True}})
+    assert cluster.get("ClusterKopfPeering")["metadata"]["name"] == "prod-demo-fetchpool-operator"
+    named = render({"operator": {"peering": {"name": "crawl"}}})
+    assert named.get("KopfPeering")["metadata"]["name"] == "crawl"
+    assert "--peering=crawl" in named.operator()["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("cluster_wide", [False, True])
+def test_standalone_operator_has_no_peering(cluster_wide: bool) -> None:
+    r = render({"operator": {"clusterWide": cluster_wide, "peering": {"enabled": False}}})
+    args = r.operator()["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--standalone" in args and not [a for a in args if a.startswith("--peering")]
+    assert not _peering_objects(r)
+    assert _permissions(r) == OPERATOR_PERMISSIONS
+    # Still a single replica that never overlaps itself.
+    assert r.operator()["spec"]["replicas"] == 1 and r.operator()["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_operator_rbac_without_rbac_create_keeps_peering_object() -> None:
+    r = render({"operator": {"rbac": {"create": False}}})
+    assert _permissions(r) == set() and r.has("KopfPeering")
+
+
+def test_operator_metrics_endpoint_and_podmonitor() -> None:
+    r = render("keda")
+    (container,) = r.operator()["spec"]["template"]["spec"]["containers"]
+    assert "--metrics=http://0.0.0.0:9090/metrics" in container["args"]
+    pm = r.get("PodMonitor")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["name"] == "demo-fetchpool-operator"
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert pm["spec"]["selector"]["matchLabels"] == r.operator()["spec"]["selector"]["matchLabels"]
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["prod"]}
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    # The operator's own parser reads the URL the chart passes.
+    operator = pytest.importorskip("fetchpool.operator")
+    assert operator.build_parser().parse_args(container["args"][1:]).metrics == "http://0.0.0.0:9090/metrics"
+    # Off by default (the endpoint itself is on); off entirely without a port or flag.
+    assert not render("default").has("PodMonitor")
+    off = render({"operator": {"metrics": {"enabled": False}}}).operator()["spec"]["template"]["spec"]["containers"][0]
+    assert not [a for a in off["args"] if a.startswith("--metrics")]
+    assert [p["name"] for p in off["ports"]] == ["healthz"]
+    custom = render({"operator": {"metrics": {"port": 9300, "path": "/m"}}})
+    assert "--metrics=http://0.0.0.0:9300/m" in custom.operator()["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 # --- NetworkPolicy --------------------------------------------------------------------------------
@@ -642,13 +891,17 @@ def test_networkpolicy_service_and_operator() -> None:
     assert not any(p.get("ipBlock", {}).get("cidr") == "0.0.0.0/0" for rule in egress for p in rule.get("to", [])), (
         "targets.enabled=false: no direct egress"
     )
-    # The helm test pod is a labelled caller, and its page is reachable.
+    # The helm test pod is a labelled caller; it fetches a public URL, so no egress to the pod.
     test_pod = r.get("Pod")
     assert test_pod["metadata"]["labels"]["fetchpool.io/client"] == "true"
-    assert any(rule["ports"] == [{"port": 8080, "protocol": "TCP"}] for rule in egress)
+    assert not any(rule.get("ports") == [{"port": 8080, "protocol": "TCP"}] for rule in egress)
 
     op_np = r.get("NetworkPolicy", f"{base}-operator")
-    assert op_np["spec"]["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    # Liveness (the kubelet) and the metrics port (any scraper: metricsFrom is empty).
+    assert op_np["spec"]["ingress"] == [
+        {"ports": [{"port": 8080, "protocol": "TCP"}]},
+        {"ports": [{"port": 9090, "protocol": "TCP"}]},
+    ]
     to_pods = next(
         rule for rule in op_np["spec"]["egress"] if rule.get("ports") == [{"port": GRPC_PORT, "protocol": "TCP"}]
     )
@@ -664,6 +917,28 @@ def test_networkpolicy_default_targets_exclude_cloud_metadata() -> None:
     v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
     assert ipaddress.ip_address("169.254.169.254") in ipaddress.ip_network(v4["except"][0])
     assert not render("default").has("NetworkPolicy")
+
+
+def test_networkpolicy_self_served_test_page() -> None:
+    """With tests.fetchUrl empty the service fetches the test pod's page: egress to it is allowed,
+    and the guard lets it through only because ssrf.allowTargets says so."""
+    r = render(
+        {"networkPolicy": {"enabled": True}, "tests": {"fetchUrl": ""}, "ssrf": {"allowTargets": ["10.244.0.0/16"]}}
+    )
+    egress = r.get("NetworkPolicy", "demo-fetchpool")["spec"]["egress"]
+    rule = next(rule for rule in egress if rule.get("ports") == [{"port": 8080, "protocol": "TCP"}])
+    assert rule["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
+    (container,) = r.get("Pod")["spec"]["containers"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert r.configmap_env()["FETCHPOOL_ALLOW_TARGETS"] == "10.244.0.0/16"
+
+
+def test_networkpolicy_operator_metrics_scrapers() -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    r = render({"networkPolicy": {"enabled": True, "ingress": {"metricsFrom": peers}}, "metrics": {"enabled": True}})
+    for name, port in (("demo-fetchpool", 9464), ("demo-fetchpool-operator", 9090)):
+        ingress = r.get("NetworkPolicy", name)["spec"]["ingress"]
+        assert {"ports": [{"port": port, "protocol": "TCP"}], "from": peers} in ingress, name
 
 
 # --- helm test ------------------------------------------------------------------------------------
@@ -683,3 +958,31 @@ def test_helm_test_hook_pod(value_set: str) -> None:
     env = env_of(container)
     assert env["FP_TARGET"]["value"] == f"{fullname(r)}:50051"
     assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_helm_test_fetches_what_the_ssrf_guard_allows(value_set: str) -> None:
+    """The test's fetch must pass the service's SSRF guard: a public URL by default; the pod's own
+    page (a cluster-internal address) only when ssrf.allowTargets opens it."""
+    import urllib.parse
+
+    r = render(value_set)
+    (container,) = r.get("Pod", f"{fullname(r)}-test")["spec"]["containers"]
+    url = env_of(container)["FP_FETCH_URL"]["value"]
+    cm = r.configmap_env()
+    allow = [a for a in cm.get("FETCHPOOL_ALLOW_TARGETS", "").split(",") if a]
+    if not url:
+        assert cm["FETCHPOOL_SSRF_GUARD"] == "false" or allow
+        return
+    assert url == "https://example.com/"
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        assert ipaddress.ip_address(host).is_global
+    except ValueError:
+        assert not host.endswith((".svc", ".cluster.local", ".internal", ".local", "localhost")), host
+
+
+def test_helm_test_default_url_is_public() -> None:
+    (container,) = render("default").get("Pod")["spec"]["containers"]
+    assert env_of(container)["FP_FETCH_URL"]["value"] == "https://example.com/"
+    assert "ports" not in container, "no page server without the self-served mode"

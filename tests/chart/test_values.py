@@ -102,6 +102,26 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         "operator.clusterWide",
     ),
     ("test-port-privileged", {"tests": {"httpPort": 80}}, "httpPort"),
+    (
+        "keda-without-metrics",
+        {"keda": {"enabled": True, "prometheus": {"serverAddress": "http://p:9090"}}},
+        "keda.prometheus.serverAddress needs metrics.enabled",
+    ),
+    ("bad-otel-protocol-json", {"otel": {"protocol": "http/json"}}, "protocol"),
+    ("peering-as-string", {"operator": {"peering": "fetchpool"}}, "peering"),
+    ("bad-peering-name", {"operator": {"peering": {"name": "Not_A_Name"}}}, "name"),
+    ("operator-metrics-on-liveness-port", {"operator": {"metrics": {"port": 8080}}}, "operator.metrics.port (8080)"),
+    ("operator-metrics-privileged", {"operator": {"metrics": {"port": 90}}}, "operator/metrics/port"),
+    (
+        "podmonitor-without-operator-metrics",
+        {"operator": {"metrics": {"enabled": False, "podMonitor": {"enabled": True}}}},
+        "operator.metrics.podMonitor.enabled needs",
+    ),
+    ("test-page-refused-by-ssrf-guard", {"tests": {"fetchUrl": ""}}, "ssrf.allowTargets"),
+    ("ssrf-rule-with-comma", {"ssrf": {"allowTargets": ["10.0.0.0/8,10.1.0.0/16"]}}, "ssrf/allowTargets/0"),
+    ("ssrf-rule-with-space", {"ssrf": {"denyTargets": ["bad host"]}}, "ssrf/denyTargets/0"),
+    ("ssrf-service-cidr-not-a-cidr", {"ssrf": {"serviceCIDRs": ["cluster.local"]}}, "ssrf/serviceCIDRs/0"),
+    ("ssrf-guard-not-bool", {"ssrf": {"enabled": "yes"}}, "ssrf/enabled"),
 ]
 
 
@@ -131,7 +151,10 @@ GOOD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("percent-pdb", {"pdb": {"maxUnavailable": "25%"}}),
     (
         "scale-to-zero-keda",
-        {"keda": {"enabled": True, "minReplicaCount": 0, "prometheus": {"serverAddress": "http://p:9090"}}},
+        {
+            "keda": {"enabled": True, "minReplicaCount": 0, "prometheus": {"serverAddress": "http://p:9090"}},
+            "metrics": {"enabled": True},
+        },
     ),
     ("explicit-grace", {"terminationGracePeriodSeconds": 60}),
     ("no-prestop", {"preStopDelaySeconds": 0}),
@@ -139,6 +162,27 @@ GOOD_VALUES: list[tuple[str, dict[str, Any]]] = [
     ("image-digest", {"image": {"registry": "registry.example", "digest": "sha256:" + "a" * 64}}),
     ("ipv6", {"config": {"listenAddress": "[::]"}}),
     ("extra-env", {"config": {"extraEnv": {"FETCHPOOL_MAX_REDIRECTS": 5, "FETCHPOOL_FOLLOW_REDIRECTS": True}}}),
+    (
+        "keda-extra-triggers-only",
+        {"keda": {"enabled": True, "extraTriggers": [{"type": "cpu", "metadata": {"value": "60"}}]}},
+    ),
+    ("standalone-operator", {"operator": {"peering": {"enabled": False}}}),
+    ("named-cluster-peering", {"operator": {"clusterWide": True, "peering": {"name": "fetchpool"}}}),
+    ("operator-podmonitor", {"operator": {"metrics": {"podMonitor": {"enabled": True, "namespace": "monitoring"}}}}),
+    ("self-served-test-page", {"tests": {"fetchUrl": ""}, "ssrf": {"allowTargets": ["10.244.0.0/16"]}}),
+    ("self-served-test-page-guard-off", {"tests": {"fetchUrl": ""}, "ssrf": {"enabled": False}}),
+    ("no-helm-test-page-check-when-tests-off", {"tests": {"enabled": False, "fetchUrl": ""}}),
+    (
+        "ssrf-lists",
+        {
+            "ssrf": {
+                "allowTargets": ["10.0.0.0/8", "*.corp.example"],
+                "denyTargets": ["*.svc.cluster.local"],
+                "serviceCIDRs": ["10.96.0.0/12", "fd00:10:96::/112"],
+            }
+        },
+    ),
+    ("otlp-http", {"otel": {"enabled": True, "protocol": "http/protobuf", "endpoint": "http://c:4318"}}),
 ]
 
 

@@ -296,6 +296,18 @@ names the values to change. Included by templates/validate.yaml.
 {{- if and $v.operator.enabled $v.operator.clusterWide $v.operator.watchNamespaces -}}
 {{- fail "operator.clusterWide watches every namespace: leave operator.watchNamespaces empty" -}}
 {{- end -}}
+{{- if and $v.keda.enabled $v.keda.prometheus.serverAddress (not $v.metrics.enabled) -}}
+{{- fail "keda.prometheus.serverAddress needs metrics.enabled (the trigger queries fetchpool_demand_requests, scraped from the pods' metrics port)" -}}
+{{- end -}}
+{{- if and $v.operator.enabled $v.operator.metrics.enabled (eq (int64 $v.operator.metrics.port) (int64 $v.operator.livenessPort)) -}}
+{{- fail (printf "operator.metrics.port (%d) must differ from operator.livenessPort" (int64 $v.operator.metrics.port)) -}}
+{{- end -}}
+{{- if and $v.operator.metrics.podMonitor.enabled (not (and $v.operator.enabled $v.operator.metrics.enabled)) -}}
+{{- fail "operator.metrics.podMonitor.enabled needs operator.enabled and operator.metrics.enabled" -}}
+{{- end -}}
+{{- if and $v.tests.enabled (not $v.tests.fetchUrl) $v.ssrf.enabled (not $v.ssrf.allowTargets) -}}
+{{- fail "tests.fetchUrl is empty, so the helm test pod serves the page itself, at its pod IP: a cluster-internal address the SSRF guard refuses. Set tests.fetchUrl to a public URL, or allow your pod network in ssrf.allowTargets" -}}
+{{- end -}}
 {{- if gt (int64 $v.config.limits.maxKeepaliveConnections) (int64 $v.config.limits.maxConnections) -}}
 {{- fail (printf "config.limits.maxKeepaliveConnections (%d) must not exceed config.limits.maxConnections (%d)" (int64 $v.config.limits.maxKeepaliveConnections) (int64 $v.config.limits.maxConnections)) -}}
 {{- end -}}
@@ -364,11 +376,22 @@ failureThreshold: {{ .probe.failureThreshold }}
 {{- end }}
 {{- end -}}
 
-{{/* The operator's RBAC rules (namespaced part); see templates/operator-rbac.yaml. */}}
+{{/*
+The operator's RBAC rules on namespaced resources (in each Role, or in the ClusterRole); the
+peering rules are added in templates/operator-rbac.yaml. Exactly what fetchpool.operator (k8s.py,
+handlers.py) and kopf 1.45 use:
+  fetchpools               get (reconciler), list/watch (kopf's watch and index). No patch: the
+                           operator writes no finalizers, annotations or spec, only the status.
+  fetchpools/status        patch
+  hpas, deployments       get/list/watch (kopf's watches and indexes, the reconciler's reads)
+  pods                     list/watch (kopf's watch, the reconciler's list by selector; never a get)
+  configmaps               get/create/patch (the limits ConfigMap: read, merge-patch, create if missing)
+  events                   create (kopf posts warnings as Events, core v1 group)
+*/}}
 {{- define "fetchpool.operator.rules" -}}
 - apiGroups: ["fetchpool.io"]
   resources: ["fetchpools"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["fetchpool.io"]
   resources: ["fetchpools/status"]
   verbs: ["patch"]
@@ -380,16 +403,46 @@ failureThreshold: {{ .probe.failureThreshold }}
   verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "update"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-- apiGroups: ["kopf.zalando.org"]
-  resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+{{- end -}}
+
+{{/*
+kopf peering rules (operator.peering.enabled): kopf watches the peering resource (list/watch, every
+object of the kind: kopf sets no field selector) and patches its own keep-alive into the status of
+the object NAME (get/patch, limited to that name). Namespaced peering (`kopfpeerings`) in a Role,
+cluster-wide peering (`clusterkopfpeerings`) in the ClusterRole: kopf's peering follows the
+operator's scope. Argument: the resource (kopfpeerings or clusterkopfpeerings); uses $.ctx.
+*/}}
+{{- define "fetchpool.operator.peeringRules" -}}
+- apiGroups: ["kopf.dev"]
+  resources: [{{ .resource | quote }}]
+  verbs: ["list", "watch"]
+- apiGroups: ["kopf.dev"]
+  resources: [{{ .resource | quote }}]
+  resourceNames: [{{ include "fetchpool.peeringName" .ctx | quote }}]
+  verbs: ["get", "patch"]
+{{- end -}}
+
+{{/* The kopf peering name: per release, so that operators of other releases never pause this one. */}}
+{{- define "fetchpool.peeringName" -}}
+{{- if .Values.operator.peering.name -}}
+{{- .Values.operator.peering.name -}}
+{{- else if .Values.operator.clusterWide -}}
+{{- printf "%s-%s" .Release.Namespace (include "fetchpool.operatorName" .) | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- include "fetchpool.operatorName" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* FETCHPOOL_DENY_TARGETS: ssrf.denyTargets plus the cluster's Service CIDRs (empty: none). */}}
+{{- define "fetchpool.denyTargets" -}}
+{{- concat (.Values.ssrf.denyTargets | default list) (.Values.ssrf.serviceCIDRs | default list) | uniq | join "," -}}
 {{- end -}}
 
 {{/* The `helm test` program: health (overall and FetchService), then one fetch. */}}
