@@ -153,9 +153,13 @@ class Engine:
             now = time.monotonic()
             for pool in self._pools.values():
                 try:
-                    await pool.tend(now)
+                    closed = await pool.tend(now)
                 except Exception:
                     logger.exception("upkeep of pool %s failed", pool.name)
+                    continue
+                if self.observer is not None:
+                    for lifetime, version in closed:
+                        self.observer.connection_closed(pool.name, lifetime, version)
             if self._host_rate is not None:
                 self._host_rate.prune()
 

@@ -20,3 +20,7 @@ class FetchObserver(Protocol):
 
     def fetch_finished(self, token: object, outcome: Outcome, recorder: PhaseRecorder | None) -> None:
         """Called once per fetch; ``recorder`` is None when the fetch never reached a pool."""
+
+    def connection_closed(self, pool: str, lifetime: float, http_version: str) -> None:
+        """A pooled connection of ``pool`` closed after ``lifetime`` seconds (from when the
+        pool's upkeep first saw it open, so within a second of its real opening)."""

@@ -106,6 +106,8 @@ class Pool:
         )
         self._hygiene = bool(policy.max_requests_per_connection or policy.max_connection_age)
         self._suspects: weakref.WeakSet[httpcore.AsyncConnectionInterface] = weakref.WeakSet()
+        # Open connections as the upkeep last saw them: id -> (connection, first seen, HTTP version).
+        self._lifetimes: dict[int, tuple[httpcore.AsyncConnectionInterface, float, str]] = {}
         # Tunnels: origin -> when a response last came back, and the first connection being opened.
         self._warm: dict[str, float] = {}
         self._opening: dict[str, asyncio.Event] = {}
@@ -251,9 +253,12 @@ class Pool:
         else:
             compat.stop_new_requests(connection)
 
-    async def tend(self, now: float) -> None:
+    async def tend(self, now: float) -> list[tuple[float, str]]:
         """Once a second: follow demand (dynamic mode), retire aged connections, close
-        expired or surplus idle connections (httpcore only does that when a request comes)."""
+        expired or surplus idle connections (httpcore only does that when a request comes).
+
+        Returns ``(lifetime seconds, HTTP version)`` of the connections found closed since
+        the last upkeep."""
         demand, self._peak_demand = max(self._peak_demand, self.load), self.load
         for origin in [o for o, seen in self._warm.items() if now - seen > self._limits.keepalive_expiry]:
             del self._warm[origin]
@@ -280,6 +285,18 @@ class Pool:
         for connection in doomed:
             self.retired_total += 1
             await connection.aclose()
+        return self._closed_since_last(now)
+
+    def _closed_since_last(self, now: float) -> list[tuple[float, str]]:
+        open_now = {id(c): c for c in self._connections()}
+        closed = [(now - seen, version) for key, (c, seen, version) in self._lifetimes.items()
+                  if open_now.get(key) is not c]
+        self._lifetimes = {
+            key: self._lifetimes[key] if key in self._lifetimes and self._lifetimes[key][0] is c
+            else (c, now, "HTTP/2" if "HTTP/2" in c.info() else "HTTP/1.1")
+            for key, c in open_now.items()
+        }
+        return closed
 
     async def _close_orphans(self, connections: list[httpcore.AsyncConnectionInterface]) -> None:
         """Close connections that stay busy while no request to their origin is admitted.
