@@ -73,9 +73,35 @@ def _result_json(result: Any, body: str) -> str:
 def _fetch(args: argparse.Namespace) -> int:
     urls = list(args.urls)
     if args.file:
-        text = Path(args.file).read_text(encoding="utf-8")
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"fetchpool fetch: cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            return 2
         urls += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return asyncio.run(_fetch_urls(args, urls))
+
+
+def _positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 < value <= 86400):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400] seconds, got {text}")
+    return value
+
+
+def _concurrency(text: str) -> int:
+    """argparse type: 0 (the server's default) or a positive count."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (server default) or positive, got {text}")
+    return value
 
 
 async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
@@ -84,7 +110,7 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
     from fetchpool.client import FetchClient, make_request
 
     if not urls:
-        print("fetchpool fetch: give URLs or --file", file=sys.stderr)
+        print("fetchpool fetch: no URLs (give them as arguments or in --file)", file=sys.stderr)
         return 2
     headers = []
     for header in args.header:
@@ -148,9 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--target", default=DEFAULT_TARGET, help=f"service address (default {DEFAULT_TARGET})")
     fetch.add_argument("--method", default="", help="HTTP method (default GET)")
     fetch.add_argument("-H", "--header", action="append", default=[], help="'Name: value', repeatable")
-    fetch.add_argument("--timeout", type=float, default=None, help="seconds per fetch (default: the server's)")
-    fetch.add_argument("--deadline", type=float, default=None, help="seconds for the whole call (default: none)")
-    fetch.add_argument("--concurrency", type=int, default=0, help="fetches in flight (default: the server's)")
+    fetch.add_argument("--timeout", type=_positive_seconds, default=None,
+                       help="seconds per fetch (default: the server's)")
+    fetch.add_argument("--deadline", type=_positive_seconds, default=None,
+                       help="seconds for the whole call (default: none)")
+    fetch.add_argument("--concurrency", type=_concurrency, default=0,
+                       help="fetches in flight (default: the server's; capped by its --max-batch-concurrency)")
     fetch.add_argument("--body", choices=("base64", "text", "omit"), default="base64",
                        help="how to print bodies (default base64, the proto3 JSON mapping)")
     fetch.set_defaults(run=_fetch)

@@ -233,3 +233,21 @@ async def _until(probe: ..., expected: int, timeout: float = 10.0) -> None:
     while (value := await probe()) != expected:
         assert time.monotonic() < deadline, f"still {value}, wanted {expected}"
         await asyncio.sleep(0.05)
+
+
+async def test_drain_answers_every_item_even_when_fetches_outlive_the_grace_period(
+    start_service: ..., app_server: AppServer
+) -> None:
+    service = start_service("--grace-period", "3")
+    requests = [make_request(f"{app_server.http_url}/delay?s=30&g={i}", id=str(i)) for i in range(20)]
+    async with FetchClient(service.target) as client:
+        stream = client.fetch_many(requests, concurrency=5)
+        results_task = asyncio.create_task(_drain_collect(stream))
+        await _until(lambda: _active(client), 5)
+        service.terminate()
+        results = await asyncio.wait_for(results_task, 15)
+    assert sorted(int(r.id) for r in results) == list(range(20))
+    assert all(r.error.kind == Kind.UNAVAILABLE for r in results)
+    stopped = [r for r in results if "stopped by" in r.error.message]
+    assert len(stopped) == 5 and all(r.attempts == 1 for r in stopped)
+    assert service.wait(10) == 0

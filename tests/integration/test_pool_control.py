@@ -212,7 +212,7 @@ async def test_socks5_proxy(start_service: ..., nginx: Nginx, site_root: Path) -
         async with FetchClient(service.target) as client:
             result = await client.fetch(f"{nginx.https_url}/large.html?socks=1")
     assert result.status_code == 200 and result.body == (site_root / "large.html").read_bytes()
-    assert result.pool == socks.url.replace("sock:s3cret", "REDACTED")
+    assert result.pool == socks.url.replace("sock:s3cret", "REDACTED:REDACTED")
 
 
 async def test_per_host_cap_and_dynamic_limits(start_service: ..., app_server: AppServer) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+import time
 from pathlib import Path
 
 import httpx
@@ -113,8 +114,11 @@ async def test_squid_tunnels_connect_to_nginx_tls(squid: Squid, nginx: Nginx, ce
             await client.get(f"https://127.0.0.1:{free_port()}/")
     assert response.status_code == 200
     assert response.http_version == "HTTP/2"
-    log = squid.access_log_text(since)
-    assert "TCP_TUNNEL/200" in log and f"CONNECT 127.0.0.1:{nginx.https_port}" in log
+    expected = f"CONNECT 127.0.0.1:{nginx.https_port}"
+    deadline = time.monotonic() + 10  # squid writes its access log when the tunnel closes, a bit later
+    while expected not in (log := squid.access_log_text(since)) and time.monotonic() < deadline:  # noqa: ASYNC110 - a file squid writes
+        await asyncio.sleep(0.1)
+    assert "TCP_TUNNEL/200" in log and expected in log
 
 
 async def test_app_server_endpoints(app_server: AppServer, certs: Certs) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 from fetchpool.config import PoolLimits, RetryPolicy
-from fetchpool.engine.proxies import ProxyHealth, Selector, parse_proxy, redact_url
+from fetchpool.engine.proxies import ProxyHealth, Selector, parse_proxy
 from fetchpool.engine.retries import RetryBudget, backoff, parse_retry_after, retryable
 from fetchpool.engine.sizing import DynamicLimit, pool_size
 from fetchpool.errors import ConfigError, ErrorKind, InvalidLimits
@@ -90,8 +90,7 @@ def test_selector_policies() -> None:
 
 def test_proxy_urls_are_checked_and_redacted() -> None:
     config = parse_proxy("http://user:secret@127.0.0.1:3128")
-    assert config.key == "http://REDACTED@127.0.0.1:3128" and "secret" not in repr(config)
-    assert redact_url("https://u:p@h/x?y=1") == "https://REDACTED@h/x?y=1"
+    assert config.key == "http://REDACTED:REDACTED@127.0.0.1:3128" and "secret" not in repr(config)
     for bad in ("ftp://127.0.0.1:21", "http://user@127.0.0.1:1", "socks5://127.0.0.1", "http://h:1/path"):
         with pytest.raises(ConfigError):
             parse_proxy(bad)

@@ -32,11 +32,13 @@ async def run_batch(
     At most ``concurrency`` items are in flight *or waiting to be consumed*, so a
     slow consumer (gRPC flow control) slows the intake instead of piling results
     up, and a 100,000-item batch holds at most ``concurrency`` results in memory.
-    Every item yields exactly one outcome; while the engine drains, items not yet
-    started yield UNAVAILABLE outcomes. Closing the generator cancels what is in
-    flight and waits for those fetches to release their connections.
+    Every item yields exactly one outcome. Once the engine drains, items not yet
+    started yield UNAVAILABLE outcomes at once (no longer waiting for a slot), and
+    fetches the shutdown stops yield UNAVAILABLE too (see ``Engine.abort_in_flight``).
+    Closing the generator cancels what is in flight and waits for those fetches to
+    release their connections.
     """
-    results: asyncio.Queue[Any] = asyncio.Queue()
+    results: asyncio.Queue[Any] = asyncio.Queue()  # (key, outcome, holds a slot) or _END / an exception
     slots = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task[None]] = set()
     counts = {"accepted": 0}
@@ -46,14 +48,35 @@ async def run_batch(
             outcome = await engine.fetch(spec)
         except Exception as exc:  # Engine.fetch reports failures in the outcome; this is a bug guard
             outcome = Outcome(url=spec.url, error_kind=ErrorKind.INTERNAL, error_message=repr(exc))
-        results.put_nowait((key, outcome))
+        results.put_nowait((key, outcome, True))
+
+    async def take_slot() -> bool:
+        """Wait for a slot; False (and no slot held) once the engine drains."""
+        if engine.draining:
+            return False
+        if not slots.locked():
+            await slots.acquire()
+            return True
+        acquire = asyncio.ensure_future(slots.acquire())
+        drained = asyncio.ensure_future(engine.drained())
+        try:
+            await asyncio.wait((acquire, drained), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            if not acquire.done():
+                acquire.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if not engine.draining:
+                return True
+            slots.release()
+        return False
 
     async def feed() -> None:
         async for key, spec in items:
-            await slots.acquire()
+            held = await take_slot()
             counts["accepted"] += 1
-            if engine.draining:
-                results.put_nowait((key, unavailable(spec)))
+            if not held:
+                results.put_nowait((key, unavailable(spec), False))
                 continue
             task = asyncio.create_task(fetch_one(key, spec))
             tasks.add(task)
@@ -74,9 +97,11 @@ async def run_batch(
                 continue
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            key, outcome, held = item
+            yield key, outcome
             yielded += 1
-            slots.release()
+            if held:
+                slots.release()
     finally:
         feeder.cancel()
         pending = [feeder, *tasks]

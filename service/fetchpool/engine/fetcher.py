@@ -25,9 +25,10 @@ from fetchpool.engine.model import FetchSpec, Headers, Outcome
 from fetchpool.engine.phases import PhaseRecorder
 from fetchpool.engine.politeness import HostRate
 from fetchpool.engine.pool import EWMA_WEIGHT, Pool, PoolSnapshot
-from fetchpool.engine.proxies import DIRECT, Selector, parse_proxy, redact_url
+from fetchpool.engine.proxies import DIRECT, Selector, parse_proxy
 from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff, parse_retry_after, retryable
 from fetchpool.errors import ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
+from fetchpool.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ RESENDS = 3
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Field values are sent as ASCII by httpx: visible characters, spaces and tabs (RFC 9110 §5.5).
 _BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
+# Message framing and connection management belong to the client (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
+                      "upgrade", "te", "trailer"})
 # httpx gives the host IDNA-encoded; what remains is a DNS name or an IP literal.
 _HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?)$")
 
@@ -102,6 +106,9 @@ class Engine:
         self.settings = settings
         self.observer = observer
         self.draining = False
+        self.aborting = False
+        self._drain_started = asyncio.Event()
+        self._in_flight: set[asyncio.Task[Any]] = set()
         fetch = settings.fetch
         compat.validate_http2_responses()
         ssl_context = ssl.create_default_context(cafile=fetch.ca_bundle or certifi.where())
@@ -172,6 +179,22 @@ class Engine:
             self.processing_mean += EWMA_WEIGHT * (sample - self.processing_mean) if self.processing_mean else sample
         self._cpu_mark = (cpu, served)
 
+    def begin_drain(self) -> None:
+        """Start no new fetch from a batch (they yield UNAVAILABLE); fetches in flight go on."""
+        self.draining = True
+        self._drain_started.set()
+
+    async def drained(self) -> None:
+        """Return once :meth:`begin_drain` was called."""
+        await self._drain_started.wait()
+
+    def abort_in_flight(self) -> None:
+        """End every fetch in flight now: each returns an UNAVAILABLE outcome (resubmit it),
+        so a shutdown that outlives its grace period still answers every item."""
+        self.aborting = True
+        for task in list(self._in_flight):
+            task.cancel()
+
     @property
     def pools(self) -> list[Pool]:
         """The pools, direct or one per proxy."""
@@ -215,6 +238,9 @@ class Engine:
         token = self.observer.fetch_started(spec) if self.observer is not None else None
         recorder: PhaseRecorder | None = None
         self._budget.requests += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
         try:
             method, url, timeout = self._check(spec)
             recorder = PhaseRecorder()
@@ -224,13 +250,17 @@ class Engine:
             except TimeoutError:
                 raise FetchFailed(ErrorKind.TIMEOUT, f"fetch exceeded its total timeout of {timeout:.3g} s") from None
         except asyncio.CancelledError:
-            outcome.error_kind, outcome.error_message = ErrorKind.CANCELLED, "cancelled by the caller"
-            raise
+            if not self.aborting:
+                outcome.error_kind, outcome.error_message = ErrorKind.CANCELLED, "cancelled by the caller"
+                raise
+            outcome.error_kind = ErrorKind.UNAVAILABLE
+            outcome.error_message = "stopped by the server's shutdown before it finished; resubmit this item"
         except Exception as exc:
             outcome.error_kind, outcome.error_message = classify(exc)
             if outcome.error_kind is ErrorKind.INTERNAL:
                 logger.exception("fetch of %s failed unexpectedly", redact_url(spec.url))
         finally:
+            self._in_flight.discard(task)  # type: ignore[arg-type]
             self._budget.requests -= 1
             if recorder is not None:
                 outcome.timings = recorder.timings(0.0)
@@ -262,6 +292,8 @@ class Engine:
         for name, value in spec.headers:
             if not _TOKEN.match(name) or _BAD_VALUE.search(value):
                 raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"invalid header {name!r}")
+            if name.lower() in _FRAMING:
+                raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"header {name!r} is set by fetchpool, not by callers")
         limits = self.settings.timeouts
         timeout = limits.request if spec.timeout is None else spec.timeout
         if not (0 < timeout <= limits.max_request):
@@ -309,7 +341,7 @@ class Engine:
                     break
                 except Exception as exc:
                     failure = self._failure(exc, pool, recorder)
-                    logger.debug("attempt %d of %s via %s: %s: %s", attempt, redact_url(url), pool.name,
+                    logger.debug("attempt %d of %s via %s: %s: %s", attempt, redact_url(str(url)), pool.name,
                                  failure.kind.name, failure)
                     if failure.kind is ErrorKind.PROXY_AUTH:
                         if self._selector.pick(spec.session_key, avoid=pool) is pool:

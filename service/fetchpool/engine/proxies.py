@@ -11,6 +11,7 @@ from typing import Protocol
 import httpx
 
 from fetchpool.errors import ConfigError
+from fetchpool.redact import redact_url
 
 DIRECT = "direct"
 SCHEMES = ("http", "https", "socks5", "socks5h")
@@ -18,21 +19,10 @@ SCHEMES = ("http", "https", "socks5", "socks5h")
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    """One forward proxy. ``key`` is its URL without credentials (safe to log and export)."""
+    """One forward proxy. ``key`` is its URL with credentials redacted (safe to log and export)."""
 
     key: str
     url: str = field(repr=False)
-
-
-def redact_url(url: str | httpx.URL) -> str:
-    """``url`` with any ``user:pass@`` replaced by ``REDACTED@`` (the OTel ``url.full`` rule)."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
-        return "<invalid URL>"
-    if parsed.userinfo:
-        return str(parsed.copy_with(username="REDACTED", password=None))
-    return str(parsed)
 
 
 def parse_proxy(url: str) -> ProxyConfig:
@@ -43,13 +33,15 @@ def parse_proxy(url: str) -> ProxyConfig:
         raise ConfigError(f"proxy URL {redact_url(url)!r} is malformed") from None
     if parsed.scheme not in SCHEMES:
         raise ConfigError(f"proxy URL {redact_url(url)!r}: scheme {parsed.scheme!r} is not one of {', '.join(SCHEMES)}")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ConfigError(f"proxy URL {redact_url(url)!r}: port {parsed.port} is out of range")
     if not parsed.host or (parsed.port is None and parsed.scheme.startswith("socks")):
         raise ConfigError(f"proxy URL {redact_url(url)!r} needs a host and a port")
     if parsed.userinfo and (not parsed.username or ":" not in parsed.userinfo.decode("ascii", "replace")):
         raise ConfigError(f"proxy URL {redact_url(url)!r}: credentials must be user:password")
     if parsed.path not in ("", "/") or parsed.query:
         raise ConfigError(f"proxy URL {redact_url(url)!r} must not have a path or query")
-    return ProxyConfig(key=redact_url(parsed.copy_with(path="")).rstrip("/"), url=url)
+    return ProxyConfig(key=redact_url(str(parsed.copy_with(path=""))).rstrip("/"), url=url)
 
 
 class Candidate(Protocol):

@@ -132,12 +132,18 @@ async def serve(
             await stop.wait()
         finally:
             logger.info("draining: up to %.3g s for in-flight calls", settings.server.grace_period)
-            drained_by = loop.time() + settings.server.grace_period
+            grace = settings.server.grace_period
+            drained_by = loop.time() + grace
             await health.enter_graceful_shutdown()
-            engine.draining = True
+            engine.begin_drain()
             # Keep serving while in-flight calls finish: health answers NOT_SERVING, new
-            # fetch calls get UNAVAILABLE; then stop (cancelling what outlived the grace).
-            await fetch_servicer.wait_idle(settings.server.grace_period)
+            # fetch calls get UNAVAILABLE. Near the end of the grace period, fetches still
+            # running are stopped so that their calls can still answer them (UNAVAILABLE).
+            margin = min(2.0, grace / 5)
+            if not await fetch_servicer.wait_idle(grace - margin):
+                logger.warning("grace period ending: stopping the fetches still in flight")
+                engine.abort_in_flight()
+                await fetch_servicer.wait_idle(margin)
             if watcher is not None:
                 watcher.cancel()
             await server.stop(max(0.0, drained_by - loop.time()))
