@@ -51,3 +51,58 @@ def test_httpcore_internals_are_the_checked_versions() -> None:
     _httpcore_compat.apply_limits(transport, max_connections=9, max_keepalive_connections=4, keepalive_expiry=2.0)
     assert (pool._max_connections, pool._max_keepalive_connections, pool._keepalive_expiry) == (9, 4, 2.0)
     assert _httpcore_compat.connections(transport) == []
+
+
+class _Conn:
+    """A pool entry for the assignment logic (plain data: no I/O happens in that pass)."""
+
+    def __init__(self, origin: str, *, idle: bool = True, expired: bool = False) -> None:
+        self.origin, self.idle, self.expired, self.closed = origin, idle, expired, False
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def is_idle(self) -> bool:
+        return self.idle
+
+    def has_expired(self) -> bool:
+        return self.expired
+
+    def is_available(self) -> bool:
+        return self.idle
+
+    def can_handle_request(self, origin: httpcore.Origin) -> bool:
+        return str(origin.host, "ascii") == self.origin
+
+
+class _Queued:
+    def __init__(self, host: str) -> None:
+        self.request = httpcore.Request("GET", f"http://{host}/")
+        self.connection: object = None
+
+    def is_queued(self) -> bool:
+        return self.connection is None
+
+    def assign_to_connection(self, connection: object) -> None:
+        self.connection = connection
+
+
+def test_linear_assignment_counts_idle_connections_and_skips_expired_ones() -> None:
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=6, max_keepalive_connections=2))
+    _httpcore_compat.linear_pool_assignment(transport)
+    pool = transport._pool
+    busy = [_Conn("a", idle=False) for _ in range(3)]
+    stale = _Conn("b", expired=True)
+    fresh = _Conn("b")
+    pool._connections = [*busy, stale, fresh]
+    request = _Queued("b")
+    pool._requests = [request]
+    # httpcore 1.0.9 would close an idle connection here: 5 connections > 2 keep-alive.
+    assert pool._assign_requests_to_connections() == [stale]
+    assert request.connection is fresh and pool._connections == [*busy, fresh]
+    extra = [_Conn("d") for _ in range(3)]
+    pool._connections.extend(extra)
+    pool._requests = []
+    # 4 idle connections, 2 may stay: the last two idle ones are surplus.
+    assert pool._assign_requests_to_connections() == extra[1:]
+    assert pool._connections == [*busy, fresh, extra[0]]

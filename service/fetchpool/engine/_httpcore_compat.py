@@ -15,6 +15,7 @@ this was checked against (httpx 0.28.1, httpcore 1.0.9).
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import h2.config
 import httpcore
@@ -121,3 +122,71 @@ def validate_http2_responses() -> None:
     from httpcore._async.http2 import AsyncHTTP2Connection
 
     AsyncHTTP2Connection.CONFIG = h2.config.H2Configuration(validate_inbound_headers=True)
+
+
+class _LinearAssignment:
+    """``AsyncConnectionPool._assign_requests_to_connections`` in linear time, counting idle
+    connections as idle, and checking expiry only on the connection about to be reused.
+
+    httpcore 1.0.9 builds a list of every connection for every connection it looks at
+    (``len([connection.is_idle() for connection in self._connections])``): quadratic in the
+    pool size, and it counts all connections instead of idle ones, so idle connections
+    are closed as soon as the pool holds more than ``max_keepalive_connections``
+    (encode/httpcore PRs #924 and #1035). It also polls the socket of every idle connection
+    (``has_expired``) on every request. Here a pass looks at each connection once and polls
+    only the one it hands out; the engine's per-second upkeep closes the other expired ones.
+    The assignment rules are httpcore's: reuse an available connection, else open one
+    under ``max_connections``, else replace an idle one.
+    """
+
+    _connections: list[httpcore.AsyncConnectionInterface]
+    _requests: list[Any]
+    _max_connections: int
+    _max_keepalive_connections: int
+
+    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        closing: list[httpcore.AsyncConnectionInterface] = []
+        kept: list[httpcore.AsyncConnectionInterface] = []
+        idle = 0
+        for connection in self._connections:
+            if connection.is_closed():
+                continue
+            if connection.is_idle():
+                if idle >= self._max_keepalive_connections:
+                    closing.append(connection)
+                    continue
+                idle += 1
+            kept.append(connection)
+        self._connections = kept
+
+        for pool_request in [request for request in self._requests if request.is_queued()]:
+            origin = pool_request.request.url.origin
+            chosen: httpcore.AsyncConnectionInterface | None = None
+            for candidate in self._connections:
+                if candidate.can_handle_request(origin) and candidate.is_available():
+                    if candidate.is_idle() and candidate.has_expired():
+                        closing.append(candidate)  # the server closed it, or keep-alive expired
+                        continue
+                    chosen = candidate
+                    break
+            self._connections = [c for c in self._connections if c not in closing]
+            if chosen is None and len(self._connections) >= self._max_connections:
+                replaced = next((c for c in self._connections if c.is_idle()), None)
+                if replaced is None:
+                    continue  # stays queued until a connection frees up
+                self._connections.remove(replaced)
+                closing.append(replaced)
+            if chosen is None:
+                chosen = self.create_connection(origin)  # type: ignore[attr-defined]
+                self._connections.append(chosen)
+            pool_request.assign_to_connection(chosen)
+        return closing
+
+
+def linear_pool_assignment(transport: httpx.AsyncHTTPTransport) -> None:
+    """Give the transport's pool the linear assignment above (for direct, HTTP proxy and
+    SOCKS pools alike, by a subclass of the pool's own class)."""
+    pool = transport._pool
+    cls = type(pool)
+    if not issubclass(cls, _LinearAssignment):
+        pool.__class__ = type(f"Linear{cls.__name__}", (_LinearAssignment, cls), {})

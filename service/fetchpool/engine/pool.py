@@ -125,6 +125,7 @@ class Pool:
             proxy=httpx.Proxy(self._proxy_url) if self._proxy_url else None,
             retries=0,
         )
+        compat.linear_pool_assignment(transport)
         if self._backend is not None:
             compat.install_network_backend(transport, self._backend)
         return transport
