@@ -73,6 +73,7 @@ podman run -d --name "$NAME" --network host \
     --read-only --tmpfs /tmp:rw,size=64m --cap-drop ALL --security-opt no-new-privileges \
     --user 10001:10001 \
     -e FETCHPOOL_LISTEN="127.0.0.1:$port" -e FETCHPOOL_GRACE_PERIOD=25 -e OTEL_SDK_DISABLED=true \
+    -e FETCHPOOL_ALLOW_TARGETS=127.0.0.0/8 \
     "$IMAGE" >/dev/null
 HOSTPY="$ROOT/.venv/bin/python"
 health_check() {  # $1 = service name; from the host when the venv exists, else from the image
@@ -115,7 +116,9 @@ if [[ -x "$HOSTPY" ]]; then
 import sys
 sys.path.insert(0, "tests/chart")
 import chartlib
-pod = chartlib.render("default").get("Pod", "demo-fetchpool-test")
+# Self-served page (tests.fetchUrl empty), which the chart allows only with an allow list.
+pod = chartlib.render({"tests": {"fetchUrl": ""}, "ssrf": {"allowTargets": ["127.0.0.0/8"]}}).get(
+    "Pod", "demo-fetchpool-test")
 print(pod["spec"]["containers"][0]["command"][2])
 PY
 )"
