@@ -13,13 +13,11 @@ import enum
 import socket
 import ssl
 
-import grpc
 import h2.exceptions
 import httpcore
 import httpx
 
 __all__ = [
-    "CallError",
     "ConfigError",
     "ErrorKind",
     "FetchFailed",
@@ -62,14 +60,6 @@ class ConfigError(FetchpoolError, ValueError):
 
 class InvalidLimits(ConfigError):
     """Pool limits that are zero, negative, inconsistent or absurd (maps to INVALID_ARGUMENT)."""
-
-
-class CallError(FetchpoolError):
-    """A whole gRPC call is refused; ``code`` is the gRPC status to return."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class FetchFailed(FetchpoolError):

@@ -62,16 +62,12 @@ class PhaseRecorder:
         "_stream_open",
         "connected",
         "failed_step",
-        "mono_start",
         "phases",
         "responded",
-        "wall_start_ns",
     )
 
     def __init__(self) -> None:
         self._counters = PoolCounters()
-        self.wall_start_ns = time.time_ns()
-        self.mono_start = time.monotonic()
         self.phases: list[Phase] = []
         self._open: dict[str, Phase] = {}
         self._pool_wait_open: Phase | None = None
