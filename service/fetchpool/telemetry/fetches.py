@@ -91,7 +91,7 @@ class FetchTelemetry:
     def connection_closed(self, pool: str, lifetime: float, http_version: str = "") -> None:
         """Record the lifetime of a pooled connection that closed (``http.client.connection.duration``).
 
-        For the engine to call when it learns of a close (it does not yet: see the README).
+        The engine's per-second pool upkeep calls it for each connection found closed.
         """
         if self._instruments is not None:
             attributes: dict[str, Any] = {n.POOL_NAME: pool}
