@@ -413,9 +413,11 @@ class Engine:
             wait = recorder.acquire_started(pool.name, pool.counters)
             try:
                 await pool.admission.acquire(host, pool.limits.pool_timeout)
-            except AdmissionTimeout:
-                if opener:
+            except BaseException as exc:
+                if opener:  # never leave the requests waiting for this tunnel behind
                     pool.opened(host, ok=False)
+                if not isinstance(exc, AdmissionTimeout):
+                    raise
                 pool.pool_timeouts_total += 1
                 raise FetchFailed(
                     ErrorKind.POOL_TIMEOUT,
