@@ -97,7 +97,27 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
-class Nginx(ServerProcess):
+class _PlainAndTls:
+    """A server with a plain HTTP/1.1 listener and a TLS one (HTTP/2 or HTTP/1.1 by ALPN) on loopback."""
+
+    http_port: int
+    https_port: int
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the plain HTTP/1.1 listener, no trailing slash."""
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    @property
+    def https_url(self) -> str:
+        """Base URL of the TLS listener (HTTP/2 or HTTP/1.1 by ALPN), no trailing slash."""
+        return f"https://{LOOPBACK}:{self.https_port}"
+
+    def ports(self) -> Sequence[int]:
+        return (self.http_port, self.https_port)
+
+
+class Nginx(_PlainAndTls, ServerProcess):
     """nginx serving ``root`` on a plain HTTP/1.1 port and a TLS port with HTTP/2 (ALPN h2, http/1.1).
 
     ``aliases`` maps URL prefixes to directories ({"/doc/": Path(...)}); ``extra_locations`` is raw
@@ -136,19 +156,6 @@ class Nginx(ServerProcess):
         self.conf_path = self.workdir / "nginx.conf"
         self.access_log_path = self.workdir / "access.log"
         self.error_log_path = self.workdir / "error.log"
-
-    @property
-    def http_url(self) -> str:
-        """Base URL of the plain HTTP/1.1 listener, no trailing slash."""
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    @property
-    def https_url(self) -> str:
-        """Base URL of the TLS listener (HTTP/2 or HTTP/1.1 by ALPN), no trailing slash."""
-        return f"https://{LOOPBACK}:{self.https_port}"
-
-    def ports(self) -> Sequence[int]:
-        return (self.http_port, self.https_port)
 
     def _command(self) -> list[str]:
         # -e: nginx would otherwise open its compiled-in error log before reading our config.
@@ -411,7 +418,7 @@ class Squid(ServerProcess):
         return _read_text(self.access_log_path, since)
 
 
-class AppServer(ServerProcess):
+class AppServer(_PlainAndTls, ServerProcess):
     """tests/support/app.py under hypercorn: plain HTTP/1.1 on ``http_port``, TLS with ALPN h2 and
     http/1.1 on ``https_port``, certificate from ``certs``. ``keep_alive``: idle timeout, whole seconds.
     """
@@ -434,19 +441,6 @@ class AppServer(ServerProcess):
         self.https_port = free_port()
         self.access_log_path = self.workdir / "access.log"
         self.error_log_path = self.workdir / "error.log"
-
-    @property
-    def http_url(self) -> str:
-        """Base URL of the plain HTTP/1.1 listener, no trailing slash."""
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    @property
-    def https_url(self) -> str:
-        """Base URL of the TLS listener (h2 or HTTP/1.1 by ALPN), no trailing slash."""
-        return f"https://{LOOPBACK}:{self.https_port}"
-
-    def ports(self) -> Sequence[int]:
-        return (self.http_port, self.https_port)
 
     def _log_paths(self) -> Sequence[Path]:
         return (self.error_log_path,)
