@@ -1,7 +1,8 @@
-"""The committed stubs, the error kinds and the pinned httpcore internals agree with their sources."""
+"""The committed stubs, the error kinds and the pinned httpcore and OTLP exporter internals agree with their sources."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import httpcore
 import httpx
 from fetchpool.engine import _httpcore_compat
 from fetchpool.errors import ErrorKind
+from fetchpool.telemetry import _otlp_compat
 from fetchpool.v1 import fetch_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +53,20 @@ def test_httpcore_internals_are_the_checked_versions() -> None:
     _httpcore_compat.apply_limits(transport, max_connections=9, max_keepalive_connections=4, keepalive_expiry=2.0)
     assert (pool._max_connections, pool._max_keepalive_connections, pool._keepalive_expiry) == (9, 4, 2.0)
     assert _httpcore_compat.connections(transport) == []
+
+
+def test_otlp_exporter_internals_are_the_checked_version() -> None:
+    # _otlp_compat replaces the OTLP/gRPC span exporter's encoding through its private
+    # _translate_data/_stub/_client; re-read it against a new release before bumping.
+    installed = {name: importlib.metadata.version(name) for name in _otlp_compat.CHECKED_VERSIONS}
+    assert installed == _otlp_compat.CHECKED_VERSIONS
+    exporter = _otlp_compat.GrpcSpanExporter(endpoint="127.0.0.1:9", insecure=True)
+    try:
+        assert exporter._stub is _otlp_compat._SerializedTraceStub
+        assert isinstance(exporter._client, _otlp_compat._SerializedTraceStub)
+        assert exporter._translate_data([]) == b""
+    finally:
+        exporter.shutdown(timeout_millis=100)
 
 
 class _Conn:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from fetchpool.config import FetchSettings, PoolLimits, Settings
 from fetchpool.engine import Engine, FetchSpec, Outcome
+from fetchpool.telemetry import fetches
 from fetchpool.telemetry import names as n
 from fetchpool.telemetry.setup import Telemetry
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -47,8 +47,7 @@ def phases() -> str:
 def telemetry(spans: InMemorySpanExporter, reader: InMemoryMetricReader, phases: str) -> Iterator[Telemetry]:
     tracer_provider = TracerProvider(shutdown_on_exit=False)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    meter_provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider, phases=phases)
+    telemetry = Telemetry(tracer_provider=tracer_provider, metric_readers=[reader], phases=phases)
     yield telemetry
     telemetry.shutdown(1.0)
 
@@ -324,7 +323,7 @@ async def test_unsampled_fetches_make_no_spans_but_still_metrics(
     tracer_provider = TracerProvider(sampler=ALWAYS_OFF, shutdown_on_exit=False)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     telemetry = Telemetry(tracer_provider=tracer_provider,
-                          meter_provider=MeterProvider(metric_readers=[reader], shutdown_on_exit=False))
+                          metric_readers=[reader])
     async with _engine(telemetry, _settings(certs)) as engine:
         assert (await engine.fetch(FetchSpec(url=f"{nginx.https_url}/small.html"))).ok
         metrics = _metrics(reader)
@@ -336,7 +335,7 @@ async def test_unsampled_fetches_make_no_spans_but_still_metrics(
 async def test_metrics_only_and_traces_only(spans: InMemorySpanExporter, nginx: Nginx, certs: Certs) -> None:
     tracer_provider = TracerProvider(shutdown_on_exit=False)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    for telemetry in (Telemetry(tracer_provider=tracer_provider), Telemetry(meter_provider=MeterProvider())):
+    for telemetry in (Telemetry(tracer_provider=tracer_provider), Telemetry(metric_readers=[InMemoryMetricReader()])):
         async with _engine(telemetry, _settings(certs)) as engine:
             assert (await engine.fetch(FetchSpec(url=f"{nginx.https_url}/small.html"))).ok
         telemetry.shutdown(1.0)
@@ -357,3 +356,38 @@ def test_a_broken_observer_never_breaks_a_fetch(telemetry: Telemetry, caplog: py
     telemetry.observer.fetch_finished(object(), outcome, None)  # not a token: an internal error
     telemetry.observer.fetch_finished(object(), outcome, None)
     assert sum("fetch telemetry failed" in r.getMessage() for r in caplog.records) == 1
+
+
+
+def test_finished_fetches_become_spans_in_batches(telemetry: Telemetry, spans: InMemorySpanExporter) -> None:
+    observer = telemetry.observer
+    tokens = [observer.fetch_started(FetchSpec(url=f"https://127.0.0.1/{i}")) for i in range(fetches.BATCH + 2)]
+    for i, token in enumerate(tokens):
+        observer.fetch_finished(token, Outcome(url=f"https://127.0.0.1/{i}", status_code=200), None)
+        made = len(_client_spans(spans))
+        if i < fetches.BATCH - 1:
+            assert made == 0
+        elif i < fetches.BATCH + 1:
+            assert made == fetches.BATCH  # a full batch, while fetches are still in flight
+        else:
+            assert made == fetches.BATCH + 2  # the last one in flight finished
+    assert [(s.attributes or {})[n.URL_FULL] for s in _client_spans(spans)] == \
+        [f"https://127.0.0.1/{i}" for i in range(fetches.BATCH + 2)]
+
+
+async def test_the_engines_upkeep_delivers_what_waits_behind_a_slow_fetch(
+    telemetry: Telemetry, spans: InMemorySpanExporter, nginx: Nginx, app_server: AppServer, certs: Certs
+) -> None:
+    async with _engine(telemetry, _settings(certs)) as engine:
+        slow = asyncio.create_task(engine.fetch(FetchSpec(url=f"{app_server.https_url}/delay?s=4")))
+        await asyncio.sleep(0.2)
+        quick = [await engine.fetch(FetchSpec(url=f"{nginx.https_url}/small.html?quick={i}")) for i in range(3)]
+        assert all(o.ok for o in quick)
+        assert _client_spans(spans) == []  # held back while a fetch is in flight ...
+        for _ in range(30):  # ... until the engine's per-second upkeep asks for them
+            await asyncio.sleep(0.1)
+            if _client_spans(spans):
+                break
+        assert len(_client_spans(spans)) == 3 and not slow.done()
+        assert (await slow).ok
+    assert len(_client_spans(spans)) == 4

@@ -18,7 +18,6 @@ from fetchpool.telemetry.setup import Telemetry
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -47,7 +46,7 @@ def telemetry(spans: InMemorySpanExporter, reader: InMemoryMetricReader) -> Iter
     tracer_provider = TracerProvider(shutdown_on_exit=False)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     telemetry = Telemetry(tracer_provider=tracer_provider,
-                          meter_provider=MeterProvider(metric_readers=[reader], shutdown_on_exit=False))
+                          metric_readers=[reader])
     yield telemetry
     telemetry.shutdown(1.0)
 

@@ -16,7 +16,6 @@ from fetchpool.telemetry import TelemetryConfig, setup_telemetry
 from fetchpool.telemetry import names as n
 from fetchpool.telemetry.redact import redact_url, server_of
 from fetchpool.telemetry.setup import Telemetry, _BoundedSpanProcessor, _Drops, build_resource
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
@@ -156,7 +155,7 @@ def test_a_full_queue_drops_counts_and_logs_once(caplog: pytest.LogCaptureFixtur
 
 def test_failed_exports_are_counted_in_the_drop_metric(caplog: pytest.LogCaptureFixture) -> None:
     reader = InMemoryMetricReader()
-    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    telemetry = Telemetry(metric_readers=[reader])
     exporter = _Blocking(SpanExportResult.FAILURE)
     exporter.gate.set()
     processor = _BoundedSpanProcessor(exporter, telemetry.drops, "nowhere", {})
@@ -191,12 +190,21 @@ def test_shutdown_is_bounded_even_when_the_exporter_hangs() -> None:
 def test_the_prometheus_endpoint_uses_the_documented_names() -> None:
     port = free_port()
     telemetry = setup_telemetry(env={"FETCHPOOL_METRICS_PORT": str(port)}, set_global=False)
-    assert telemetry is not None and telemetry.tracer_provider is None
+    assert telemetry is not None and telemetry.tracer_provider is None and telemetry.instruments is not None
+    telemetry.observer.connection_closed("direct", 2.0, "HTTP/2")  # no engine attached: no pool yet
+    telemetry.instruments.request_duration.record(0.02, ("GET", 200, None, "2", "https", "direct"))
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:
         telemetry.shutdown(2.0)
     assert "\nfetchpool_demand_requests 0.0\n" in text
+    # fetchpool's own histograms, through the reader: buckets are cumulative in Prometheus
+    assert 'http_client_request_duration_seconds_bucket{fetchpool_pool_name="direct",http_request_method="GET",' \
+           'http_response_status_code="200",le="0.01",network_protocol_version="2",url_scheme="https"} 0.0' in text
+    assert 'http_client_request_duration_seconds_bucket{fetchpool_pool_name="direct",http_request_method="GET",' \
+           'http_response_status_code="200",le="0.025",network_protocol_version="2",url_scheme="https"} 1.0' in text
+    assert 'http_client_connection_duration_seconds_count{fetchpool_pool_name="direct",' \
+           'network_protocol_version="2"} 1.0' in text
     assert "target_info{" in text and 'service_name="fetchpool"' in text
     assert "otel_scope_name" not in text
 

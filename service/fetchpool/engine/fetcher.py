@@ -152,6 +152,8 @@ class Engine:
                 await self._tender
             self._tender = None
         await self.client.aclose()
+        if self.observer is not None:
+            self.observer.flush()
 
     async def _tend(self) -> None:
         while True:
@@ -167,6 +169,8 @@ class Engine:
                 if self.observer is not None:
                     for lifetime, version in closed:
                         self.observer.connection_closed(pool.name, lifetime, version)
+            if self.observer is not None:
+                self.observer.flush()
             if self._host_rate is not None:
                 self._host_rate.prune()
 

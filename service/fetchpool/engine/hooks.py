@@ -24,3 +24,7 @@ class FetchObserver(Protocol):
     def connection_closed(self, pool: str, lifetime: float, http_version: str) -> None:
         """A pooled connection of ``pool`` closed after ``lifetime`` seconds (from when the
         pool's upkeep first saw it open, so within a second of its real opening)."""
+
+    def flush(self) -> None:
+        """Called by the engine's per-second upkeep and when the engine closes: deliver whatever
+        the observer holds back (it may batch its work)."""

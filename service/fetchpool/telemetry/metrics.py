@@ -1,4 +1,4 @@
-"""The instruments: synchronous ones recorded per fetch / per call, observable ones read from pool snapshots."""
+"""The instruments: histograms recorded per fetch / per call, observable ones read from pool snapshots."""
 
 from __future__ import annotations
 
@@ -8,30 +8,24 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from fetchpool.engine import PoolSnapshot
 from fetchpool.telemetry import names as n
+from fetchpool.telemetry.histograms import Histogram
 from fetchpool.telemetry.pools import PoolReader
 
 
 class Instruments:
-    """Every metric of :mod:`fetchpool.telemetry.names`, created on one meter."""
+    """Every metric of :mod:`fetchpool.telemetry.names`: the histograms (aggregated by
+    :mod:`fetchpool.telemetry.histograms`, exported through the readers they are attached to) and,
+    on ``meter``, the observable instruments and the drop counter."""
 
     def __init__(self, meter: Meter, pools: PoolReader) -> None:
         self._pools = pools
-        self.request_duration = meter.create_histogram(
-            n.HTTP_CLIENT_REQUEST_DURATION.name, unit="s", description=n.HTTP_CLIENT_REQUEST_DURATION.description,
-            explicit_bucket_boundaries_advisory=n.DURATION_BUCKETS)
-        self.connection_duration = meter.create_histogram(
-            n.HTTP_CLIENT_CONNECTION_DURATION.name, unit="s",
-            description=n.HTTP_CLIENT_CONNECTION_DURATION.description,
-            explicit_bucket_boundaries_advisory=n.CONNECTION_DURATION_BUCKETS)
-        self.wait_time = meter.create_histogram(
-            n.POOL_WAIT_TIME.name, unit="s", description=n.POOL_WAIT_TIME.description,
-            explicit_bucket_boundaries_advisory=n.WAIT_BUCKETS)
-        self.create_time = meter.create_histogram(
-            n.POOL_CONNECTION_CREATE_TIME.name, unit="s", description=n.POOL_CONNECTION_CREATE_TIME.description,
-            explicit_bucket_boundaries_advisory=n.CREATE_BUCKETS)
-        self.rpc_duration = meter.create_histogram(
-            n.RPC_SERVER_CALL_DURATION.name, unit="s", description=n.RPC_SERVER_CALL_DURATION.description,
-            explicit_bucket_boundaries_advisory=n.RPC_DURATION_BUCKETS)
+        self.request_duration = Histogram(n.HTTP_CLIENT_REQUEST_DURATION, n.DURATION_BUCKETS)
+        self.connection_duration = Histogram(n.HTTP_CLIENT_CONNECTION_DURATION, n.CONNECTION_DURATION_BUCKETS)
+        self.wait_time = Histogram(n.POOL_WAIT_TIME, n.WAIT_BUCKETS)
+        self.create_time = Histogram(n.POOL_CONNECTION_CREATE_TIME, n.CREATE_BUCKETS)
+        self.rpc_duration = Histogram(n.RPC_SERVER_CALL_DURATION, n.RPC_DURATION_BUCKETS)
+        self.histograms = (self.request_duration, self.connection_duration, self.wait_time, self.create_time,
+                           self.rpc_duration)
         self.dropped = meter.create_counter(
             n.TELEMETRY_DROPPED.name, unit="{item}", description=n.TELEMETRY_DROPPED.description)
 

@@ -99,8 +99,7 @@ class _Call:
                     span.set_status(Status(StatusCode.ERROR, code.name))
                 span.end()
             if self._instruments is not None:
-                self._instruments.rpc_duration.record(time.monotonic() - self._start, {
-                    n.RPC_SYSTEM_NAME: "grpc", n.RPC_METHOD: self._method, n.RPC_RESPONSE_STATUS_CODE: code.name})
+                self._instruments.rpc_duration.record(time.monotonic() - self._start, ("grpc", self._method, code.name))
         except Exception:
             logger.debug("rpc telemetry failed", exc_info=True)
         finally:

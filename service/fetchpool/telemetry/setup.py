@@ -22,7 +22,6 @@ from typing import Any
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics._internal.exemplar import AlwaysOffExemplarFilter
 from opentelemetry.sdk.metrics.export import (
     MetricExporter,
     MetricExportResult,
@@ -40,6 +39,7 @@ from fetchpool.errors import ConfigError
 from fetchpool.telemetry import names as n
 from fetchpool.telemetry.config import TelemetryConfig
 from fetchpool.telemetry.fetches import FetchTelemetry
+from fetchpool.telemetry.histograms import Histograms
 from fetchpool.telemetry.metrics import Instruments
 from fetchpool.telemetry.pools import PoolReader, SnapshotSource
 from fetchpool.telemetry.rpc import ServerTelemetryInterceptor
@@ -210,7 +210,7 @@ def _span_exporter(kind: str, protocol: str) -> tuple[SpanExporter, str]:
 
         http_exporter = HttpSpanExporter()
         return http_exporter, f"OTLP/HTTP {http_exporter._endpoint}"
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+    from fetchpool.telemetry._otlp_compat import GrpcSpanExporter
 
     grpc_exporter = GrpcSpanExporter()
     return grpc_exporter, f"OTLP/gRPC {grpc_exporter._endpoint}"
@@ -250,31 +250,45 @@ class Telemetry:
 
     ``observer`` goes to the engine (``Engine(settings, observer=...)``), ``interceptors`` to the
     gRPC server; :meth:`attach` the engine once it exists so pool gauges can read it, and call
-    :meth:`shutdown` after serving to flush. Tests build one over in-memory exporters.
+    :meth:`shutdown` after serving to flush. With ``metric_readers`` it makes the meter provider
+    (the readers export fetchpool's histograms too; the provider works even under
+    ``OTEL_SDK_DISABLED``: :func:`build` passes only the readers the configuration allows). Tests
+    build one over in-memory exporters and readers.
     """
 
     def __init__(
         self,
         *,
         tracer_provider: TracerProvider | None = None,
-        meter_provider: MeterProvider | None = None,
+        metric_readers: Sequence[MetricReader] = (),
+        resource: Resource | None = None,
         phases: str = n.PHASES_AS_EVENTS,
         closers: Sequence[Callable[[], object]] = (),
         drops: _Drops | None = None,
     ) -> None:
         self.tracer_provider = tracer_provider
-        self.meter_provider = meter_provider
         self.pools = PoolReader()
         version = _version()
+        scope = InstrumentationScope(n.INSTRUMENTATION_SCOPE, version)
         tracer = tracer_provider.get_tracer(n.INSTRUMENTATION_SCOPE, version) if tracer_provider else None
         if not isinstance(tracer, SdkTracer):  # None, or the SDK's no-op under OTEL_SDK_DISABLED
             tracer = None
-        meter = meter_provider.get_meter(n.INSTRUMENTATION_SCOPE, version) if meter_provider else None
-        self.instruments = Instruments(meter, self.pools) if meter is not None else None
+        self.meter_provider: MeterProvider | None = None
+        self.instruments: Instruments | None = None
         self.drops = drops or _Drops()
-        if self.instruments is not None:
+        if metric_readers:
+            resource = resource or Resource.create()
+            self.meter_provider = MeterProvider(metric_readers=metric_readers, resource=resource,
+                                                shutdown_on_exit=False)
+            # OTEL_SDK_DISABLED=true makes the SDK a no-op; the readers we are given are the ones
+            # the configuration asked for (only an explicit scrape endpoint under that variable).
+            self.meter_provider._disabled = False
+            self.instruments = Instruments(self.meter_provider.get_meter(n.INSTRUMENTATION_SCOPE, version), self.pools)
+            histograms = Histograms(self.instruments.histograms, scope, resource)
+            for reader in metric_readers:
+                histograms.attach(reader)
             self.drops.counter = self.instruments.dropped
-        spans = FinishedSpans(tracer, InstrumentationScope(n.INSTRUMENTATION_SCOPE, version)) if tracer else None
+        spans = FinishedSpans(tracer, scope) if tracer else None
         self.observer = FetchTelemetry(spans, self.instruments, phases)
         self.interceptor = ServerTelemetryInterceptor(tracer, self.instruments)
         self._closers = list(closers)
@@ -297,6 +311,7 @@ class Telemetry:
             return
         self._shut = True
         deadline = time.monotonic() + timeout
+        self.observer.flush()
         tracer_provider, meter_provider = self.tracer_provider, self.meter_provider
         if tracer_provider is not None:
             _bounded(tracer_provider.force_flush, 0.6 * (deadline - time.monotonic()), "span flush")
@@ -328,25 +343,17 @@ def build(config: TelemetryConfig, env: Mapping[str, str] | None = None, *, set_
             processor = _BoundedSpanProcessor(exporter, drops, describe, env)
             tracer_provider.add_span_processor(processor)
             closers.append(processor.exporter.shutdown)
-    meter_provider = None
+    readers: list[MetricReader] = []
     if config.metrics:
-        readers: list[MetricReader] = []
         for kind in config.metric_exporters:
             metric_exporter, describe = _metric_exporter(kind, config.metric_protocol)
             guarded = _GuardedMetricExporter(metric_exporter, drops, describe)
             readers.append(PeriodicExportingMetricReader(guarded))
         if config.prometheus_port:
             readers.append(_prometheus(config.prometheus_host, config.prometheus_port, closers))
-        extra: dict[str, Any] = {}
-        if not env.get("OTEL_METRICS_EXEMPLAR_FILTER"):
-            extra["exemplar_filter"] = AlwaysOffExemplarFilter()  # exemplars cost per record; opt in
-        meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False, **extra)
-        if getattr(meter_provider, "_disabled", False):
-            # OTEL_SDK_DISABLED=true turns the SDK into a no-op; only the scrape endpoint that
-            # FETCHPOOL_METRICS_PORT asks for explicitly is left (the Helm chart pairs the two).
-            meter_provider._disabled = False
-    telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider,
+    telemetry = Telemetry(tracer_provider=tracer_provider, metric_readers=readers, resource=resource,
                           phases=config.trace_phases, closers=closers, drops=drops)
+    meter_provider = telemetry.meter_provider
     if set_global:
         if tracer_provider is not None:
             trace_api.set_tracer_provider(tracer_provider)

@@ -22,10 +22,47 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 UNSET = Status(StatusCode.UNSET)
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_SAMPLED = TraceFlags.SAMPLED
 _RANDOM = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)  # W3C trace context level 2 (SDK >= 1.4x)
+# The two flag values a sampled span of ours can have, made once (each TraceFlags is an object
+# the garbage collector tracks for as long as its span waits for export).
+_FLAGS = {0: TraceFlags(_SAMPLED), _RANDOM: TraceFlags(_SAMPLED | _RANDOM)}
 
-__all__ = ["UNSET", "Event", "FinishedSpans"]
+__all__ = ["UNSET", "FinishedSpans", "PhaseEvent", "RecordedSpan"]
+
+
+#: A span event as plain data: its name, time (ns since the epoch) and attributes as (key, value)
+#: pairs. Plain tuples of str and numbers, which the garbage collector stops tracking: a span waits
+#: in the export queue long enough to reach the oldest generation, where every tracked object it
+#: holds adds to the cost of full collections.
+PhaseEvent = tuple[str, int, tuple[tuple[str, Any], ...]]
+
+
+class RecordedSpan(ReadableSpan):
+    """A finished span whose events are kept as :data:`PhaseEvent` tuples.
+
+    fetchpool's OTLP encoder reads :attr:`phase_events` directly; the SDK's
+    :class:`~opentelemetry.sdk.trace.Event` objects (and their dicts) are made only for whoever
+    reads :attr:`events`, on that reader's thread (the console exporter, tests).
+    """
+
+    def __init__(self, *args: Any, phase_events: tuple[PhaseEvent, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.phase_events = phase_events
+
+    @property
+    def events(self) -> Sequence[Event]:
+        if self.phase_events and not self._events:
+            self._events = tuple(Event(name, dict(pairs), time) for name, time, pairs in self.phase_events)
+        return tuple(self._events)
+
+    def to_json(self, indent: int | None = 4) -> str:
+        self.events  # noqa: B018 -- made now: the SDK's to_json reads the private list
+        return super().to_json(indent)
+
+    @property
+    def dropped_events(self) -> int:
+        return 0
 
 
 class FinishedSpans:
@@ -47,7 +84,7 @@ class FinishedSpans:
         start_ns: int,
         end_ns: int,
         status: Status = UNSET,
-        events: Sequence[Event] = (),
+        events: tuple[PhaseEvent, ...] = (),
     ) -> SpanContext | None:
         """A span under the current span of ``parent`` (a root without one), if the sampler
         keeps it; returns its context (for children) or None when it was not sampled."""
@@ -63,10 +100,10 @@ class FinishedSpans:
         if not result.decision.is_sampled():
             return None
         context = SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False,
-                              trace_flags=TraceFlags(_SAMPLED | random), trace_state=result.trace_state)
-        self._processor.on_end(ReadableSpan(
-            name, context, parent_context, self._resource, attributes, events, (), kind, None, status,
-            start_ns, end_ns, self._scope))
+                              trace_flags=_FLAGS[random], trace_state=result.trace_state)
+        self._processor.on_end(RecordedSpan(
+            name, context, parent_context, self._resource, attributes, (), (), kind, None, status,
+            start_ns, end_ns, self._scope, phase_events=events))
         return context
 
     def record_child(

@@ -1,0 +1,120 @@
+"""fetchpool's own histograms export what the SDK's Histogram exports for the same records."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from fetchpool.telemetry import histograms as h
+from fetchpool.telemetry import names as n
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+METRIC = n.MetricName("test.duration", "Histogram", "s", ("a", "b"), "for the test")
+BOUNDS = (0.0, 0.5, 1.0, 2.5)
+SCOPE = InstrumentationScope("fetchpool", "0")
+DELTA = {SdkHistogram: AggregationTemporality.DELTA}
+
+_VALUE = st.one_of(st.sampled_from([*BOUNDS, -1.0, math.inf, -math.inf, math.nan]),
+                   st.floats(min_value=-5, max_value=5))
+_KEY = st.tuples(st.sampled_from(["x", "y", None]), st.sampled_from([1, 2, None]))
+_RECORDS = st.lists(st.tuples(_VALUE, _KEY), max_size=30)
+
+
+class _Pair:
+    """The same records into the SDK's histogram and into ours, each read by its own reader."""
+
+    def __init__(self, temporality: dict[type, AggregationTemporality] | None = None) -> None:
+        self.sdk_reader = InMemoryMetricReader(preferred_temporality=temporality)
+        meter = MeterProvider(metric_readers=[self.sdk_reader]).get_meter("fetchpool", "0")
+        self.sdk = meter.create_histogram(METRIC.name, unit=METRIC.unit, description=METRIC.description,
+                                          explicit_bucket_boundaries_advisory=BOUNDS)
+        self.ours = h.Histogram(METRIC, BOUNDS)
+        self.our_reader = InMemoryMetricReader(preferred_temporality=temporality)
+        h.Histograms([self.ours], SCOPE, Resource.create({})).attach(self.our_reader)
+        # The reader needs a provider to collect from; it has no instruments of its own.
+        MeterProvider(metric_readers=[self.our_reader]).get_meter("fetchpool", "0").create_counter("c").add(1)
+
+    def record(self, records: Sequence[tuple[float, tuple[Any, ...]]]) -> None:
+        for value, key in records:
+            self.sdk.record(value, {name: v for name, v in zip(METRIC.attributes, key, strict=True) if v is not None})
+            self.ours.record(value, key)
+
+    def points(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        return _points(self.sdk_reader.get_metrics_data()), _points(self.our_reader.get_metrics_data())
+
+
+def _points(data: MetricsData | None) -> list[tuple[Any, ...]]:
+    """The test histogram's points, comparable across the two: everything but the timestamps."""
+    found = []
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == METRIC.name:
+                    assert (metric.unit, metric.description) == (METRIC.unit, METRIC.description)
+                    for p in metric.data.data_points:
+                        assert p.start_time_unix_nano <= p.time_unix_nano
+                        # The SDK adds up each collection's sum; the order of float additions differs.
+                        found.append((sorted(p.attributes.items()), p.count, round(p.sum, 9), tuple(p.bucket_counts),
+                                      tuple(p.explicit_bounds), p.min, p.max, metric.data.aggregation_temporality))
+    return sorted(found, key=repr)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_RECORDS, _RECORDS)
+def test_cumulative_points_are_the_sdks(first: list[Any], second: list[Any]) -> None:
+    pair = _Pair()
+    pair.record(first)
+    sdk, ours = pair.points()
+    assert ours == sdk
+    pair.record(second)
+    sdk, ours = pair.points()
+    assert ours == sdk
+
+
+@settings(max_examples=150, deadline=None)
+@given(_RECORDS, _RECORDS, _RECORDS)
+def test_delta_points_are_the_sdks(first: list[Any], second: list[Any], third: list[Any]) -> None:
+    pair = _Pair(DELTA)
+    for records in (first, second, third):
+        pair.record(records)
+        sdk, ours = pair.points()
+        assert ours == sdk
+
+
+def test_past_the_cardinality_limit_new_sets_go_to_the_overflow_point(monkeypatch: Any) -> None:
+    monkeypatch.setattr(h, "CARDINALITY_LIMIT", 3)
+    histogram = h.Histogram(METRIC, BOUNDS)
+    reader = InMemoryMetricReader()
+    h.Histograms([histogram], SCOPE, Resource.create({})).attach(reader)
+    MeterProvider(metric_readers=[reader]).get_meter("other").create_counter("c").add(1)
+    for i in range(6):
+        histogram.record(0.1 * i, ("x", i))
+    histogram.record(9.0, ("x", 0))  # a known set still counts in its own point
+    points = {tuple(sorted(p.attributes.items())): p.count
+              for p in reader.get_metrics_data().resource_metrics[0].scope_metrics[1].metrics[0].data.data_points}
+    assert points == {(("a", "x"), ("b", 0)): 2, (("a", "x"), ("b", 1)): 1, (("a", "x"), ("b", 2)): 1,
+                      (("otel.metric.overflow", True),): 3}
+
+
+def test_the_histograms_join_the_scope_of_the_other_instruments() -> None:
+    histogram = h.Histogram(METRIC, BOUNDS)
+    reader = InMemoryMetricReader()
+    h.Histograms([histogram], SCOPE, Resource.create({})).attach(reader)
+    MeterProvider(metric_readers=[reader]).get_meter(SCOPE.name, SCOPE.version).create_counter("other").add(2)
+    histogram.record(0.7, ("y", None))
+    data = reader.get_metrics_data()
+    assert [[m.name for m in s.metrics] for s in data.resource_metrics[0].scope_metrics] == [["other", METRIC.name]]
+
+
+def test_with_nothing_recorded_nothing_is_added() -> None:
+    reader = InMemoryMetricReader()
+    h.Histograms([h.Histogram(METRIC, BOUNDS)], SCOPE, Resource.create({})).attach(reader)
+    MeterProvider(metric_readers=[reader]).get_meter("other").create_counter("c").add(1)
+    assert [s.scope.name for s in reader.get_metrics_data().resource_metrics[0].scope_metrics] == ["other"]
