@@ -39,6 +39,7 @@ CACHE_LIMIT = 4096
 _FIXED64 = struct.Struct("<Q").pack
 _FIXED32 = struct.Struct("<I").pack
 _DOUBLE = struct.Struct("<d").pack
+_DOUBLE_VALUE = b"\x12\x09\x21"  # KeyValue.value: an AnyValue of 9 bytes holding double_value
 _SMALL = [bytes((i,)) for i in range(128)]
 _INT64 = 1 << 63
 _HAS_IS_REMOTE = 0x100  # SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
@@ -111,6 +112,7 @@ class SpanEncoder:
         self._resources: dict[int, tuple[Resource, bytes]] = {}
         self._scopes: dict[InstrumentationScope | None, bytes] = {}
         self._texts: dict[tuple[bytes, str], bytes] = {}
+        self._keys: dict[str, bytes] = {}
 
     def attributes(self, tag: bytes, attributes: Iterable[tuple[str, Any]]) -> list[bytes]:
         """Each (key, value) as a ``KeyValue`` field with ``tag``; values OTLP cannot carry are logged and left out."""
@@ -118,6 +120,10 @@ class SpanEncoder:
         fields = []
         for key, value in attributes:
             kind = value.__class__
+            if kind is float:  # a measurement (a phase's duration): never the same twice
+                body = self._key(key) + _DOUBLE_VALUE + _DOUBLE(value)
+                fields.append(_field(tag, body))
+                continue
             reusable = kind is str or kind is int or kind is bool
             if reusable:
                 encoded = cache.get((tag, key, kind, value))
@@ -125,7 +131,7 @@ class SpanEncoder:
                     fields.append(encoded)
                     continue
             try:
-                encoded = _field(tag, _key_value(key, value))
+                encoded = _field(tag, self._key(key) + _field(b"\x12", _any_value(value)))
             except (UnsupportedValue, ValueError) as exc:  # ValueError: a str that is not valid UTF-8
                 logger.error("Failed to encode key %s: %s", key, exc)
                 continue
@@ -135,6 +141,15 @@ class SpanEncoder:
                 cache[tag, key, kind, value] = encoded
             fields.append(encoded)
         return fields
+
+    def _key(self, key: str) -> bytes:
+        """A ``KeyValue``'s ``key`` field (nothing for an empty key, as proto3 writes it)."""
+        encoded = self._keys.get(key)
+        if encoded is None:
+            if len(self._keys) >= CACHE_LIMIT:
+                self._keys.clear()
+            encoded = self._keys[key] = _text(b"\x0a", key) if key else b""
+        return encoded
 
     def span(self, span: ReadableSpan) -> bytes:
         """A ``Span`` message body, fields in field-number order."""
