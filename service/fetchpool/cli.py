@@ -21,15 +21,20 @@ from fetchpool.errors import ConfigError
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _freeze_startup_objects(port: int) -> None:
-    """Move everything made at start-up (modules, gRPC, the pools, the OpenTelemetry SDK), which
-    lives as long as the process, to the garbage collector's permanent generation, so that full
-    collections walk only what serving allocates (:func:`gc.freeze`). Measured here with
-    ``gc.callbacks`` over 12,500 fetches: collections took ~5 µs less per fetch with telemetry
-    off and ~15 µs less with it on, whose spans wait in the export queue long enough to reach
-    the oldest generation and bring on full collections."""
+def _tune_garbage_collector(port: int) -> None:
+    """Once serving: move everything made at start-up (modules, gRPC, the pools, the OpenTelemetry
+    SDK), which lives as long as the process, to the collector's permanent generation
+    (:func:`gc.freeze`), so full collections walk only what serving allocates; and collect the
+    youngest generation every 7,000 allocations instead of 700, so objects that live through a
+    few fetches (requests in flight, spans waiting for export) are not walked again and again.
+
+    Measured with ``gc.callbacks`` over 12,500 fetches (64 in flight): collections took 39 µs
+    per fetch after the freeze alone, 23 µs with the threshold too, telemetry off; 58 and 30 µs
+    with it on.
+    """
     gc.collect()
     gc.freeze()
+    gc.set_threshold(7000, *gc.get_threshold()[1:])
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -52,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fetchpool serve: {exc}", file=sys.stderr)
         return 2
-    hooks: dict[str, Any] = {"on_started": _freeze_startup_objects}
+    hooks: dict[str, Any] = {"on_started": _tune_garbage_collector}
     if telemetry is not None:
         hooks.update(observer=telemetry.observer, interceptors=telemetry.interceptors, on_engine=telemetry.attach)
     try:
