@@ -8,10 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps proto proto-check run test lint bench bench-smoke image image-test chart-lint chart-test clean
+.PHONY: help install system-deps proto proto-check run test lint bench bench-smoke bench-telemetry image image-test chart-lint chart-test clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench: install system-deps ## full benchmark vs the alternatives (prints a table
 
 bench-smoke: install system-deps ## a few-second benchmark run (also part of make test)
 	$(BIN)/python -m bench --smoke
+
+bench-telemetry: install system-deps ## throughput with telemetry off vs on (metrics, spans, phases), same run
+	$(BIN)/python bench/telemetry_overhead.py -n 3000 -c 64 --rounds 7
 
 image: ## build the container image with podman (base from debootstrap when no registry)
 	bash scripts/image-build.sh

@@ -59,3 +59,23 @@ def test_bench_smoke_completes_every_request_and_writes_the_report(tmp_path: Pat
         assert heading in markdown
         assert heading in proc.stdout
     assert (out / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_the_telemetry_overhead_bench_runs_every_mode_and_exports_every_span() -> None:
+    n, rounds = 150, 2
+    proc = subprocess.run(
+        [sys.executable, "bench/telemetry_overhead.py", "-n", str(n), "-c", "16", "--rounds", str(rounds), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert proc.returncode == 0, f"telemetry_overhead.py exited {proc.returncode}\n{proc.stderr[-4000:]}"
+    report = json.loads(proc.stdout)
+    modes = report["modes"]
+    assert set(modes) == {"off", "metrics", "client", "full", "spans"}
+    for entry in modes.values():
+        assert len(entry["all_fetches_per_s"]) == rounds and entry["fetches_per_s"] > 0
+        assert "paired_loss_pct" in entry and "cpu_s_per_1000" in entry
+    # Every fetch of the traced modes reached the OTLP receiver, warm-up included: a CLIENT span
+    # each (client, full), plus 4 to 6 phase spans each (spans), plus one SERVER span per call.
+    fetches = 200 + n * rounds
+    assert report["spans_received"] >= 2 * fetches + 5 * fetches
