@@ -180,6 +180,15 @@ def http_get(url: str) -> str:
         return str(response.read().decode())
 
 
+async def configmap_becomes(cluster: Cluster, limits: dict[str, int]) -> None:
+    """When limits grow, the ConfigMap gets them after the pods do (reconciler steps 1-3): wait for it."""
+
+    async def written() -> bool:
+        return cluster.configmap_limits() == limits
+
+    await wait_until(written, timeout=5, what=f"the ConfigMap gets {limits} after the pods")
+
+
 async def test_limits_follow_the_hpa_within_budget(cluster: Cluster, tmp_path: Path) -> None:
     timings: dict[str, float] = {}
     # --- the initial world: 2 replicas, started with small limits from an old ConfigMap ----------
@@ -251,7 +260,7 @@ async def test_limits_follow_the_hpa_within_budget(cluster: Cluster, tmp_path: P
         timings["start: 2 pods at 30"] = await wait_until(
             lambda: all_at([p0, p1], 30), timeout=20, what="operator start-up: 2 replicas at 60/2"
         )
-        assert cluster.configmap_limits() == {"max_connections": 30, "max_keepalive_connections": 15}
+        await configmap_becomes(cluster, {"max_connections": 30, "max_keepalive_connections": 15})
         await asyncio.sleep(0.3)  # let the sampler see the fleet exactly at its budget
 
         # --- 2 -> 6: the HPA's status alone changes (a status-only event) -----------------------------
@@ -307,7 +316,7 @@ async def test_limits_follow_the_hpa_within_budget(cluster: Cluster, tmp_path: P
         timings["6->3: survivors at 20"] = await wait_until(
             lambda: all_at([p0, p1, p2], 20), timeout=DEADLINE, what="6 -> 3: survivors grow to 60/3 = 20"
         )
-        assert cluster.configmap_limits() == {"max_connections": 20, "max_keepalive_connections": 10}
+        await configmap_becomes(cluster, {"max_connections": 20, "max_keepalive_connections": 10})
 
         async def recorded() -> bool:  # the status is written last in a round, after the pods
             s = cluster.fetchpool_status()
