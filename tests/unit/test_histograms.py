@@ -6,13 +6,21 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from fetchpool.telemetry import histograms as h
 from fetchpool.telemetry import names as n
+from fetchpool.telemetry.setup import Telemetry
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    ExponentialHistogram,
+    InMemoryMetricReader,
+    MetricsData,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, ExponentialBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -118,3 +126,32 @@ def test_with_nothing_recorded_nothing_is_added() -> None:
     h.Histograms([h.Histogram(METRIC, BOUNDS)], SCOPE, Resource.create({})).attach(reader)
     MeterProvider(metric_readers=[reader]).get_meter("other").create_counter("c").add(1)
     assert [s.scope.name for s in reader.get_metrics_data().resource_metrics[0].scope_metrics] == ["other"]
+
+
+@pytest.mark.parametrize(("aggregation", "ours"), [
+    (None, True),
+    (ExplicitBucketHistogramAggregation(), True),  # what the OTLP exporters ask for by default
+    (ExplicitBucketHistogramAggregation([1.0, 2.0]), False),
+    (ExplicitBucketHistogramAggregation(record_min_max=False), False),
+    (ExponentialBucketHistogramAggregation(), False),
+])
+def test_which_readers_get_our_histograms(aggregation: Any, ours: bool) -> None:
+    reader = InMemoryMetricReader(preferred_aggregation={SdkHistogram: aggregation} if aggregation else None)
+    assert h.aggregates_like_us(reader) is ours
+
+
+def test_a_reader_that_wants_exponential_histograms_gets_them_from_the_sdk() -> None:
+    reader = InMemoryMetricReader(preferred_aggregation={SdkHistogram: ExponentialBucketHistogramAggregation()})
+    telemetry = Telemetry(metric_readers=[reader])
+    assert telemetry.instruments is not None
+    telemetry.instruments.request_duration.record(0.02, ("GET", 200, None, "2", "https", "direct"))
+    data = reader.get_metrics_data()
+    assert data is not None
+    [metric] = [m for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics
+                if m.name == n.HTTP_CLIENT_REQUEST_DURATION.name]
+    assert isinstance(metric.data, ExponentialHistogram)
+    [point] = metric.data.data_points
+    assert point.count == 1 and dict(point.attributes or {}) == {
+        n.HTTP_REQUEST_METHOD: "GET", n.HTTP_RESPONSE_STATUS_CODE: 200, n.NETWORK_PROTOCOL_VERSION: "2",
+        n.URL_SCHEME: "https", n.POOL_NAME: "direct"}
+    telemetry.shutdown(1.0)

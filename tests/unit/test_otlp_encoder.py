@@ -123,3 +123,24 @@ def test_recorded_spans_show_their_phases_to_every_exporter() -> None:
     shown = json.loads(span.to_json())  # what the console exporter prints
     assert [e["name"] for e in shown["events"]] == ["pool.acquire", "response.body"]
     assert shown["events"][0]["attributes"]["fetchpool.phase.duration"] == 0.25
+
+
+def test_an_attribute_that_cannot_be_encoded_never_costs_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    span = ReadableSpan(name="x", context=SpanContext(1, 2, is_remote=False), resource=Resource({}),
+                        attributes={"good": 1, "\ud800": 1.5, "loop": loop, "after": "kept"}, start_time=1, end_time=2)
+    with caplog.at_level(logging.ERROR):
+        encoded = SpanEncoder().encode([span])
+    received = ExportTraceServiceRequest.FromString(encoded).resource_spans[0].scope_spans[0].spans[0]
+    assert [kv.key for kv in received.attributes] == ["good", "after"]
+    assert encoded == encode_spans([span]).SerializeToString()
+
+
+def test_scopes_equal_by_name_but_not_by_attributes_keep_their_own() -> None:
+    encoder = SpanEncoder()
+    for attributes in ({"a": 1}, {"a": 2}):
+        scope = InstrumentationScope("same", "1", None, attributes)
+        span = ReadableSpan(name="x", context=SpanContext(1, 2, is_remote=False), resource=Resource({}),
+                            start_time=1, end_time=2, instrumentation_scope=scope)
+        assert encoder.encode([span]) == encode_spans([span]).SerializeToString()

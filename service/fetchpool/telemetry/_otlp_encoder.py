@@ -110,7 +110,7 @@ class SpanEncoder:
     def __init__(self) -> None:
         self._attributes: dict[tuple[bytes, str, type, Any], bytes] = {}
         self._resources: dict[int, tuple[Resource, bytes]] = {}
-        self._scopes: dict[InstrumentationScope | None, bytes] = {}
+        self._scopes: dict[int, tuple[InstrumentationScope | None, bytes]] = {}
         self._texts: dict[tuple[bytes, str], bytes] = {}
         self._keys: dict[str, bytes] = {}
 
@@ -120,10 +120,6 @@ class SpanEncoder:
         fields = []
         for key, value in attributes:
             kind = value.__class__
-            if kind is float:  # a measurement (a phase's duration): never the same twice
-                body = self._key(key) + _DOUBLE_VALUE + _DOUBLE(value)
-                fields.append(_field(tag, body))
-                continue
             reusable = kind is str or kind is int or kind is bool
             if reusable:
                 encoded = cache.get((tag, key, kind, value))
@@ -131,8 +127,11 @@ class SpanEncoder:
                     fields.append(encoded)
                     continue
             try:
-                encoded = _field(tag, self._key(key) + _field(b"\x12", _any_value(value)))
-            except (UnsupportedValue, ValueError) as exc:  # ValueError: a str that is not valid UTF-8
+                if kind is float:  # a measurement (a phase's duration): never the same twice
+                    encoded = _field(tag, self._key(key) + _DOUBLE_VALUE + _DOUBLE(value))
+                else:
+                    encoded = _field(tag, self._key(key) + _field(b"\x12", _any_value(value)))
+            except Exception as exc:  # as the SDK's encoder: leave the attribute out, keep the rest
                 logger.error("Failed to encode key %s: %s", key, exc)
                 continue
             if reusable:
@@ -226,8 +225,9 @@ class SpanEncoder:
 
     def scope(self, scope: InstrumentationScope | None) -> bytes:
         """The ``scope`` field of a ``ScopeSpans``."""
-        encoded = self._scopes.get(scope)
-        if encoded is None:
+        # By object, as for resources: scopes that compare equal may still differ in attributes.
+        known = self._scopes.get(id(scope))
+        if known is None or known[0] is not scope:
             body = []
             if scope is not None:
                 if scope.name:
@@ -235,8 +235,8 @@ class SpanEncoder:
                 if scope.version:
                     body.append(_text(b"\x12", scope.version))
                 body += self.attributes(b"\x1a", scope.attributes.items() if scope.attributes else ())
-            encoded = self._scopes[scope] = _field(b"\x0a", b"".join(body))
-        return encoded
+            known = self._scopes[id(scope)] = (scope, _field(b"\x0a", b"".join(body)))
+        return known[1]
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         """``spans`` as a serialized OTLP ``ExportTraceServiceRequest``: grouped by resource, then by

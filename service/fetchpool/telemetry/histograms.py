@@ -12,7 +12,14 @@ Prometheus endpoint see them like any other instrument. The aggregation is the S
 bucket histogram: bucket ``i`` counts the values in ``(bounds[i-1], bounds[i]]``, negative and
 non-finite values are ignored, points are cumulative or delta as the reader asks, and past
 :data:`CARDINALITY_LIMIT` attribute sets per histogram new sets go to one overflow point
-(``otel.metric.overflow=true``). No exemplars.
+(``otel.metric.overflow=true``). No exemplars. One difference: the limit counts attribute sets
+over the life of the process for delta readers too, where the SDK counts them per interval.
+
+A reader that asks for another histogram aggregation (exponential buckets with
+``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram``,
+or explicit buckets of its own) gets what it asks for: :func:`aggregates_like_us` says no, and
+the histograms are then recorded into the SDK's own instruments (:class:`SdkHistogram`), at the
+SDK's cost.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
-from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+from opentelemetry.metrics import Meter
+from opentelemetry.sdk.metrics import Histogram as SdkHistogramInstrument
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
@@ -35,6 +43,7 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -114,6 +123,31 @@ class Histogram:
                 point.windows.append([math.inf, -math.inf])
             self._windows += 1
             return self._windows - 1
+
+
+class SdkHistogram:
+    """:class:`Histogram`'s ``record(value, key)`` onto an SDK histogram instrument of ``meter``."""
+
+    def __init__(self, meter: Meter, metric: n.MetricName, bounds: Sequence[float]) -> None:
+        self.metric = metric
+        self.keys = metric.attributes
+        self._instrument = meter.create_histogram(metric.name, unit=metric.unit, description=metric.description,
+                                                  explicit_bucket_boundaries_advisory=bounds)
+
+    def record(self, value: float, key: tuple[Any, ...]) -> None:
+        """Record ``value`` with the attributes of ``key`` that are set."""
+        self._instrument.record(value, {name: v for name, v in zip(self.keys, key, strict=True) if v is not None})
+
+
+def aggregates_like_us(reader: MetricReader) -> bool:
+    """Whether ``reader`` wants histograms aggregated the way :class:`Histogram` does: the SDK's
+    default aggregation, or explicit buckets with the instrument's own boundaries and min/max."""
+    preferences = getattr(reader, "_instrument_class_aggregation", {})
+    wanted = next((a for kind, a in preferences.items() if issubclass(kind, SdkHistogramInstrument)), None)
+    if wanted is None or isinstance(wanted, DefaultAggregation):
+        return True
+    return (isinstance(wanted, ExplicitBucketHistogramAggregation)
+            and getattr(wanted, "_boundaries", ()) is None and getattr(wanted, "_record_min_max", False) is True)
 
 
 class _Collector:
@@ -202,7 +236,7 @@ class Histograms:
         ``fetchpool.demand.requests`` gauge always has."""
         # The reader's preferences, keyed by the SDK's instrument classes (its histogram's is a subclass).
         preferences = getattr(reader, "_instrument_class_temporality", {})
-        temporality = next((t for kind, t in preferences.items() if issubclass(kind, SdkHistogram)),
+        temporality = next((t for kind, t in preferences.items() if issubclass(kind, SdkHistogramInstrument)),
                            AggregationTemporality.CUMULATIVE)
         collector = _Collector(self.all, self._scope, self._resource, temporality)
         receive = reader._receive_metrics

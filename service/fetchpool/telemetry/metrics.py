@@ -8,24 +8,32 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from fetchpool.engine import PoolSnapshot
 from fetchpool.telemetry import names as n
-from fetchpool.telemetry.histograms import Histogram
+from fetchpool.telemetry.histograms import Histogram, SdkHistogram
 from fetchpool.telemetry.pools import PoolReader
 
 
 class Instruments:
-    """Every metric of :mod:`fetchpool.telemetry.names`: the histograms (aggregated by
-    :mod:`fetchpool.telemetry.histograms`, exported through the readers they are attached to) and,
-    on ``meter``, the observable instruments and the drop counter."""
+    """Every metric of :mod:`fetchpool.telemetry.names`: the histograms and, on ``meter``, the
+    observable instruments and the drop counter.
 
-    def __init__(self, meter: Meter, pools: PoolReader) -> None:
+    The histograms are aggregated by :mod:`fetchpool.telemetry.histograms` (``histograms`` lists
+    them, to attach to the readers), or with ``sdk_histograms`` by the SDK's instruments on ``meter``
+    (``histograms`` is then empty).
+    """
+
+    def __init__(self, meter: Meter, pools: PoolReader, *, sdk_histograms: bool = False) -> None:
         self._pools = pools
-        self.request_duration = Histogram(n.HTTP_CLIENT_REQUEST_DURATION, n.DURATION_BUCKETS)
-        self.connection_duration = Histogram(n.HTTP_CLIENT_CONNECTION_DURATION, n.CONNECTION_DURATION_BUCKETS)
-        self.wait_time = Histogram(n.POOL_WAIT_TIME, n.WAIT_BUCKETS)
-        self.create_time = Histogram(n.POOL_CONNECTION_CREATE_TIME, n.CREATE_BUCKETS)
-        self.rpc_duration = Histogram(n.RPC_SERVER_CALL_DURATION, n.RPC_DURATION_BUCKETS)
-        self.histograms = (self.request_duration, self.connection_duration, self.wait_time, self.create_time,
-                           self.rpc_duration)
+
+        def histogram(metric: n.MetricName, bounds: tuple[float, ...]) -> Histogram | SdkHistogram:
+            return SdkHistogram(meter, metric, bounds) if sdk_histograms else Histogram(metric, bounds)
+
+        self.request_duration = histogram(n.HTTP_CLIENT_REQUEST_DURATION, n.DURATION_BUCKETS)
+        self.connection_duration = histogram(n.HTTP_CLIENT_CONNECTION_DURATION, n.CONNECTION_DURATION_BUCKETS)
+        self.wait_time = histogram(n.POOL_WAIT_TIME, n.WAIT_BUCKETS)
+        self.create_time = histogram(n.POOL_CONNECTION_CREATE_TIME, n.CREATE_BUCKETS)
+        self.rpc_duration = histogram(n.RPC_SERVER_CALL_DURATION, n.RPC_DURATION_BUCKETS)
+        self.histograms = tuple(h for h in (self.request_duration, self.connection_duration, self.wait_time,
+                                            self.create_time, self.rpc_duration) if isinstance(h, Histogram))
         self.dropped = meter.create_counter(
             n.TELEMETRY_DROPPED.name, unit="{item}", description=n.TELEMETRY_DROPPED.description)
 

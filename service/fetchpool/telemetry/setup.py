@@ -39,7 +39,7 @@ from fetchpool.errors import ConfigError
 from fetchpool.telemetry import names as n
 from fetchpool.telemetry.config import TelemetryConfig
 from fetchpool.telemetry.fetches import FetchTelemetry
-from fetchpool.telemetry.histograms import Histograms
+from fetchpool.telemetry.histograms import Histograms, aggregates_like_us
 from fetchpool.telemetry.metrics import Instruments
 from fetchpool.telemetry.pools import PoolReader, SnapshotSource
 from fetchpool.telemetry.rpc import ServerTelemetryInterceptor
@@ -283,9 +283,13 @@ class Telemetry:
             # OTEL_SDK_DISABLED=true makes the SDK a no-op; the readers we are given are the ones
             # the configuration asked for (only an explicit scrape endpoint under that variable).
             self.meter_provider._disabled = False
-            self.instruments = Instruments(self.meter_provider.get_meter(n.INSTRUMENTATION_SCOPE, version), self.pools)
+            own = all(aggregates_like_us(reader) for reader in metric_readers)
+            if not own:
+                logger.info("a metric reader asks for another histogram aggregation: the SDK aggregates them")
+            self.instruments = Instruments(self.meter_provider.get_meter(n.INSTRUMENTATION_SCOPE, version), self.pools,
+                                           sdk_histograms=not own)
             histograms = Histograms(self.instruments.histograms, scope, resource)
-            for reader in metric_readers:
+            for reader in metric_readers if own else ():
                 histograms.attach(reader)
             self.drops.counter = self.instruments.dropped
         spans = FinishedSpans(tracer, scope) if tracer else None
