@@ -16,6 +16,7 @@ import ssl
 import h2.exceptions
 import httpcore
 import httpx
+import idna
 
 __all__ = [
     "ConfigError",
@@ -119,6 +120,8 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
         return ErrorKind.TIMEOUT, f"{what} timed out"
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
         return ErrorKind.INVALID_URL, text
+    if isinstance(exc, idna.IDNAError):  # httpx decodes an "xn--" host on first use (a redirect's)
+        return ErrorKind.INVALID_URL, f"invalid host name: {text}"
     if any(isinstance(c, ssl.SSLEOFError | ssl.SSLZeroReturnError) for c in chain):
         # The peer (or a proxy in between) hung up mid-handshake: a connection failure,
         # not a certificate problem.
