@@ -10,7 +10,7 @@ and the values of the query parameters ``AWSAccessKeyId``, ``Signature``, ``sig`
 
 from __future__ import annotations
 
-__all__ = ["MAX_URL_LENGTH", "REDACTED", "SENSITIVE_QUERY_PARAMETERS", "redact_url"]
+__all__ = ["MAX_URL_LENGTH", "REDACTED", "SENSITIVE_QUERY_PARAMETERS", "authority_end", "redact_url"]
 
 REDACTED = "REDACTED"
 #: Query parameters whose values are replaced (compared case-insensitively).
@@ -26,6 +26,17 @@ MAX_URL_LENGTH = 4096
 _AUTHORITY_END = "/?#"
 
 
+def authority_end(url: str, start: int) -> int:
+    """Index where the authority that begins at ``start`` (just after ``://``) ends: the first
+    ``/``, ``?`` or ``#`` after it, else ``len(url)``."""
+    end = len(url)
+    for char in _AUTHORITY_END:
+        found = url.find(char, start)
+        if 0 <= found < end:
+            end = found
+    return end
+
+
 def redact_url(url: str) -> str:
     """``url`` with any ``userinfo@`` replaced by ``REDACTED:REDACTED@`` and sensitive query values
     replaced by ``REDACTED``; everything else as given."""
@@ -33,12 +44,7 @@ def redact_url(url: str) -> str:
         scheme_end = url.find("://")
         if scheme_end >= 0:
             start = scheme_end + 3
-            end = len(url)
-            for char in _AUTHORITY_END:
-                found = url.find(char, start)
-                if 0 <= found < end:
-                    end = found
-            at = url.rfind("@", start, end)
+            at = url.rfind("@", start, authority_end(url, start))
             if at >= 0:
                 url = f"{url[:start]}{REDACTED}:{REDACTED}{url[at:]}"
     query_start = url.find("?")

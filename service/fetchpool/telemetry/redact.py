@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from fetchpool.redact import REDACTED, redact_url
+from fetchpool.redact import REDACTED, authority_end, redact_url
 
 __all__ = ["REDACTED", "redact_url", "server_of"]
-
-_AUTHORITY_END = "/?#"
 
 
 def server_of(url: str) -> tuple[str, int | None, str]:
@@ -24,11 +22,7 @@ def server_of(url: str) -> tuple[str, int | None, str]:
     if scheme_end > 0:
         scheme = url[:scheme_end].lower()
         start = scheme_end + 3
-        end = len(url)
-        for char in _AUTHORITY_END:
-            found = url.find(char, start)
-            if 0 <= found < end:
-                end = found
+        end = authority_end(url, start)
         authority = url[url.rfind("@", start, end) + 1 if "@" in url else start:end]
         host, colon, port = authority.partition(":")
         if host and "[" not in host and (not colon or port.isdigit()) and ":" not in port:
