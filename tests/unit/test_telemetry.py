@@ -4,7 +4,7 @@ the span tree, attribute names and values, phase timings, reuse, redaction, and 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,31 +25,6 @@ from support import AppServer, Certs, Nginx, Tinyproxy
 LOOPBACK = ("127.0.0.0/8", "::1/128")  # the SSRF guard refuses the test servers otherwise
 PHASES = {"pool.acquire", "tcp.connect", "proxy.connect", "tls.handshake", "request.send", "response.headers",
           "response.body"}
-
-
-@pytest.fixture
-def spans() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
-def reader() -> InMemoryMetricReader:
-    return InMemoryMetricReader()
-
-
-@pytest.fixture
-def phases() -> str:
-    """How phases are exported; tests parametrize it to check both ways."""
-    return n.PHASES_AS_EVENTS
-
-
-@pytest.fixture
-def telemetry(spans: InMemorySpanExporter, reader: InMemoryMetricReader, phases: str) -> Iterator[Telemetry]:
-    tracer_provider = TracerProvider(shutdown_on_exit=False)
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    telemetry = Telemetry(tracer_provider=tracer_provider, metric_readers=[reader], phases=phases)
-    yield telemetry
-    telemetry.shutdown(1.0)
 
 
 def _settings(certs: Certs, proxies: tuple[str, ...] = (), **limits: Any) -> Settings:
