@@ -161,7 +161,7 @@ class SpanEncoder:
         if parent is not None:
             parts += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
         if span.name:
-            parts.append(self._text(b"\x2a", span.name))
+            parts.append(self._repeating(b"\x2a", span.name))
         parts += (b"\x30", _SMALL[span.kind.value + 1])
         if span.start_time:  # proto3: a zero is not written
             parts += (b"\x39", _FIXED64(span.start_time))
@@ -200,13 +200,13 @@ class SpanEncoder:
         """A span's ``events`` field."""
         body = [b"\x09", _FIXED64(timestamp)] if timestamp else []
         if name:
-            body.append(self._text(b"\x12", name))
+            body.append(self._repeating(b"\x12", name))
         body += self.attributes(b"\x1a", attributes)
         if dropped:
             body += (b"\x20", _varint(dropped))
         return _field(b"\x5a", b"".join(body))
 
-    def _text(self, tag: bytes, text: str) -> bytes:
+    def _repeating(self, tag: bytes, text: str) -> bytes:
         """A string field whose values repeat (span and event names), kept once encoded."""
         encoded = self._texts.get((tag, text))
         if encoded is None:

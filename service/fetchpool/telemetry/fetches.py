@@ -61,7 +61,7 @@ class _Finished(NamedTuple):
     end_ns: int
     url: str
     status_code: int
-    http_version: str
+    version: str  # network.protocol.version: "2", "1.1"; "" without a response
     reused: bool
     pool: str
     error: str  # error.type: the error kind, or the status code when it is 400 or more; "" if neither
@@ -112,7 +112,8 @@ class FetchTelemetry:
             else:
                 error = str(outcome.status_code) if outcome.status_code >= 400 else ""
             self._pending.append(_Finished(
-                token, end_ns, outcome.url, outcome.status_code, outcome.http_version, outcome.connection_reused,
+                token, end_ns, outcome.url, outcome.status_code, _protocol_version(outcome.http_version),
+                outcome.connection_reused,
                 outcome.pool, error, outcome.error_message, outcome.timings.total,
                 recorder.phases if recorder is not None else None))
         except Exception:
@@ -173,8 +174,8 @@ class FetchTelemetry:
         if finished.status_code:
             attributes[n.HTTP_RESPONSE_STATUS_CODE] = finished.status_code
             attributes[n.CONNECTION_REUSED] = finished.reused
-        if finished.http_version:  # network.protocol.name is "http": left out, as the conventions allow
-            attributes[n.NETWORK_PROTOCOL_VERSION] = _protocol_version(finished.http_version)
+        if finished.version:  # network.protocol.name is "http": left out, as the conventions allow
+            attributes[n.NETWORK_PROTOCOL_VERSION] = finished.version
         phases = finished.phases if finished.phases is not None and self._phases != n.PHASES_OFF else ()
         if finished.phases:  # one pool.acquire per request put on the wire: retries and redirect hops
             resends = sum(phase.name == "pool.acquire" for phase in finished.phases) - 1
@@ -234,7 +235,7 @@ class FetchTelemetry:
             method if method in n.KNOWN_METHODS else "_OTHER",
             finished.status_code or None,
             finished.error or None,
-            _protocol_version(finished.http_version) if finished.http_version else None,
+            finished.version or None,
             scheme if scheme in ("http", "https") else None,
             pool))
         if finished.phases is None:

@@ -55,6 +55,11 @@ _OVERFLOW: tuple[Any, ...] = ("otel.metric.overflow",)
 _OVERFLOW_ATTRIBUTES = {"otel.metric.overflow": True}
 
 
+def _attributes(keys: tuple[str, ...], key: tuple[Any, ...]) -> dict[str, Any]:
+    """The attributes a key stands for: each name of ``keys`` with its value in ``key``, unless None."""
+    return {name: value for name, value in zip(keys, key, strict=True) if value is not None}
+
+
 class _Point:
     """One attribute set's aggregate; ``windows`` holds a [min, max] per delta reader."""
 
@@ -112,7 +117,7 @@ class Histogram:
                 return point
             attributes = dict(_OVERFLOW_ATTRIBUTES)
         else:
-            attributes = {name: value for name, value in zip(self.keys, key, strict=True) if value is not None}
+            attributes = _attributes(self.keys, key)
         point = self._points[key] = _Point(attributes, len(self.bounds) + 1, self._windows)
         return point
 
@@ -136,7 +141,7 @@ class SdkHistogram:
 
     def record(self, value: float, key: tuple[Any, ...]) -> None:
         """Record ``value`` with the attributes of ``key`` that are set."""
-        self._instrument.record(value, {name: v for name, v in zip(self.keys, key, strict=True) if v is not None})
+        self._instrument.record(value, _attributes(self.keys, key))
 
 
 def aggregates_like_us(reader: MetricReader) -> bool:
