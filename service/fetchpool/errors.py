@@ -120,7 +120,7 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
         return ErrorKind.TIMEOUT, f"{what} timed out"
     if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
         return ErrorKind.INVALID_URL, text
-    if isinstance(exc, idna.IDNAError):  # httpx decodes an "xn--" host on first use (a redirect's)
+    if isinstance(exc, idna.IDNAError):  # httpx decodes an "xn--" host on first use, not when parsing
         return ErrorKind.INVALID_URL, f"invalid host name: {text}"
     if any(isinstance(c, ssl.SSLEOFError | ssl.SSLZeroReturnError) for c in chain):
         # The peer (or a proxy in between) hung up mid-handshake: a connection failure,
