@@ -207,6 +207,7 @@ CORPUS: list[Case] = [
     Case("url-javascript", fixed("javascript:alert(1)"), K.INVALID_URL),
     Case("url-no-host", fixed("http:///ok"), K.INVALID_URL),
     Case("url-malformed-idna-host", fixed("http://xn--.invalid/ok"), K.INVALID_URL),
+    Case("url-space-in-host", fixed("http://a b/ok"), K.INVALID_URL),
     Case("redirect-to-malformed-idna-host", redirect_to(lambda h, k: "http://xn--.invalid/ok"), K.INVALID_URL),
     Case("url-bad-ipv6", fixed("http://[::1/ok"), K.INVALID_URL),
     Case("url-too-long", netloc("http://127.0.0.1:{port}/" + "a" * 70_000), K.INVALID_URL),

@@ -47,8 +47,9 @@ _BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
 # Message framing and connection management belong to the client (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
                       "upgrade", "te", "trailer"})
-# httpx gives the host IDNA-encoded; what remains is a DNS name or an IP literal.
-_HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]+(?:%[A-Za-z0-9]+)?)$")
+# httpx gives the host IDNA-encoded; what remains is a DNS name or IPv4 literal, or an IPv6
+# literal (it has a colon) with an optional zone id.
+_HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9]+)?)$")
 
 
 class _NoCookies(http.cookiejar.CookieJar):
