@@ -138,7 +138,7 @@ HTTP_CLIENT_OPEN_CONNECTIONS = MetricName(
     "Open connections of the pool now, by state (active, idle)", "HTTP client")
 HTTP_CLIENT_CONNECTION_DURATION = MetricName(
     "http.client.connection.duration", "Histogram", "s", (NETWORK_PROTOCOL_VERSION, POOL_NAME),
-    "Lifetime of a closed connection (recorded when the engine reports closes)", "HTTP client")
+    "Lifetime of a closed connection that lived through at least one pool upkeep (once a second)", "HTTP client")
 POOL_CONNECTION_MAX = MetricName(
     "fetchpool.pool.connection.max", "ObservableUpDownCounter", "{connection}", _POOL,
     "Connections the pool may open (the limit the operator sets)", "db.client.connection.max")
@@ -171,7 +171,8 @@ POOL_RETRIES = MetricName(
     "Requests sent again through the pool (retry policy, stale connection)", "")
 POOL_CONNECTIONS_RETIRED = MetricName(
     "fetchpool.pool.connection.retired", "ObservableCounter", "{connection}", _POOL,
-    "Connections closed for reaching their max requests or max age", "")
+    "Connections the pool closed itself: max requests or max age reached, idle past the keep-alive expiry or "
+    "over the idle limit, orphaned", "")
 POOL_PROXY_EJECTED = MetricName(
     "fetchpool.pool.proxy.ejected", "ObservableUpDownCounter", "{pool}", _POOL,
     "1 while the pool's proxy is ejected after consecutive failures, else 0", "")
