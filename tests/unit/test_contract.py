@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import httpcore
 import httpx
@@ -18,24 +21,77 @@ ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ("fetch_pb2.py", "fetch_pb2.pyi", "fetch_pb2_grpc.py")
 
 
-def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
+# The version stamps a code generator writes into the stubs: they say which grpcio-tools and
+# protobuf made the file, not what the proto says, so a patch release of the tools changes them.
+_STAMPS = (
+    re.compile(r"^# Protobuf Python Version: .*$", re.M),
+    re.compile(r"^_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:    .*\n)+?\)$", re.M),
+    re.compile(r"^GRPC_GENERATED_VERSION = .*$", re.M),
+)
+
+
+def _unstamped(source: str) -> str:
+    for stamp in _STAMPS:
+        source, found = stamp.subn("<stamp>", source)
+        assert found <= 1
+    return source
+
+
+def _generate(out: Path) -> None:
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{ROOT / 'proto'}",
-            f"--python_out={tmp_path}",
-            f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            str(ROOT / "proto/fetchpool/v1/fetch.proto"),
-        ],
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={out}",
+         f"--pyi_out={out}", f"--grpc_python_out={out}", str(ROOT / "proto/fetchpool/v1/fetch.proto")],
         check=True,
     )
+
+
+def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
+    # Fails when the proto changed and `make proto` was not run; not when only the installed
+    # grpcio-tools differs from the one that made the committed stubs (its stamps are ignored).
+    _generate(tmp_path)
     for name in GENERATED:
-        fresh = (tmp_path / "fetchpool/v1" / name).read_text()
-        committed = (ROOT / "service/fetchpool/v1" / name).read_text()
+        fresh = _unstamped((tmp_path / "fetchpool/v1" / name).read_text())
+        committed = _unstamped((ROOT / "service/fetchpool/v1" / name).read_text())
         assert fresh == committed, f"service/fetchpool/v1/{name} is stale: run `make proto`"
+
+
+def test_stub_comparison_sees_a_changed_proto(tmp_path: Path) -> None:
+    # The check above cannot pass by ignoring too much: one renamed field makes it fail.
+    proto = tmp_path / "proto/fetchpool/v1/fetch.proto"
+    proto.parent.mkdir(parents=True)
+    proto.write_text((ROOT / "proto/fetchpool/v1/fetch.proto").read_text().replace("session_key", "session_id", 1))
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path / 'proto'}", f"--python_out={tmp_path}",
+                    f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(proto)], check=True)
+    for name in ("fetch_pb2.py", "fetch_pb2.pyi"):
+        fresh = _unstamped((tmp_path / "fetchpool/v1" / name).read_text())
+        assert fresh != _unstamped((ROOT / "service/fetchpool/v1" / name).read_text())
+
+
+def _lower_bound(requirement: str) -> str:
+    match = re.search(r">=\s*([0-9][0-9.]*)", requirement)
+    assert match, f"{requirement!r} has no lower bound"
+    return match.group(1)
+
+
+def test_stub_stamps_are_within_the_declared_runtime_ranges() -> None:
+    # Generated code refuses to import on a grpcio or protobuf older than the tools that made it:
+    # the package's lower bounds must admit it, or a user's install within them breaks at import.
+    declared = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]: r for r in _pyproject()["project"]["dependencies"]}
+    grpc_stub = (ROOT / "service/fetchpool/v1/fetch_pb2_grpc.py").read_text()
+    grpc_made = re.search(r"^GRPC_GENERATED_VERSION = '([0-9.]+)'$", grpc_stub, re.M)
+    pb_made = re.search(r"^# Protobuf Python Version: ([0-9.]+)$", (ROOT / "service/fetchpool/v1/fetch_pb2.py").read_text(),
+                        re.M)
+    assert grpc_made and pb_made
+    assert _version(grpc_made.group(1)) <= _version(_lower_bound(declared["grpcio"]))
+    assert _version(pb_made.group(1)) <= _version(_lower_bound(declared["protobuf"]))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def test_error_kinds_are_the_proto_enum() -> None:
