@@ -15,52 +15,47 @@
 ARG BASE_IMAGE=docker.io/library/python:3.11.14-slim-bookworm
 
 ############################################################################
-# Stage 1: generate the gRPC stubs, build wheels, install them into a venv.
+# Stage 1: install the locked dependencies and the project into a venv.
 ############################################################################
 FROM ${BASE_IMAGE} AS builder
 
-# grpcio-tools that generates the stubs: keep in step with the stubs checked in under
-# service/fetchpool/v1 (their header names the version that made them).
-ARG GRPCIO_TOOLS_VERSION=1.85.1
-# Optional CA bundle for pip, for networks that reach PyPI through a TLS-intercepting proxy.
-# scripts/image-build.sh mounts the host's bundle with `--volume` for the build only and passes its
-# path here; nothing of it is copied into any layer. Unset by default (pip's own CA store).
+# The installer, at the version the lock pins (tests/unit/test_dependencies.py checks they agree).
+ARG UV_VERSION=0.13.9
+# Optional CA bundle for the installers, for networks that reach PyPI through a TLS-intercepting
+# proxy. scripts/image-build.sh mounts the host's bundle with `--volume` for the build only and
+# passes its path here; nothing of it is copied into any layer. Unset by default (the tools' own
+# CA stores).
 ARG PIP_CERT
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    UV_NO_CACHE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_LINK_MODE=copy \
+    UV_COMPILE_BYTECODE=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv
 
 WORKDIR /src
 
-# A throw-away venv for the code generator; it never reaches the runtime stage.
-RUN python3 -m venv /opt/codegen \
- && /opt/codegen/bin/pip install --no-cache-dir "grpcio-tools==${GRPCIO_TOOLS_VERSION}"
+# The installer in a throw-away venv; it never reaches the runtime stage.
+RUN python3 -m venv /opt/uv \
+ && /opt/uv/bin/pip install --no-cache-dir "uv==${UV_VERSION}"
 
-# Dependency wheels first, from pyproject.toml alone: this layer is rebuilt only when the
-# dependencies change, not on every source change. (README.md is optional: the glob keeps COPY
-# from failing while it does not exist.)
-COPY pyproject.toml README.m[d] ./
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > requirements.txt \
- && /opt/codegen/bin/pip wheel --no-cache-dir --wheel-dir /wheels -r requirements.txt
+# Dependencies first, from the lock alone: this layer is rebuilt only when the lock changes, not on
+# every source change. --locked: the exact versions and hashes of uv.lock, the same set `make test`
+# ran against; --no-dev: runtime dependencies only (no test tools, no grpcio-tools). README.md is
+# optional: the glob keeps COPY from failing while it does not exist.
+COPY pyproject.toml uv.lock README.m[d] ./
+RUN if [ -n "${PIP_CERT:-}" ]; then export SSL_CERT_FILE="$PIP_CERT"; fi \
+ && /opt/uv/bin/uv sync --locked --no-dev --no-install-project --python python3
 
-COPY proto/ proto/
+# The project itself, not editable: the venv holds a copy and needs no sources. The gRPC stubs are
+# the committed ones (a test keeps them in step with proto/), so no code generator runs here.
 COPY service/ service/
-
-# Regenerate the stubs from the .proto so the image never ships stubs older than the API.
-RUN /opt/codegen/bin/python -m grpc_tools.protoc -I proto \
-        --python_out=service --pyi_out=service --grpc_python_out=service \
-        proto/fetchpool/v1/fetch.proto \
- && touch service/fetchpool/v1/__init__.py
-
-# The project's wheel, then a clean venv from the wheels alone (no index in the install step:
-# what was built is what is installed). The venv keeps no pip.
-RUN /opt/codegen/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels fetchpool \
- && /opt/venv/bin/pip uninstall --yes pip
+RUN if [ -n "${PIP_CERT:-}" ]; then export SSL_CERT_FILE="$PIP_CERT"; fi \
+ && /opt/uv/bin/uv sync --locked --no-dev --no-editable --python python3
 
 # A numeric, non-root user for the runtime stage (Kubernetes' runAsNonRoot can only verify a
 # numeric UID). The entries are written directly because minimal bases may lack useradd.

@@ -5,26 +5,37 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The installer: this version bootstraps the venv, and the lock pins the same one
+# (tests/unit/test_contract.py checks they agree). Change both with `make lock-upgrade`.
+UV_VERSION := 0.13.9
+UV := UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never $(BIN)/uv
 
-.PHONY: help install system-deps proto proto-check run test lint bench bench-smoke bench-telemetry image image-test chart-lint chart-test clean
+.PHONY: help install lock lock-upgrade system-deps proto run test lint bench bench-smoke bench-telemetry image image-test chart-lint chart-test clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
 
-install: $(STAMP) ## create .venv and install fetchpool with its test and bench extras
+# Every run syncs the venv to the lock exactly (a no-op when it already is): what is installed is
+# what uv.lock says, whatever was installed by hand before. --locked refuses a lock that no longer
+# matches pyproject.toml (run `make lock`).
+install: $(BIN)/uv ## create .venv and install exactly what uv.lock pins (the service, test, lint, bench, build tools)
+	$(UV) sync --locked --all-groups --python $(BIN)/python
+
+lock: $(BIN)/uv ## refresh uv.lock after editing pyproject.toml (keeps every other pin as it is)
+	$(UV) lock
+
+lock-upgrade: $(BIN)/uv ## move every pin to the newest release its range allows (then: make test, commit uv.lock)
+	$(UV) lock --upgrade
 
 system-deps: ## install the Debian packages the tests use (nginx, tinyproxy, squid, wrk, ...)
 	bash scripts/install-system-deps.sh
 
-proto: $(STAMP) ## regenerate the gRPC stubs in service/fetchpool/v1 from proto/
+proto: install ## regenerate the gRPC stubs in service/fetchpool/v1 from proto/
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=service --pyi_out=service \
 	    --grpc_python_out=service proto/fetchpool/v1/fetch.proto
 
