@@ -10,10 +10,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import httpcore
 import httpx
-from fetchpool.engine import _httpcore_compat
-from fetchpool.errors import ErrorKind
+import pytest
+from fetchpool.engine import _httpcore
+from fetchpool.engine._httpcore import checks
+from fetchpool.errors import ConfigError, ErrorKind
 from fetchpool.telemetry import _otlp_compat
 from fetchpool.v1 import fetch_pb2 as pb
 
@@ -79,8 +80,8 @@ def test_stub_stamps_are_within_the_declared_runtime_ranges() -> None:
     declared = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0]: r for r in _pyproject()["project"]["dependencies"]}
     grpc_stub = (ROOT / "service/fetchpool/v1/fetch_pb2_grpc.py").read_text()
     grpc_made = re.search(r"^GRPC_GENERATED_VERSION = '([0-9.]+)'$", grpc_stub, re.M)
-    pb_made = re.search(r"^# Protobuf Python Version: ([0-9.]+)$", (ROOT / "service/fetchpool/v1/fetch_pb2.py").read_text(),
-                        re.M)
+    pb_stub = (ROOT / "service/fetchpool/v1/fetch_pb2.py").read_text()
+    pb_made = re.search(r"^# Protobuf Python Version: ([0-9.]+)$", pb_stub, re.M)
     assert grpc_made and pb_made
     assert _version(grpc_made.group(1)) <= _version(_lower_bound(declared["grpcio"]))
     assert _version(pb_made.group(1)) <= _version(_lower_bound(declared["protobuf"]))
@@ -99,16 +100,38 @@ def test_error_kinds_are_the_proto_enum() -> None:
     assert {k.name: k.value for k in ErrorKind} == proto_kinds
 
 
-def test_httpcore_internals_are_the_checked_versions() -> None:
-    # _httpcore_compat reaches into private attributes; re-read it against a new release
-    # (AsyncHTTPTransport._pool, AsyncConnectionPool._max_connections and friends) before bumping.
-    assert {"httpx": httpx.__version__, "httpcore": httpcore.__version__} == _httpcore_compat.CHECKED_VERSIONS
+def test_the_engine_checks_the_internals_it_builds_on() -> None:
+    # engine/_httpcore replaces httpcore methods and reads private attributes: verify() passes
+    # for the locked versions, and the live-limit attributes it writes are the pool's.
+    _httpcore.verify()
     transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=7, max_keepalive_connections=3))
     pool = transport._pool
     assert (pool._max_connections, pool._max_keepalive_connections) == (7, 3)
-    _httpcore_compat.apply_limits(transport, max_connections=9, max_keepalive_connections=4, keepalive_expiry=2.0)
+    _httpcore.apply_limits(transport, max_connections=9, max_keepalive_connections=4, keepalive_expiry=2.0)
     assert (pool._max_connections, pool._max_keepalive_connections, pool._keepalive_expiry) == (9, 4, 2.0)
-    assert _httpcore_compat.connections(transport) == []
+    assert _httpcore.connections(transport) == []
+
+
+def test_a_changed_internal_stops_the_engine_with_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An upgrade that changes a module the package builds on must fail loudly, naming it,
+    # rather than silently turning a fix (or the SSRF guard) into a no-op.
+    monkeypatch.setitem(checks.SOURCES, "httpcore._async.http2", "0" * 16)
+    checks.verify.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"httpcore\._async\.http2 differs"):
+            checks.verify()
+    finally:
+        checks.verify.cache_clear()
+
+
+def test_a_missing_attribute_stops_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checks, "_POOL_ATTRIBUTES", (*checks._POOL_ATTRIBUTES, "_renamed_in_a_release"))
+    checks.verify.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="_renamed_in_a_release is gone"):
+            checks.verify()
+    finally:
+        checks.verify.cache_clear()
 
 
 def test_otlp_exporter_internals_are_the_checked_version() -> None:
@@ -123,58 +146,3 @@ def test_otlp_exporter_internals_are_the_checked_version() -> None:
         assert exporter._translate_data([]) == b""
     finally:
         exporter.shutdown(timeout_millis=100)
-
-
-class _Conn:
-    """A pool entry for the assignment logic (plain data: no I/O happens in that pass)."""
-
-    def __init__(self, origin: str, *, idle: bool = True, expired: bool = False) -> None:
-        self.origin, self.idle, self.expired, self.closed = origin, idle, expired, False
-
-    def is_closed(self) -> bool:
-        return self.closed
-
-    def is_idle(self) -> bool:
-        return self.idle
-
-    def has_expired(self) -> bool:
-        return self.expired
-
-    def is_available(self) -> bool:
-        return self.idle
-
-    def can_handle_request(self, origin: httpcore.Origin) -> bool:
-        return str(origin.host, "ascii") == self.origin
-
-
-class _Queued:
-    def __init__(self, host: str) -> None:
-        self.request = httpcore.Request("GET", f"http://{host}/")
-        self.connection: object = None
-
-    def is_queued(self) -> bool:
-        return self.connection is None
-
-    def assign_to_connection(self, connection: object) -> None:
-        self.connection = connection
-
-
-def test_linear_assignment_counts_idle_connections_and_skips_expired_ones() -> None:
-    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=6, max_keepalive_connections=2))
-    _httpcore_compat.linear_pool_assignment(transport)
-    pool = transport._pool
-    busy = [_Conn("a", idle=False) for _ in range(3)]
-    stale = _Conn("b", expired=True)
-    fresh = _Conn("b")
-    pool._connections = [*busy, stale, fresh]
-    request = _Queued("b")
-    pool._requests = [request]
-    # httpcore 1.0.9 would close an idle connection here: 5 connections > 2 keep-alive.
-    assert pool._assign_requests_to_connections() == [stale]
-    assert request.connection is fresh and pool._connections == [*busy, fresh]
-    extra = [_Conn("d") for _ in range(3)]
-    pool._connections.extend(extra)
-    pool._requests = []
-    # 4 idle connections, 2 may stay: the last two idle ones are surplus.
-    assert pool._assign_requests_to_connections() == extra[1:]
-    assert pool._connections == [*busy, fresh, extra[0]]

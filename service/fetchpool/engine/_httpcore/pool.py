@@ -1,0 +1,140 @@
+"""httpcore's connection pool with fetchpool's connections and a request assignment that
+keeps the pool's count true.
+
+:class:`PoolMixin` is put in front of the class of the pool an ``httpx.AsyncHTTPTransport``
+made (direct, HTTP proxy or SOCKS5), so httpx's own transport keeps working unchanged:
+
+- ``create_connection`` makes :mod:`~fetchpool.engine._httpcore.connections`' connections
+  (open once, fail together, no socket left behind), with the pool's own settings;
+- ``_assign_requests_to_connections`` runs in linear time and counts idle connections as
+  idle (httpcore 1.0.9 builds a list of every connection for every connection it looks at, and
+  counts all of them as idle: encode/httpcore PRs #924, #1035), and it closes *orphans*: a
+  connection that is neither idle nor closed while no request is assigned to it. Such a
+  connection has lost its request to a cancellation at an unlucky moment (a stream whose
+  clean-up was cut short, an opening abandoned before it began); nothing would ever use or
+  close it, and it would hold a place under ``max_connections`` for good;
+- ``_close_connections`` cannot be stopped half-way by a cancellation (see ``shield.py``), so
+  a connection removed from the pool always has its socket closed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import httpcore
+from httpcore import AsyncConnectionInterface, Origin
+
+from fetchpool.engine._httpcore import connections as conn
+from fetchpool.engine._httpcore.shield import shielded
+
+
+class PoolMixin:
+    """Mixed in front of ``httpcore.AsyncConnectionPool`` and its proxy subclasses."""
+
+    _connections: list[AsyncConnectionInterface]
+    _requests: list[Any]
+    _max_connections: int
+    _max_keepalive_connections: int
+    _keepalive_expiry: float | None
+    _http2: bool
+    _ssl_context: Any
+    _network_backend: httpcore.AsyncNetworkBackend
+    _protocols: dict[conn.OriginKey, bool]
+    orphans_closed: int  # public: the engine counts them among the connections it retired
+    max_requests_per_connection: int  # 0: no limit
+    # AsyncHTTPProxy's and AsyncSOCKSProxy's settings (read only on those pools).
+    _proxy_url: httpcore.URL
+    _proxy_headers: list[tuple[bytes, bytes]]
+    _proxy_ssl_context: Any
+    _proxy_auth: tuple[bytes, bytes] | None
+
+    def create_connection(self, origin: Origin) -> AsyncConnectionInterface:
+        alpn = ["http/1.1", "h2"] if self._http2 else ["http/1.1"]
+        common = {"backend": self._network_backend, "ssl_context": self._ssl_context, "alpn": alpn}
+        if isinstance(self, httpcore.AsyncHTTPProxy):
+            proxy = self._proxy_url.origin
+            if origin.scheme == b"http":
+                opener = functools.partial(conn.open_direct, origin=proxy, backend=self._network_backend,
+                                           ssl_context=self._proxy_ssl_context, alpn=["http/1.1"])
+                return conn.ForwardConnection(
+                    self._pool_connection(proxy, opener, http2=False), proxy_origin=proxy,
+                    proxy_headers=self._proxy_headers, remote_origin=origin, keepalive_expiry=self._keepalive_expiry,
+                )
+            opener = functools.partial(conn.open_tunnel, proxy=proxy, proxy_headers=self._proxy_headers,
+                                       proxy_ssl_context=self._proxy_ssl_context, target=origin, **common)
+        elif isinstance(self, httpcore.AsyncSOCKSProxy):
+            opener = functools.partial(conn.open_socks5, proxy=self._proxy_url.origin, auth=self._proxy_auth,
+                                       target=origin, **common)
+        else:
+            opener = functools.partial(conn.open_direct, origin=origin, **common)
+        return self._pool_connection(origin, opener, http2=self._http2)
+
+    def _pool_connection(self, origin: Origin, opener: Any, *, http2: bool) -> conn.PoolConnection:
+        return conn.PoolConnection(origin, opener, http2=http2, keepalive_expiry=self._keepalive_expiry,
+                                   protocols=self._protocols, max_requests=self.max_requests_per_connection)
+
+    def _assign_requests_to_connections(self) -> list[AsyncConnectionInterface]:
+        """httpcore's rules (reuse an available connection, else open one under
+        ``max_connections``, else replace an idle one), each connection looked at once; only
+        the connection about to be reused is polled for expiry (the engine's upkeep closes
+        the other expired ones), and orphans are closed (see the module docstring)."""
+        assigned = {id(request.connection) for request in self._requests if request.connection is not None}
+        closing: list[AsyncConnectionInterface] = []
+        kept: list[AsyncConnectionInterface] = []
+        idle = 0
+        for connection in self._connections:
+            if connection.is_closed():
+                continue
+            if connection.is_idle():
+                if idle >= self._max_keepalive_connections:
+                    closing.append(connection)
+                    continue
+                idle += 1
+            elif id(connection) not in assigned:
+                closing.append(connection)  # an orphan
+                self.orphans_closed += 1
+                continue
+            kept.append(connection)
+        self._connections = kept
+
+        for pool_request in [request for request in self._requests if request.is_queued()]:
+            origin = pool_request.request.url.origin
+            chosen: AsyncConnectionInterface | None = None
+            expired: list[AsyncConnectionInterface] = []
+            for candidate in self._connections:
+                if candidate.can_handle_request(origin) and candidate.is_available():
+                    if candidate.is_idle() and candidate.has_expired():
+                        expired.append(candidate)  # the server closed it, or keep-alive expired
+                        continue
+                    chosen = candidate
+                    break
+            if expired:
+                closing += expired
+                self._connections = [c for c in self._connections if c not in expired]
+            if chosen is None and len(self._connections) >= self._max_connections:
+                replaced = next((c for c in self._connections if c.is_idle()), None)
+                if replaced is None:
+                    continue  # stays queued until a connection frees up
+                self._connections.remove(replaced)
+                closing.append(replaced)
+            if chosen is None:
+                chosen = self.create_connection(origin)
+                self._connections.append(chosen)
+            pool_request.assign_to_connection(chosen)
+        return closing
+
+    async def _close_connections(self, closing: list[AsyncConnectionInterface]) -> None:
+        if closing:
+            await shielded(super()._close_connections(closing))  # type: ignore[misc]
+
+
+def install(pool: httpcore.AsyncConnectionPool, max_requests_per_connection: int) -> None:
+    """Put :class:`PoolMixin` in front of ``pool``'s class (direct, HTTP proxy or SOCKS5 pool);
+    its connections take ``max_requests_per_connection`` requests at most (0: no limit)."""
+    cls = type(pool)
+    if not issubclass(cls, PoolMixin):
+        pool.__class__ = type(f"Fetchpool{cls.__name__}", (PoolMixin, cls), {})
+    pool._protocols = {}  # type: ignore[attr-defined]
+    pool.orphans_closed = 0  # type: ignore[attr-defined]
+    pool.max_requests_per_connection = max_requests_per_connection  # type: ignore[attr-defined]
