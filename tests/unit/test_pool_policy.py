@@ -132,25 +132,3 @@ def test_invalid_limits_are_refused() -> None:
         with pytest.raises(InvalidLimits):
             PoolLimits().replace(**bad)
     assert PoolLimits().replace(max_connections=5).max_keepalive_connections == 5
-
-
-async def test_first_tunnel_gate_releases_waiters_whatever_the_opener_does() -> None:
-    import asyncio
-    import ssl
-
-    from fetchpool.config import PoolPolicy
-    from fetchpool.engine.pool import Pool
-
-    pool = Pool("http://127.0.0.1:3128", PoolLimits(), PoolPolicy(), ssl.create_default_context(),
-                proxy_url="http://127.0.0.1:3128")
-    origin = "https://example.test:443"
-    assert await pool.open_first(origin) is True  # the opener
-    waiters = [asyncio.create_task(pool.open_first(origin)) for _ in range(3)]
-    await asyncio.sleep(0)
-    assert not any(w.done() for w in waiters)
-    pool.opened(origin, ok=False)  # the opener failed: the others go on and open their own
-    assert await asyncio.gather(*waiters) == [False, False, False]
-    assert await pool.open_first(origin) is True  # not warm: the next burst is gated again
-    pool.opened(origin, ok=True)
-    assert await pool.open_first(origin) is False  # warm: no gate while the tunnel is fresh
-    await pool.aclose()

@@ -16,8 +16,7 @@ import certifi
 import httpx
 
 from fetchpool.config import PoolLimits, Settings
-from fetchpool.engine import _httpcore_compat as compat
-from fetchpool.engine.admission import AdmissionTimeout
+from fetchpool.engine import _httpcore as compat
 from fetchpool.engine.body import ACCEPT_ENCODING, read_body
 from fetchpool.engine.guard import GuardedBackend, TargetGuard
 from fetchpool.engine.hooks import FetchObserver
@@ -39,7 +38,7 @@ INSECURE_EXTENSION = "fetchpool.insecure"
 TEND_INTERVAL = 1.0
 #: Statuses a proxy gives to CONNECT that count as the proxy's failure (gateway errors, 407).
 PROXY_FAULTS = frozenset({401, 407, 502, 503, 504})
-#: Sends of one attempt repeated at most when the connection went away before any response.
+#: Sends of one attempt repeated at most when a reused connection went away before any response.
 RESENDS = 3
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Field values are sent as ASCII by httpx: visible characters, spaces and tabs (RFC 9110 §5.5).
@@ -86,12 +85,6 @@ def _origin(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
 
-def _went_away(exc: BaseException) -> bool:
-    """Whether an exception says the peer shut the connection (HTTP/2 GOAWAY, or closed it)."""
-    text = f"{exc} {exc.__cause__} {exc.__context__}"
-    return any(sign in text for sign in ("ConnectionTerminated", "ConnectionState.CLOSED", "Server disconnected"))
-
-
 def _header(headers: Headers, name: str) -> str | None:
     return next((value for key, value in headers if key.lower() == name), None)
 
@@ -111,7 +104,7 @@ class Engine:
         self._drain_started = asyncio.Event()
         self._in_flight: set[asyncio.Task[Any]] = set()
         fetch = settings.fetch
-        compat.validate_http2_responses()
+        compat.verify()
         ssl_context = ssl.create_default_context(cafile=fetch.ca_bundle or certifi.where())
         self.guard = TargetGuard(fetch.ssrf_guard, fetch.allow_targets, fetch.deny_targets)
         proxies = [parse_proxy(url) for url in fetch.proxies]
@@ -311,7 +304,10 @@ class Engine:
 
     def _failure(self, exc: Exception, pool: Pool, recorder: PhaseRecorder) -> FetchFailed:
         """Classify an attempt's exception once, and count it against the proxy when it is the proxy's."""
-        to_proxy = pool.proxy and recorder.failed_step in ("connect", "proxy.connect")
+        step = recorder.failed_step
+        if isinstance(exc.__cause__, compat.OpenFailed):  # it waited for a connection that failed to open
+            step, exc = exc.__cause__.step, exc.__cause__.cause  # type: ignore[assignment]
+        to_proxy = pool.proxy and step in ("connect", "proxy.connect")
         kind, message = classify(exc, via_proxy=pool.proxy, connecting_to_proxy=to_proxy)
         # Like Envoy's consecutive local-origin failures: besides a refused or failed
         # tunnel, a connection through the proxy that breaks before any response counts.
@@ -392,7 +388,14 @@ class Engine:
     async def _exchange(
         self, spec: FetchSpec, method: str, url: httpx.URL, pool: Pool, recorder: PhaseRecorder, outcome: Outcome
     ) -> None:
-        """One attempt: send, follow redirects, read the body; fills ``outcome``; raises on failure."""
+        """One attempt: send, follow redirects, read the body; fills ``outcome``; raises on failure.
+
+        A request whose reused connection went away before any response (a keep-alive
+        connection the server closed meanwhile, an HTTP/2 connection that died) got no answer,
+        so an idempotent one is sent again at once, outside the retry policy, as Go's net/http
+        does. Requests an HTTP/2 server's GOAWAY says it never processed are moved to another
+        connection by the pool itself (``engine/_httpcore/h2.py``).
+        """
         fetch = self.settings.fetch
         follow = fetch.follow_redirects if spec.follow_redirects is None else spec.follow_redirects
         cap = min(spec.max_body_bytes or fetch.max_body_bytes, fetch.max_body_bytes)
@@ -408,63 +411,15 @@ class Engine:
         seen = {str(url)}
         resends_left = RESENDS if method in IDEMPOTENT else 0
         while True:
-            host = _origin(request.url)
-            if pool.proxy:
-                await self.guard.check(request.url.host, request.url.port or (443 if request.url.scheme == "https"
-                                                                               else 80))
-            if self._host_rate is not None:
-                await self._host_rate.wait(host)
-            opener = pool.proxy and request.url.scheme == "https" and await pool.open_first(host)
-            wait = recorder.acquire_started(pool.name, pool.counters)
             try:
-                await pool.admission.acquire(host, pool.limits.pool_timeout)
-            except BaseException as exc:
-                if opener:  # never leave the requests waiting for this tunnel behind
-                    pool.opened(host, ok=False)
-                if not isinstance(exc, AdmissionTimeout):
-                    raise
-                pool.pool_timeouts_total += 1
-                raise FetchFailed(
-                    ErrorKind.POOL_TIMEOUT,
-                    f"no connection of pool {pool.name} free within {pool.limits.pool_timeout:g} s",
-                ) from None
-            try:
-                try:
-                    response = await self.client.send(request, stream=True)
-                finally:
-                    if opener:
-                        pool.opened(host, ok=recorder.responded)
-                try:
-                    ready = wait.end
-                    pool.acquired(ready - wait.start)
-                    outcome.connection_reused = not recorder.connected
-                    self._check_headers(response)
-                    outcome.body = await read_body(response, cap, recorder)
-                    pool.served(host, reused=outcome.connection_reused, latency=time.monotonic() - ready)
-                finally:
-                    # httpcore's close of a finished stream is not safe against cancellation
-                    # (cut short, it leaves the connection ACTIVE forever): never interrupt it.
-                    await asyncio.shield(self._release(response, pool))
-            except (httpx.ProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-                # The connection went away before any response: a pooled keep-alive
-                # connection the server closed meanwhile, or an HTTP/2 GOAWAY, after which
-                # httpcore fails even the streams below the last-stream-id (encode/httpcore
-                # PR #1054) and h2 may report its closed state as a local protocol error.
-                # Send an idempotent request again on another connection, outside the retry
-                # policy, as Go's net/http does for a broken reused connection or a GOAWAY.
-                if resends_left and not recorder.responded and (not recorder.connected or _went_away(exc)):
+                response = await self._hop(request, pool, recorder, outcome, cap)
+            except (httpx.ProtocolError, httpx.ReadError, httpx.WriteError):
+                if resends_left and not recorder.responded and not recorder.connected:
                     resends_left -= 1
                     outcome.attempts += 1
                     pool.retries_total += 1
                     continue
                 raise
-            finally:
-                recorder.finish_attempt()
-                pool.admission.release(host)
-            outcome.status_code = response.status_code
-            outcome.http_version = response.http_version
-            outcome.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
-            outcome.final_url = str(response.url)
             next_request = response.next_request
             if not (follow and next_request is not None):
                 return
@@ -476,12 +431,30 @@ class Engine:
             seen.add(target)
             request = next_request
 
-    @staticmethod
-    async def _release(response: httpx.Response, pool: Pool) -> None:
-        """Close the response, then retire its connection if it is due, with no other task
-        running in between (so no request is sent on a connection that is due to retire)."""
-        await response.aclose()
-        await pool.after_response(response.extensions.get("network_stream"))
+    async def _hop(self, request: httpx.Request, pool: Pool, recorder: PhaseRecorder, outcome: Outcome, cap: int
+                   ) -> httpx.Response:
+        """One request and its whole response, in a lease of ``pool``; fills ``outcome``."""
+        target = request.url
+        if pool.proxy:
+            await self.guard.check(target.host, target.port or (443 if target.scheme == "https" else 80))
+        host = _origin(target)
+        if self._host_rate is not None:
+            await self._host_rate.wait(host)
+        async with pool.lease(host, recorder) as lease:
+            try:
+                response = await lease.send(self.client, request)
+            finally:
+                # A GOAWAY that refused the request sent it again on another connection.
+                outcome.attempts += max(0, recorder.sends - 1)
+            outcome.connection_reused = lease.reused
+            self._check_headers(response)
+            outcome.body = await read_body(response, cap, recorder)
+            lease.served()
+        outcome.status_code = response.status_code
+        outcome.http_version = response.http_version
+        outcome.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
+        outcome.final_url = str(response.url)
+        return response
 
     def _check_headers(self, response: httpx.Response) -> None:
         """Refuse a response with too many or too large header fields (TOO_LARGE)."""

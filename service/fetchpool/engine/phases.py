@@ -38,9 +38,11 @@ class PoolCounters:
 
 
 # httpcore step -> our phase name. A proxy's CONNECT is an HTTP/1.1 request
-# with method CONNECT; its send and response steps become one "proxy.connect".
+# with method CONNECT; its send and response steps become one "proxy.connect", as
+# does a SOCKS5 proxy's handshake.
 _STEPS = {
     "connect_tcp": "connect",
+    "setup_socks5_connection": "proxy.connect",
     "start_tls": "tls",
     "send_request_headers": "request.send",
     "receive_response_headers": "response.headers",
@@ -64,6 +66,7 @@ class PhaseRecorder:
         "failed_step",
         "phases",
         "responded",
+        "sends",
     )
 
     def __init__(self) -> None:
@@ -74,6 +77,7 @@ class PhaseRecorder:
         self._stream_open = False
         self.connected = False  # this attempt opened a new connection
         self.responded = False  # this attempt received response headers
+        self.sends = 0  # times this attempt's request was sent (more than once: a GOAWAY refused it)
         self.failed_step = ""
 
     def acquire_started(self, pool_key: str, counters: PoolCounters) -> Phase:
@@ -82,6 +86,7 @@ class PhaseRecorder:
         self._counters = counters
         self.connected = False
         self.responded = False
+        self.sends = 0
         self.failed_step = ""
         phase = self._pool_wait_open = Phase("pool.acquire", time.monotonic(), attributes={"pool": pool_key})
         self.phases.append(phase)
@@ -105,8 +110,8 @@ class PhaseRecorder:
         if name is None:
             return
         tunnel = self._open.get("proxy.connect")
-        if tunnel is not None:  # inside the proxy's CONNECT exchange
-            if step == "receive_response_headers" and state != "started":
+        if tunnel is not None:  # inside the proxy's CONNECT exchange or SOCKS5 handshake
+            if state != "started" and step in ("receive_response_headers", "setup_socks5_connection"):
                 self._end(tunnel, now, failed=state == "failed")
             return
         if state == "started":
@@ -115,9 +120,11 @@ class PhaseRecorder:
                 name = "proxy.connect"
             if name in ("connect", "request.send", "proxy.connect"):
                 self._end_pool_wait(now)
-            if name == "request.send" and module == "http2":
-                self._stream_open = True
-                self._counters.http2_streams += 1
+            if name == "request.send":
+                self.sends += 1
+                if module == "http2":
+                    self._stream_open = True
+                    self._counters.http2_streams += 1
             phase = Phase(name, now)
             self._open[name] = phase
             self.phases.append(phase)

@@ -1,25 +1,28 @@
-"""One connection pool: an httpx transport (direct or through one proxy), its
-admission limiter, live limits, connection hygiene, proxy health and public stats."""
+"""One connection pool: an httpx transport (direct or through one proxy), its admission
+limiter, the request lease, live limits, connection hygiene, proxy health and public stats."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import contextlib
 import logging
 import ssl
 import time
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpcore
 import httpx
 
 from fetchpool.config import PoolLimits, PoolPolicy
-from fetchpool.engine import _httpcore_compat as compat
-from fetchpool.engine.admission import Admission
-from fetchpool.engine.phases import PoolCounters
+from fetchpool.engine import _httpcore as compat
+from fetchpool.engine._httpcore.shield import shielded
+from fetchpool.engine.admission import Admission, AdmissionTimeout
+from fetchpool.engine.phases import Phase, PhaseRecorder, PoolCounters
 from fetchpool.engine.proxies import ProxyHealth
 from fetchpool.engine.sizing import DynamicLimit
+from fetchpool.errors import ErrorKind, FetchFailed
 
 logger = logging.getLogger(__name__)
 
@@ -100,35 +103,24 @@ class Pool:
         self.concurrency_mean = 0.0
         self._peak_demand = 0
         self._waits: collections.deque[float] = collections.deque(maxlen=WAIT_SAMPLES)
-        # Per connection: [first seen (monotonic), requests served]; weak, so closed ones vanish.
-        self._seen: weakref.WeakKeyDictionary[httpcore.AsyncConnectionInterface, list[float]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per connection: when it was first seen (monotonic), for max_connection_age; weak, so
+        # closed ones vanish. (max_requests_per_connection is counted by the connection itself.)
+        self._seen: weakref.WeakKeyDictionary[httpcore.AsyncConnectionInterface, float] = weakref.WeakKeyDictionary()
         self._hygiene = bool(policy.max_requests_per_connection or policy.max_connection_age)
-        self._suspects: weakref.WeakSet[httpcore.AsyncConnectionInterface] = weakref.WeakSet()
         # Open connections as the upkeep last saw them: id -> (connection, first seen, HTTP version).
         self._lifetimes: dict[int, tuple[httpcore.AsyncConnectionInterface, float, str]] = {}
-        # Tunnels: origin -> when a response last came back, and the first connection being opened.
-        self._warm: dict[str, float] = {}
-        self._opening: dict[str, asyncio.Event] = {}
 
     def _make_transport(self, ssl_context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
         limits = self._limits
-        transport = httpx.AsyncHTTPTransport(
-            verify=ssl_context,
-            http2=True,
-            limits=httpx.Limits(
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-            ),
-            proxy=httpx.Proxy(self._proxy_url) if self._proxy_url else None,
-            retries=0,
+        return compat.make_transport(
+            ssl_context=ssl_context,
+            limits=httpx.Limits(max_connections=limits.max_connections,
+                                max_keepalive_connections=limits.max_keepalive_connections,
+                                keepalive_expiry=limits.keepalive_expiry),
+            proxy=self._proxy_url,
+            network_backend=self._backend,
+            max_requests_per_connection=self._policy.max_requests_per_connection,
         )
-        compat.linear_pool_assignment(transport)
-        if self._backend is not None:
-            compat.install_network_backend(transport, self._backend)
-        return transport
 
     def transport_for(self, insecure: bool) -> httpx.AsyncHTTPTransport:
         """The transport for verified requests, or the one for ``tls_insecure_skip_verify`` ones."""
@@ -167,32 +159,45 @@ class Pool:
         """False while the proxy is ejected."""
         return self.health.available(time.monotonic())
 
-    async def open_first(self, origin: str) -> bool:
-        """Through a proxy, let one request open the first tunnel to an HTTPS ``origin``;
-        returns True for that request, which must then call :meth:`opened`.
+    @contextlib.asynccontextmanager
+    async def lease(self, host: str, recorder: PhaseRecorder) -> AsyncIterator[Lease]:
+        """Hold a place in this pool for one request to ``host`` (``scheme://host:port``).
 
-        httpcore cannot know a tunnel will speak HTTP/2 before its TLS handshake, so a
-        burst of requests to a new origin opens one tunnel each (and every later request
-        scans them all). Waiting for the first one lets the burst share its HTTP/2
-        connection, as a direct HTTPS pool does by itself. Other requests wait here,
-        before admission, until the opener has response headers (or has failed).
+        Waits in the admission queue (FIFO, per-host cap) at most ``pool_timeout`` seconds,
+        then raises FetchFailed(POOL_TIMEOUT). On leaving, whatever way (an error, a
+        cancellation at any point), the response is closed and its connection retired if
+        due, without a second cancellation being able to stop that half-way, and the place is
+        given back. This is the one place that holds and releases a pool's resources.
         """
-        if time.monotonic() - self._warm.get(origin, -1e9) < self._limits.keepalive_expiry:
-            return False
-        opening = self._opening.get(origin)
-        if opening is None:
-            self._opening[origin] = asyncio.Event()
-            return True
-        await opening.wait()
-        return False
+        wait = recorder.acquire_started(self.name, self.counters)
+        try:
+            await self.admission.acquire(host, self._limits.pool_timeout)
+        except AdmissionTimeout:
+            recorder.finish_attempt()
+            self.pool_timeouts_total += 1
+            limit = self._limits.pool_timeout
+            raise FetchFailed(ErrorKind.POOL_TIMEOUT, f"no connection of pool {self.name} free within {limit:g} s"
+                              ) from None
+        lease = Lease(self, host, recorder, wait)
+        try:
+            yield lease
+        finally:
+            recorder.finish_attempt()
+            try:
+                if lease.response is not None:
+                    await shielded(self._release(lease.response))
+            finally:
+                self.admission.release(host)
 
-    def opened(self, origin: str, *, ok: bool) -> None:
-        """The opener of ``origin`` got its response (``ok``) or failed: release the others."""
-        if ok:
-            self._warm[origin] = time.monotonic()
-        opening = self._opening.pop(origin, None)
-        if opening is not None:
-            opening.set()
+    async def _release(self, response: httpx.Response) -> None:
+        """Close the response, then close its connection if it is retiring (max requests or age
+        reached) and now idle. A retiring connection takes no new request, so none can slip in."""
+        await response.aclose()
+        if self._hygiene:
+            connection = self._connection_of(response.extensions.get("network_stream"))
+            if connection is not None and compat.retiring(connection) and connection.is_idle():
+                self.retired_total += 1
+                await connection.aclose()
 
     def set_limits(self, limits: PoolLimits) -> None:
         """Apply ``limits`` live; in-flight requests are not touched.
@@ -213,46 +218,22 @@ class Pool:
             )
         self.admission.resize(self.working_limit, limits.max_connections_per_host)
 
-    def acquired(self, wait: float) -> None:
-        """A request got a connection slot after ``wait`` seconds (for the demand peak)."""
+    def _acquired(self, wait: float) -> None:
+        """A request got a connection after ``wait`` seconds (for the demand peak and percentiles)."""
         self._peak_demand = max(self._peak_demand, self.load)
         self._waits.append(wait)
 
-    def served(self, origin: str, *, reused: bool, latency: float) -> None:
-        """Count one response from ``origin``; ``latency`` is the seconds it held its connection."""
-        if self.proxy:
-            self._warm[origin] = time.monotonic()
+    def _served(self, *, reused: bool, latency: float) -> None:
+        """Count one response; ``latency`` is the seconds it held its connection."""
         self.requests_total += 1
         self.reused_total += reused
         self.latency_mean += EWMA_WEIGHT * (latency - self.latency_mean) if self.requests_total > 1 else latency
 
-    async def after_response(self, network_stream: object | None) -> None:
-        """Retire the connection that served a response if it reached its max requests or age."""
-        if not self._hygiene or network_stream is None:
-            return
-        connection = next(
-            (c for t in self._transports() if (c := compat.connection_of(t, network_stream)) is not None), None
-        )
-        if connection is None:
-            return
-        now = time.monotonic()
-        seen = self._seen.setdefault(connection, [now, 0])
-        seen[1] += 1
-        await self._retire_if_due(connection, seen, now)
-
-    async def _retire_if_due(self, connection: httpcore.AsyncConnectionInterface, seen: list[float], now: float
-                             ) -> None:
-        policy = self._policy
-        due = (policy.max_requests_per_connection and seen[1] >= policy.max_requests_per_connection) or (
-            policy.max_connection_age and now - seen[0] >= policy.max_connection_age
-        )
-        if not due or connection.is_closed():
-            return
-        if connection.is_idle():
-            self.retired_total += 1
-            await connection.aclose()
-        else:
-            compat.stop_new_requests(connection)
+    def _connection_of(self, network_stream: object | None) -> httpcore.AsyncConnectionInterface | None:
+        if network_stream is None:
+            return None
+        return next((c for t in self._transports() if (c := compat.connection_of(t, network_stream)) is not None),
+                    None)
 
     async def tend(self, now: float) -> list[tuple[float, str]]:
         """Once a second: follow demand (dynamic mode), retire aged connections, close
@@ -261,8 +242,6 @@ class Pool:
         Returns ``(lifetime seconds, HTTP version)`` of the connections found closed since
         the last upkeep."""
         demand, self._peak_demand = max(self._peak_demand, self.load), self.load
-        for origin in [o for o, seen in self._warm.items() if now - seen > self._limits.keepalive_expiry]:
-            del self._warm[origin]
         self.concurrency_mean += EWMA_WEIGHT * (demand - self.concurrency_mean)
         if self.dynamic is not None:
             before = self.dynamic.current
@@ -270,18 +249,17 @@ class Pool:
                 self.admission.resize(self.dynamic.current, self._limits.max_connections_per_host)
                 logger.info("pool %s: working limit %d -> %d (demand %d)", self.name, before, self.dynamic.current,
                             demand)
-        connections = self._connections()
         if self._policy.max_connection_age:
-            for connection in connections:
-                seen = self._seen.setdefault(connection, [now, 0])
-                await self._retire_if_due(connection, seen, now)
-            connections = [c for c in connections if not c.is_closed()]
-        await self._close_orphans(connections)
-        connections = [c for c in connections if not c.is_closed()]
+            for connection in self._connections():
+                if now - self._seen.setdefault(connection, now) >= self._policy.max_connection_age:
+                    compat.stop_new_requests(connection)
+        for transport in self._transports():
+            await compat.sweep(transport)
+        connections = self._connections()
         idle = [c for c in connections if c.is_idle()]
         active = len(connections) - len(idle)
         keep = max(0, min(self._limits.max_keepalive_connections, self.working_limit - active))
-        doomed = [c for c in idle if c.has_expired() or compat.peer_closed(c)]
+        doomed = [c for c in idle if c.has_expired() or compat.retiring(c) or compat.peer_closed(c)]
         doomed += [c for c in idle if c not in doomed][keep:]
         for connection in doomed:
             self.retired_total += 1
@@ -298,24 +276,6 @@ class Pool:
             for key, c in open_now.items()
         }
         return closed
-
-    async def _close_orphans(self, connections: list[httpcore.AsyncConnectionInterface]) -> None:
-        """Close connections that stay busy while no request to their origin is admitted.
-
-        httpcore's clean-up is not safe at every point against cancellation: a request
-        cancelled between connect and first use leaves an HTTP/1.1 connection in state
-        NEW, one cancelled while its stream closes leaves an HTTP/2 connection ACTIVE with
-        no stream. Neither is idle, available nor closed again, and each counts against
-        max_connections for good. Seen busy with no request in two upkeeps running: closed.
-        """
-        origins = [httpcore.URL(host).origin for host in self.admission.hosts()]
-        busy = [c for c in connections if not c.is_idle() and not any(c.can_handle_request(o) for o in origins)]
-        orphans = [c for c in busy if c in self._suspects]
-        self._suspects = weakref.WeakSet(busy)
-        for connection in orphans:
-            logger.debug("closing orphaned connection %s", connection.info())
-            self.retired_total += 1
-            await connection.aclose()
 
     def snapshot(self, processing_mean: float = 0.0) -> PoolSnapshot:
         """Stats now; reads nothing private outside the compat module."""
@@ -348,10 +308,40 @@ class Pool:
             ejected_until=time.time() + (self.health.ejected_until - now) if ejected else 0.0,
             consecutive_failures=self.health.consecutive,
             retries_total=self.retries_total,
-            connections_retired_total=self.retired_total,
+            connections_retired_total=self.retired_total + sum(compat.orphans_closed(t) for t in self._transports()),
         )
 
     async def aclose(self) -> None:
         """Close every connection of this pool."""
         for transport in self._transports():
             await transport.aclose()
+
+
+class Lease:
+    """One request's place in a pool (see :meth:`Pool.lease`): send through it, read the
+    body, then say :meth:`served`."""
+
+    __slots__ = ("_pool", "_recorder", "_wait", "host", "response")
+
+    def __init__(self, pool: Pool, host: str, recorder: PhaseRecorder, wait: Phase) -> None:
+        self._pool = pool
+        self.host = host
+        self._recorder = recorder
+        self._wait = wait
+        self.response: httpx.Response | None = None
+
+    async def send(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` through ``client`` (its transport routes it to this pool); the
+        response's body is still to be read. Raises what httpx raises."""
+        self.response = await client.send(request, stream=True)
+        self._pool._acquired(self._wait.end - self._wait.start)
+        return self.response
+
+    @property
+    def reused(self) -> bool:
+        """Whether the response came on a connection opened before this request."""
+        return not self._recorder.connected
+
+    def served(self) -> None:
+        """The response was read whole: count it."""
+        self._pool._served(reused=self.reused, latency=time.monotonic() - self._wait.end)
