@@ -45,9 +45,10 @@ run: install ## start the service on embedded defaults (127.0.0.1:50051, direct,
 test: install system-deps ## run every test (unit, integration against real servers, chart, bench smoke)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-lint: install ## ruff and mypy
+lint: install ## ruff, mypy and the import contract (lint-imports)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install system-deps ## full benchmark vs the alternatives (prints a table, writes JSON and a PNG)
 	$(BIN)/python -m bench
