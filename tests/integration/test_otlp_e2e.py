@@ -121,8 +121,10 @@ def test_the_pool_wait_span_is_longer_when_the_pool_is_too_small(
                           for phase, seconds in _phases(spans, s) if phase == "pool.acquire")
         if phases == "spans":
             assert any(s.name == "pool.acquire" and s.resource["service.name"] == name for s in spans)
-    # One connection: the 4th fetch waits for the three before it (3 x 0.25 s).
-    assert waits["small"] > 0.6 > 0.15 > waits["roomy"], waits
+    # One connection: the 4th fetch waits for the three before it (3 x 0.25 s). Ten: none waits
+    # behind another fetch, only for the connection they share to open, which takes less than one
+    # fetch's 0.25 s delay however loaded the machine (a fixed 0.15 s was not, on 2 busy cores).
+    assert waits["small"] > 0.6 > 0.25 > waits["roomy"], waits
 
 
 def test_the_metrics_arrive_with_the_documented_names_and_units(
