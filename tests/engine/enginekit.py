@@ -10,8 +10,7 @@ import asyncio
 import collections
 import dataclasses
 import uuid
-from collections.abc import Collection, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import httpx
@@ -66,21 +65,6 @@ def peers_of(engine: Engine, targets: Iterable[str]) -> dict[str, set[Peer]]:
     """The peers of each pool: the proxy for a proxied pool, ``targets`` (URLs) for the direct one."""
     direct = {peer(url) for url in targets}
     return {pool.name: ({peer(pool.name)} if pool.proxy else direct) for pool in engine.pools}
-
-
-def file_bytes(root: Path, page: str) -> bytes:
-    return (root / page).read_bytes()
-
-
-async def fetch_all(engine: Engine, specs: Sequence[FetchSpec], concurrency: int) -> list[Outcome]:
-    """Each spec's outcome, in order, at most ``concurrency`` at a time (plain tasks, no batch runner)."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(spec: FetchSpec) -> Outcome:
-        async with gate:
-            return await engine.fetch(spec)
-
-    return list(await asyncio.gather(*(one(spec) for spec in specs)))
 
 
 def summary(outcomes: Iterable[Outcome], limit: int = 3) -> str:

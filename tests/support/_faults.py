@@ -126,10 +126,6 @@ class ConnectionLog:
         connection (so every request on it failed before it was answered)."""
         return self.injected is not None and (self.injected.stage in BEFORE_RESPONSE or self.response_bytes == 0)
 
-    @property
-    def plain(self) -> bool:
-        return self.protocol.endswith("plain")
-
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
