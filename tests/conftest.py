@@ -5,10 +5,14 @@ Fixtures (all session-scoped, started on first use, stopped at session end):
   site_root   Path of the generated pages (support.SITE_PAGES: small.html 2 KiB, large.html 100 KiB)
   doc_root    Path of Debian's python3.11-doc HTML, served by nginx under /doc/
   doc_pages   its HTML pages as relative paths ("library/os.html"): URL = f"{nginx.https_url}/doc/{page}"
-  nginx       support.Nginx serving site_root, doc_root under /doc/
+  doc_files   all its regular files likewise (~1060: HTML pages, their sources, images, scripts)
+  nginx       support.Nginx serving site_root, doc_root under /doc/ (keepalive_requests 1000, nginx's default)
+  nginx_goaway  the same with keepalive_requests 20: an HTTP/2 connection gets GOAWAY after 20 streams
   app_server  support.AppServer (tests/support/app.py under hypercorn)
   tinyproxy   support.Tinyproxy, CONNECT allowed to the nginx and app_server ports
   squid       support.Squid, CONNECT allowed to the nginx and app_server ports
+  socks       support.Microsocks, a SOCKS5 proxy without authentication
+  (tinyproxy and squid also allow CONNECT to nginx_goaway's ports)
 A test may stop or kill a shared server: it is started again (same ports) after that test.
 """
 
@@ -23,6 +27,7 @@ from support import (
     DOC_ROOT,
     AppServer,
     Certs,
+    Microsocks,
     MissingBinaryError,
     Nginx,
     ServerProcess,
@@ -86,6 +91,16 @@ def doc_pages() -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def doc_files(doc_root: Path) -> list[str]:
+    # Symlinks left out: Debian links some files to other packages, which may be absent.
+    return sorted(
+        path.relative_to(doc_root).as_posix()
+        for path in doc_root.rglob("*")
+        if path.is_file() and not path.is_symlink()
+    )
+
+
+@pytest.fixture(scope="session")
 def doc_root(doc_pages: list[str]) -> Path:
     # Through doc_pages, so a missing doc package fails with the install hint here too.
     return DOC_ROOT
@@ -105,20 +120,39 @@ def app_server(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     yield from _serve(lambda: AppServer(certs, workdir=workdir))
 
 
-def _target_ports(nginx: Nginx, app_server: AppServer) -> list[int]:
-    return [*nginx.ports(), *app_server.ports()]
+#: keepalive_requests of nginx_goaway: small, so a batch of the doc site meets dozens of GOAWAYs.
+GOAWAY_AFTER = 20
+
+
+@pytest.fixture(scope="session")
+def nginx_goaway(
+    site_root: Path, certs: Certs, doc_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
+    workdir = tmp_path_factory.mktemp("nginx-goaway")
+    yield from _serve(
+        lambda: Nginx(site_root, certs, aliases={"/doc/": doc_root}, keepalive_requests=GOAWAY_AFTER, workdir=workdir)
+    )
+
+
+def _target_ports(*servers: Nginx | AppServer) -> list[int]:
+    return [port for server in servers for port in server.ports()]
 
 
 @pytest.fixture(scope="session")
 def tinyproxy(
-    nginx: Nginx, app_server: AppServer, tmp_path_factory: pytest.TempPathFactory
+    nginx: Nginx, nginx_goaway: Nginx, app_server: AppServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Tinyproxy]:
     workdir = tmp_path_factory.mktemp("tinyproxy")
-    ports = _target_ports(nginx, app_server)
+    ports = _target_ports(nginx, nginx_goaway, app_server)
     yield from _serve(lambda: Tinyproxy(allow_connect_ports=ports, workdir=workdir))
 
 
 @pytest.fixture(scope="session")
-def squid(nginx: Nginx, app_server: AppServer) -> Iterator[Squid]:
-    ports = _target_ports(nginx, app_server)
+def squid(nginx: Nginx, nginx_goaway: Nginx, app_server: AppServer) -> Iterator[Squid]:
+    ports = _target_ports(nginx, nginx_goaway, app_server)
     yield from _serve(lambda: Squid(allow_connect_ports=ports))
+
+
+@pytest.fixture(scope="session")
+def socks() -> Iterator[Microsocks]:
+    yield from _serve(Microsocks)

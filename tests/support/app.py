@@ -9,9 +9,13 @@ Endpoints (all GET-able; /echo takes any method):
                                headers as [name, value] pairs (duplicates kept), body_b64
   /redirect/{n}                302 to /redirect/{n-1}; /redirect/0 answers 200 "done"
   /redirect-loop               302 to itself, forever
+  /redirect-to?to=URL          302 to URL (any origin)
   /flaky?key=K&fail=N          503 (or ?status=) for the first N requests with key K, then 200;
                                X-Attempt: count; ?retry_after=V adds Retry-After: V to the failures
   /headers-big?n=N             200 with about N bytes of response headers (x-big-NNNN, 1000 B each)
+  /barrier?key=K&n=N&s=T       waits until N requests with key K are in flight at once, then all
+                               answer 200 "together N"; after T seconds (default 5) without that,
+                               504 "only M of N at once" (M: the most that were)
 Anything else: 404. Bad parameters: 400.
 """
 
@@ -39,6 +43,20 @@ _MAX_HEADER_BYTES = 1024 * 1024
 
 # Requests seen per /flaky key; lives as long as the server process.
 _flaky_counts: dict[str, int] = {}
+
+
+class _Barrier:
+    """Requests of one /barrier key: how many are waiting now (and at most), and the event that
+    lets them all go once there were enough at once."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.peak = 0
+        self.met = asyncio.Event()
+
+
+# Open barriers by key; a key's entry goes when its last request leaves.
+_barriers: dict[str, _Barrier] = {}
 
 
 class BadRequest(ValueError):
@@ -151,6 +169,8 @@ async def _route(scope: Scope, receive: Receive, send: Send) -> None:
             await _respond(send, 200, b"done")
         else:
             await _respond(send, 302, b"", [(b"location", f"/redirect/{hops - 1}".encode())])
+    elif path == "/redirect-to":
+        await _respond(send, 302, b"", [(b"location", _param(query, "to").encode("latin-1"))])
     elif path == "/redirect-loop":
         await _respond(send, 302, b"", [(b"location", b"/redirect-loop")])
     elif path == "/flaky":
@@ -167,8 +187,29 @@ async def _route(scope: Scope, receive: Receive, send: Send) -> None:
         count = -(-total // _HEADER_VALUE_LEN)
         big = [(f"x-big-{i:04d}".encode(), b"h" * _HEADER_VALUE_LEN) for i in range(count)]
         await _respond(send, 200, b"big headers", big)
+    elif path == "/barrier":
+        count = _int(_param(query, "n"), 1, 100_000)
+        await _barrier(send, _param(query, "key"), count, _float(_param(query, "s", "5"), 0.0, _MAX_DELAY_S))
     else:
         await _respond(send, 404, b"not found")
+
+
+async def _barrier(send: Send, key: str, count: int, seconds: float) -> None:
+    barrier = _barriers.setdefault(key, _Barrier())
+    barrier.waiting += 1
+    barrier.peak = max(barrier.peak, barrier.waiting)
+    if barrier.waiting >= count:
+        barrier.met.set()
+    try:
+        await asyncio.wait_for(barrier.met.wait(), seconds)
+    except TimeoutError:
+        await _respond(send, 504, f"only {barrier.peak} of {count} at once".encode())
+    else:
+        await _respond(send, 200, f"together {count}".encode())
+    finally:
+        barrier.waiting -= 1
+        if not barrier.waiting:
+            _barriers.pop(key, None)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
