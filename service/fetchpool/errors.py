@@ -71,6 +71,12 @@ class FetchFailed(FetchpoolError):
         self.kind = kind
 
 
+# What ssl raises when the connection ends in the middle of a handshake: a close, a reset, or a
+# half-close that leaves the handshake waiting for bytes that never come.
+_HANDSHAKE_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, ssl.SSLWantReadError,
+                  ssl.SSLWantWriteError)
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and its ``__cause__``/``__context__`` chain, bounded against cycles."""
     chain: list[BaseException] = []
@@ -122,7 +128,7 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
         return ErrorKind.INVALID_URL, text
     if isinstance(exc, idna.IDNAError):  # httpx decodes an "xn--" host on first use, not when parsing
         return ErrorKind.INVALID_URL, f"invalid host name: {text}"
-    if any(isinstance(c, ssl.SSLEOFError | ssl.SSLZeroReturnError) for c in chain):
+    if any(isinstance(c, _HANDSHAKE_CUT) for c in chain):
         # The peer (or a proxy in between) hung up mid-handshake: a connection failure,
         # not a certificate problem.
         if connecting_to_proxy or via_proxy:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpcore
+import socksio
 from httpcore import URL, AsyncNetworkBackend, AsyncNetworkStream, ConnectionNotAvailable, Origin, Request, Response
 from httpcore._async.http11 import AsyncHTTP11Connection
 from httpcore._async.http_proxy import AsyncForwardHTTPConnection, merge_headers
@@ -31,6 +32,7 @@ from httpcore._async.socks_proxy import _init_socks5_connection
 from httpcore._trace import Trace
 
 from fetchpool.engine._httpcore.h2 import GracefulHTTP2Connection
+from fetchpool.engine._httpcore.h2_support import reserve_receive_buffer
 from fetchpool.engine._httpcore.shield import shielded
 
 # httpcore's loggers, so trace events keep httpcore's names ("connection.connect_tcp", ...).
@@ -83,6 +85,7 @@ async def open_direct(request: Request, step: Step, *, origin: Origin, backend: 
     async with Trace("connect_tcp", logger, request, kwargs) as trace:
         stream = await backend.connect_tcp(**kwargs)  # type: ignore[arg-type]
         trace.return_value = stream
+    reserve_receive_buffer(stream)
     if origin.scheme != b"https":
         return stream
     server_hostname = request.extensions.get("sni_hostname") or origin.host.decode("ascii")
@@ -137,7 +140,10 @@ async def open_socks5(request: Request, step: Step, *, proxy: Origin, auth: tupl
     step.name = "proxy.connect"
     kwargs = {"stream": stream, "host": target.host.decode("ascii"), "port": target.port, "auth": auth}
     async with Trace("setup_socks5_connection", _SOCKS, request, kwargs) as trace:
-        await _close_on_failure(stream, _init_socks5_connection(**kwargs))  # type: ignore[arg-type]
+        try:
+            await _close_on_failure(stream, _init_socks5_connection(**kwargs))  # type: ignore[arg-type]
+        except socksio.ProtocolError as exc:  # a reply cut short or garbled: the proxy's failure
+            raise httpcore.ProxyError(f"SOCKS5 handshake failed: {exc}") from exc
         trace.return_value = stream
     if target.scheme != b"https":
         return stream

@@ -23,6 +23,8 @@ The causes, each fixed here:
   cancellation in between left it with too many permits. :class:`StreamSlots` is changed
   without awaiting. The connection's state changes without awaiting too, so a request
   cancelled before its stream opened no longer leaves the connection ACTIVE for good.
+- The receive window is sized to the socket's receive buffer (1 MiB at most, httpcore's is 16):
+  see ``h2_support.receive_window``.
 - A stream given up before its end (cancelled, or a body over the cap) is reset
   (RST_STREAM CANCEL) so the server stops sending, and DATA still arriving for it is
   acknowledged at the connection level so it cannot exhaust the connection's window.
@@ -61,20 +63,11 @@ from httpcore._async.http2 import (
 )
 from httpcore._trace import Trace
 
-from fetchpool.engine._httpcore.h2_support import DrainingStateMachine, StreamSlots, peer_finished
+from fetchpool.engine._httpcore.h2_support import DrainingStateMachine, StreamSlots, peer_finished, receive_window
 from fetchpool.engine._httpcore.shield import shielded
 
 logger = logging.getLogger("httpcore.http2")  # httpcore's: trace events keep their "http2." names
 _CLOSED = h2.connection.ConnectionState.CLOSED
-#: Bytes the peer may send ahead of what we have read, per connection and per stream
-#: (httpcore advertises 16 MiB). A peer that runs far ahead buries its GOAWAY behind the data
-#: we have not read yet, so we keep opening streams on a connection it is closing; a proxy
-#: relaying that connection then closes its tunnel with those writes unread, and the reset
-#: that follows discards the responses it still held for us. With 16 or 4 MiB, squid, tinyproxy
-#: and microsocks lost 3-30 % of the in-flight responses at every GOAWAY; with 2 and 1 MiB none
-#: (2,000 pages, nginx keepalive_requests 100). 1 MiB still carries 20 MB/s per connection at
-#: 50 ms of round trip.
-RECEIVE_WINDOW = 1 << 20
 #: Times one request may be moved to another connection because a GOAWAY refused it.
 MAX_REQUEUES = 3
 _REQUEUES: weakref.WeakKeyDictionary[Request, int] = weakref.WeakKeyDictionary()
@@ -160,18 +153,22 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
         )
 
     async def _send_connection_init(self, request: Request) -> None:
-        # httpcore's settings, but the receive window is RECEIVE_WINDOW, for the connection and,
-        # through SETTINGS_INITIAL_WINDOW_SIZE, for every stream (so no WINDOW_UPDATE per request).
+        # httpcore's settings, but a receive window the socket's buffer can hold (h2_support's
+        # receive_window), for the connection and, through SETTINGS_INITIAL_WINDOW_SIZE, for every
+        # stream (so no WINDOW_UPDATE per request either). A server that runs far ahead also buries
+        # its GOAWAY behind data we have not read, so we keep opening streams it will refuse.
+        window = receive_window(self._network_stream)
         self._h2_state.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 65536,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
         })
         # Some servers balk at a setting they do not know in the first SETTINGS (httpcore's note).
         del self._h2_state.local_settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL]
         self._h2_state.initiate_connection()
-        self._h2_state.increment_flow_control_window(RECEIVE_WINDOW - 65_535)
+        if window > 65_535:
+            self._h2_state.increment_flow_control_window(window - 65_535)
         await self._write_outgoing_data(request)
 
     async def _send_request_headers(self, request: Request, stream_id: int) -> None:
