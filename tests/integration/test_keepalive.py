@@ -14,7 +14,6 @@ import grpc
 import pytest
 from support import AppServer
 from support.callers import ReflectedClient, run_node
-from support.fetchpool_service import FetchpoolService
 
 
 def _python_options(ping_ms: int) -> list[tuple[str, int]]:
@@ -73,7 +72,8 @@ async def test_default_policy_keeps_streams_pinged_every_10_s_alive_for_over_a_m
     # The same callers against gRPC's own server defaults (5 min between pings, none without calls).
     grpc_defaults = start_service("--grpc-min-ping-interval", "300", "--grpc-permit-keepalive-without-calls", "false")
     url = f"{app_server.http_url}/echo?keepalive"
-    kept, cut = await asyncio.gather(_both(fetchpool.target, url, 10_000, 65), _both(grpc_defaults.target, url, 10_000, 65))
+    kept, cut = await asyncio.gather(_both(fetchpool.target, url, 10_000, 65),
+                                     _both(grpc_defaults.target, url, 10_000, 65))
     assert kept == [(["before", "after"], "")] * 2
     for received, error in cut:
         assert received == ["before"] and error, (received, error)

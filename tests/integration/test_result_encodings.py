@@ -28,7 +28,8 @@ def _page(lang: str, encoding: str, declare: str) -> str:
     """The page /text serves, as text (tests/support/app.py)."""
     meta = {"meta": f'<meta charset="{encoding}">',
             "http-equiv": f'<meta http-equiv="Content-Type" content="text/html; charset={encoding}">'}.get(declare, "")
-    return f"<!DOCTYPE html><html><head>{meta}<title>{lang}</title></head><body><p>{SAMPLE_TEXTS[lang]}</p></body></html>"
+    return (f"<!DOCTYPE html><html><head>{meta}<title>{lang}</title></head>"
+            f"<body><p>{SAMPLE_TEXTS[lang]}</p></body></html>")
 
 
 def _url(app_server: AppServer, lang: str, encoding: str, declare: str) -> str:
@@ -53,7 +54,8 @@ def test_encoding_and_text_as_browsers_determine_them(service: FetchpoolService,
 async def test_grpc_js_reads_the_same_encoding_and_text(
     service: FetchpoolService, app_server: AppServer, node_clients: None
 ) -> None:
-    requests = [{"id": str(i), "url": _url(app_server, *case[:3]), "include_text": True} for i, case in enumerate(CASES)]
+    requests = [{"id": str(i), "url": _url(app_server, *case[:3]), "include_text": True}
+                for i, case in enumerate(CASES)]
     results, done = await run_node({"target": service.target, "rpc": "FetchMany", "requests": requests})
     assert done["code"] == 0
     by_id = {r["id"]: r for r in results}

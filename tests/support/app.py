@@ -49,7 +49,7 @@ SAMPLE_TEXTS = {
           "который сервер отправляет без объявления кодировки, и определяем её сами.",
     "ja": "こんにちは世界、これは日本語のテキストです。文字コードの判定を試験しています。"
           "サーバーは文字コードを宣言せずにこのページを送ります。",
-    "zh": "你好世界，这是中文文本。我们正在测试编码检测。服务器发送这个页面时没有声明编码，我们自己判断。",
+    "zh": "你好世界，这是中文文本。我们正在测试编码检测。服务器发送这个页面时没有声明编码，我们自己判断。",  # noqa: RUF001
 }
 
 # Requests seen per /flaky key; lives as long as the server process.
@@ -133,7 +133,8 @@ async def _text(send: Send, lang: str, encoding: str, declare: str) -> None:
         raise BadRequest(f"unknown lang {lang!r} or declare {declare!r}")
     meta = {"meta": f'<meta charset="{encoding}">',
             "http-equiv": f'<meta http-equiv="Content-Type" content="text/html; charset={encoding}">'}.get(declare, "")
-    page = f"<!DOCTYPE html><html><head>{meta}<title>{lang}</title></head><body><p>{SAMPLE_TEXTS[lang]}</p></body></html>"
+    page = (f"<!DOCTYPE html><html><head>{meta}<title>{lang}</title></head>"
+            f"<body><p>{SAMPLE_TEXTS[lang]}</p></body></html>")
     content_type = f"text/html; charset={encoding}" if declare == "header" else "text/html"
     try:
         body = page.encode(encoding)

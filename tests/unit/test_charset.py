@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 FRENCH = "Les élèves étaient très contents de découvrir la forêt près du château. « Où est le garçon ? »"
 JAPANESE = "こんにちは世界、これは日本語のテキストです。文字コードの判定を試験しています。"
-CHINESE = "你好世界，这是中文文本。我们正在测试编码检测。服务器没有声明编码。"
+CHINESE = "你好世界，这是中文文本。我们正在测试编码检测。服务器没有声明编码。"  # noqa: RUF001
 RUSSIAN = "Привет, мир! Это тестовая страница на русском языке для проверки кодировки."
 
 
