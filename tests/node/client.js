@@ -69,7 +69,10 @@ function statusDetails(error) {
   return out;
 }
 
+let finished = false;
 function done(error) {
+  if (finished) return;  // grpc-js may emit 'end' after 'error'
+  finished = true;
   const line = { done: true, code: error ? error.code : 0, details: error ? error.details : '', elapsed_ms: Date.now() - started };
   console.log(JSON.stringify(Object.assign(line, statusDetails(error))));
   client.close();
