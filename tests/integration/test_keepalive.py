@@ -118,3 +118,40 @@ def test_max_connection_age_never_cuts_a_running_call(start_service: ..., app_se
     graced = start_service("--grpc-max-connection-age", "1", "--grpc-max-connection-age-grace", "1")
     received, error = _batch_over(graced.target, f"{app_server.http_url}/delay?s=6", 1, [])
     assert (received, error) == (0, "UNAVAILABLE")
+
+
+async def test_server_pings_find_a_dead_caller_and_free_its_fetches(
+    start_service: ..., app_server: AppServer, node_clients: None
+) -> None:
+    """A caller frozen mid-call (SIGSTOP: its kernel still acknowledges TCP, nothing answers the
+    pings) is dropped after --grpc-keepalive-time + --grpc-keepalive-timeout, and its fetch stops."""
+    import json
+    import signal
+    import subprocess
+
+    from fetchpool.client import FetchClient
+    from support.callers import NODE_DIR, PROTO_PATH
+
+    service = start_service("--grpc-keepalive-time", "1", "--grpc-keepalive-timeout", "1")
+    job = {"proto_path": PROTO_PATH, "target": service.target, "rpc": "FetchStream",
+           "requests": [{"url": f"{app_server.http_url}/delay?s=60&frozen"}], "steps": [{"send": 0}, {"await": 1}]}
+    caller = subprocess.Popen(["node", str(NODE_DIR / "client.js"), json.dumps(job)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        async with FetchClient(service.target) as client:
+            async def active() -> int:
+                return (await client.pool_stats()).pools[0].requests_active
+
+            deadline = time.monotonic() + 20
+            while await active() != 1:
+                assert time.monotonic() < deadline, "the caller's fetch never started"
+                await asyncio.sleep(0.1)
+            caller.send_signal(signal.SIGSTOP)
+            frozen = time.monotonic()
+            while await active() != 0:
+                assert time.monotonic() - frozen < 15, "the dead caller's fetch is still running"
+                await asyncio.sleep(0.2)
+            assert time.monotonic() - frozen >= 1  # found by the pings, not by anything else
+    finally:
+        caller.kill()
+        caller.wait(10)

@@ -51,6 +51,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # The server's own pings must go on over a connection whose calls only wait (an idle
         # FetchStream); gRPC core stops them after 2 pings without data otherwise.
         ("grpc.http2.max_pings_without_data", 0),
+        # What actually closes a connection whose peer stopped answering pings: with only
+        # keepalive_timeout_ms, a frozen caller's call outlived 15 s of unanswered 1 s pings here
+        # (tests/integration/test_keepalive.py, ..._find_a_dead_caller...).
+        ("grpc.http2.ping_timeout_ms", _ms(server.keepalive_timeout)),
     ]
     if server.max_connection_age > 0:
         # Callers reconnect, and so re-resolve a headless Service, after this long (GOAWAY: no new
