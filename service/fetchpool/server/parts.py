@@ -41,9 +41,24 @@ def _cut(text: bytes, end: int) -> int:
     return end
 
 
+def _surely_fits(result: pb.FetchResult, limit: int) -> bool:
+    """Whether ``result`` fits ``limit`` bytes by a cheap upper bound of its size: ``ByteSize()``
+    serializes the whole message (300 µs for a 1 MiB body here), this reads only lengths. Strings
+    count 4 bytes a character (UTF-8's most), every field 16 bytes of framing."""
+    strings = (result.id, result.url, result.final_url, result.http_version, result.pool, result.encoding,
+               result.remote_address, result.tls_version, result.error.message, result.text)
+    size = result.body_size + sum(4 * len(text) + 16 for text in strings) + 256  # 256: the numbers, timings
+    size += sum(4 * (len(h.name) + len(h.value)) + 32 for h in result.headers)
+    size += sum(4 * len(r.url) + 32 for r in result.redirects)
+    return size <= limit
+
+
 def split(result: pb.FetchResult, limit: int) -> list[pb.FetchResult]:
-    """``result`` as messages of at most ``limit`` bytes each (itself when it fits). Modifies ``result``."""
-    if result.ByteSize() <= limit:
+    """``result`` as messages of at most ``limit`` bytes each (itself when it fits). Modifies ``result``.
+
+    ``result.body_size`` must be the length of its body (``result_to_proto`` sets it).
+    """
+    if _surely_fits(result, limit) or result.ByteSize() <= limit:
         return [result]
     body, text = result.body, result.text.encode("utf-8")
     result.ClearField("body")
@@ -71,6 +86,8 @@ def split(result: pb.FetchResult, limit: int) -> list[pb.FetchResult]:
 def too_large_for_fetch(result: pb.FetchResult, limit: int) -> pb.FetchResult:
     """``result`` as unary Fetch may send it: itself when it fits ``limit`` bytes, else without
     body and text and with a TOO_LARGE error (status, headers, ``body_size`` kept)."""
+    if _surely_fits(result, limit):
+        return result
     size = result.ByteSize()
     if size <= limit:
         return result
