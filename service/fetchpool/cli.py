@@ -7,16 +7,18 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
+from google.rpc import error_details_pb2, status_pb2
 
 from fetchpool.config import add_arguments, settings_from_args
 from fetchpool.errors import ConfigError
+from fetchpool.v1 import fetch_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -76,18 +78,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _result_json(result: Any, body: str) -> str:
-    data = json_format.MessageToDict(
-        result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    if body == "omit":
-        data.pop("body", None)
-    elif body == "text":
-        data["body"] = result.body.decode("utf-8", "replace")
-    data["body_bytes"] = len(result.body)
-    return json.dumps(data, ensure_ascii=False)
-
-
 def _fetch(args: argparse.Namespace) -> int:
     urls = list(args.urls)
     if args.file:
@@ -122,13 +112,70 @@ def _concurrency(text: str) -> int:
     return value
 
 
+def _call_error(command: str, exc: grpc.aio.AioRpcError, target: str) -> str:
+    """What went wrong with a call, and what to do about it."""
+    code, text = exc.code(), exc.details() or ""
+    trailers: Any = exc.trailing_metadata() or ()  # (key, value) pairs; the stubs say otherwise
+    status = next((status_pb2.Status.FromString(value) for key, value in trailers
+                   if key == "grpc-status-details-bin"), None)
+    reason, retry = "", None
+    for detail in status.details if status is not None else ():
+        info, delay = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            reason = info.reason
+        elif detail.Unpack(delay):
+            retry = delay.retry_delay.ToTimedelta().total_seconds()
+    if code == grpc.StatusCode.UNAVAILABLE and not reason:
+        return (f"fetchpool {command}: cannot reach the service at {target} ({text}). Is it running? Start it with "
+                "`fetchpool serve` (or `make run`), or give its address with --target HOST:PORT")
+    hint = {
+        grpc.StatusCode.DEADLINE_EXCEEDED: "; give the call more time with --deadline SECONDS",
+        grpc.StatusCode.UNAUTHENTICATED: "; pass the service's token with --token-file FILE",
+    }.get(code, f"; retry in {retry:g} s" if retry is not None else "")
+    return f"fetchpool {command}: {code.name}{f' ({reason})' if reason else ''}: {text}{hint}"
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token of --token-file; raises OSError when it cannot be read."""
+    return Path(args.token_file).read_text().strip() if args.token_file else None
+
+
+def _show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) -> None:
+    """Print one result: the terminal view or a JSON line; its body to -o FILE when given."""
+    from fetchpool import render
+
+    if args.output and not result.HasField("error"):
+        Path(args.output).write_bytes(result.body)
+        print(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
+    if not terminal:
+        print(json.dumps(render.result_json(result, "omit" if args.output else args.body or "base64"),
+                         ensure_ascii=False), flush=True)
+        return
+    if several:
+        print(f"--- [{result.index}] {result.url}")
+    if args.verbose:
+        print("\n".join(render.verbose_lines(result)))
+    print(render.result_view(result, show_body=not args.output and args.body != "omit"), end="", flush=True)
+
+
+def _exit_status(results: list[tuple[int, bool]], fail: bool) -> int:
+    """0, 1 when an item failed, 22 (curl's) with --fail when an HTTP status is 400 or more."""
+    if any(failed for _, failed in results):
+        return 1
+    return 22 if fail and any(status >= 400 for status, _ in results) else 0
+
+
 async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
     from tqdm import tqdm
 
+    from fetchpool import render
     from fetchpool.client import FetchClient, make_request
 
     if not urls:
         print("fetchpool fetch: no URLs (give them as arguments or in --file)", file=sys.stderr)
+        return 2
+    if args.output and len(urls) != 1:
+        print(f"fetchpool fetch: -o takes one URL, got {len(urls)}", file=sys.stderr)
         return 2
     headers = []
     for header in args.header:
@@ -137,44 +184,80 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
             print(f"fetchpool fetch: header {header!r} is not 'Name: value'", file=sys.stderr)
             return 2
         headers.append((name.strip(), value.strip()))
+    try:
+        token = _token(args)
+    except OSError as exc:
+        print(f"fetchpool fetch: cannot read {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    terminal = sys.stdout.isatty() and not args.json
     requests = [
         make_request(url, id=str(i), method=args.method, headers=headers, timeout=args.timeout)
         for i, url in enumerate(urls)
     ]
-    failed = 0
-    async with FetchClient(args.target, timeout=args.deadline) as client:
+    seen: list[tuple[int, bool]] = []
+    failures: dict[str, int] = {}
+    async with FetchClient(args.target, timeout=args.deadline, token=token) as client:
         try:
-            with tqdm(total=len(requests), unit="url", file=sys.stderr, disable=len(requests) < 2 or None) as bar:
+            bar_off = len(requests) < 2 or terminal or None  # None: on when stderr is a terminal
+            with tqdm(total=len(requests), unit="url", file=sys.stderr, disable=bar_off) as bar:
                 if len(requests) == 1:
                     results: Any = [await client.fetch(requests[0])]
                 else:
                     results = client.fetch_many(requests, concurrency=args.concurrency)
-                if isinstance(results, list):
-                    for result in results:
-                        failed += result.HasField("error")
-                        print(_result_json(result, args.body), flush=True)
-                else:
-                    async for result in results:
-                        failed += result.HasField("error")
-                        print(_result_json(result, args.body), flush=True)
-                        bar.update()
+                async for result in _each(results):
+                    failed = result.HasField("error")
+                    seen.append((result.status_code, failed))
+                    if failed:
+                        kind = pb.FetchError.Kind.Name(result.error.kind)
+                        failures[kind] = failures.get(kind, 0) + 1
+                    _show(result, args, terminal, len(requests) > 1)
+                    bar.update()
         except grpc.aio.AioRpcError as exc:
-            print(f"fetchpool fetch: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_call_error("fetch", exc, args.target), file=sys.stderr)
             return 2
-    return 1 if failed else 0
+    if failures and not terminal:
+        for kind, count in sorted(failures.items()):
+            hint = f": {render.HINTS[kind]}" if kind in render.HINTS else ""
+            print(f"fetchpool fetch: {count} of {len(seen)} failed with {kind}{hint}", file=sys.stderr)
+    return _exit_status(seen, args.fail)
+
+
+async def _each(results: Any) -> Any:
+    """Iterate a list or an async iterator alike."""
+    if isinstance(results, list):
+        for result in results:
+            yield result
+    else:
+        async for result in results:
+            yield result
 
 
 async def _stats(args: argparse.Namespace) -> int:
+    from fetchpool import render
     from fetchpool.client import FetchClient
 
-    async with FetchClient(args.target, timeout=10) as client:
+    try:
+        token = _token(args)
+    except OSError as exc:
+        print(f"fetchpool stats: cannot read {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    async with FetchClient(args.target, timeout=10, token=token) as client:
         try:
             stats = await client.pool_stats()
         except grpc.aio.AioRpcError as exc:
-            print(f"fetchpool stats: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_call_error("stats", exc, args.target), file=sys.stderr)
             return 2
-    print(json.dumps(json_format.MessageToDict(stats, preserving_proto_field_name=True), indent=2))
+    if sys.stdout.isatty() and not args.json:
+        print(render.stats_table(stats.pools), end="")
+    else:
+        print(json.dumps(render.to_json(stats), indent=2))
     return 0
+
+
+def _service_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"service address (default {DEFAULT_TARGET})")
+    parser.add_argument("--token-file", default=os.environ.get("FETCHPOOL_AUTH_TOKEN_FILE") or None,
+                        help="file holding the service's bearer token (env FETCHPOOL_AUTH_TOKEN_FILE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,24 +269,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     serve.set_defaults(run=_serve)
 
-    fetch = commands.add_parser("fetch", help="fetch URLs through a running service; one JSON line per result")
+    fetch = commands.add_parser(
+        "fetch", help="fetch URLs through a running service",
+        description="Fetch URLs through a running service. At a terminal: status line, headers and body as text "
+                    "(like httpie). Piped, or with --json: one JSON line per result, every field of FetchResult "
+                    "(numbers as numbers, body base64 unless --body). Exit status: 0; 1 when a fetch failed; "
+                    "2 when the call could not be made; 22 with --fail when an HTTP status is 400 or more.")
     fetch.add_argument("urls", nargs="*", metavar="URL")
     fetch.add_argument("--file", help="file of URLs, one per line")
-    fetch.add_argument("--target", default=DEFAULT_TARGET, help=f"service address (default {DEFAULT_TARGET})")
+    _service_arguments(fetch)
     fetch.add_argument("--method", default="", help="HTTP method (default GET)")
     fetch.add_argument("-H", "--header", action="append", default=[], help="'Name: value', repeatable")
     fetch.add_argument("--timeout", type=_positive_seconds, default=None,
                        help="seconds per fetch (default: the server's)")
     fetch.add_argument("--deadline", type=_positive_seconds, default=None,
-                       help="seconds for the whole call (default: none)")
+                       help="seconds for the whole call; fetches still running then come back as TIMEOUT")
     fetch.add_argument("--concurrency", type=_concurrency, default=0,
                        help="fetches in flight (default: the server's; capped by its --max-batch-concurrency)")
-    fetch.add_argument("--body", choices=("base64", "text", "omit"), default="base64",
-                       help="how to print bodies (default base64, the proto3 JSON mapping)")
+    fetch.add_argument("--body", choices=("base64", "text", "omit"), default=None,
+                       help="how to show bodies: text (decoded per the result's encoding; the default at a "
+                            "terminal), base64 (the default in JSON) or omit")
+    fetch.add_argument("--json", action="store_true", help="JSON lines even at a terminal")
+    fetch.add_argument("-o", "--output", metavar="FILE", help="write the body to FILE (one URL)")
+    fetch.add_argument("-v", "--verbose", action="store_true",
+                       help="at a terminal, also show peer, TLS, redirects, timings and attempts")
+    fetch.add_argument("--fail", action="store_true", help="exit with 22 when an HTTP status is 400 or more (curl's)")
     fetch.set_defaults(run=_fetch)
 
-    stats = commands.add_parser("stats", help="print the pool stats of a running service as JSON")
-    stats.add_argument("--target", default=DEFAULT_TARGET)
+    stats = commands.add_parser("stats", help="print the pool stats of a running service",
+                                description="Pool stats: a table at a terminal, JSON with every field otherwise.")
+    _service_arguments(stats)
+    stats.add_argument("--json", action="store_true", help="JSON even at a terminal")
     stats.set_defaults(run=lambda a: asyncio.run(_stats(a)))
 
     # Listed for --help only: main() hands `fetchpool operator ...` to fetchpool.operator.main.

@@ -6,7 +6,10 @@
             print(result.index, result.status_code, len(result.body))
 
 Results are ``fetchpool.v1.FetchResult`` messages (typed by the generated
-``.pyi``). RPC failures raise ``grpc.aio.AioRpcError``.
+``.pyi``), always whole: a large result that the server sends in parts (see
+``FetchResult.part``) is joined again before it is yielded (:func:`reassemble`, usable on
+any stream of results). RPC failures raise ``grpc.aio.AioRpcError``; their
+``google.rpc.Status`` details are read with ``grpc_status.rpc_status.from_call(error)``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 
-__all__ = ["FetchClient", "make_request"]
+__all__ = ["FetchClient", "make_request", "reassemble"]
 
 RequestLike = pb.FetchRequest | str
+#: What ``FetchClient.fetch`` asks the server for when a request does not say (the server caps it
+#: at its --max-message-bytes): this client's channel accepts messages of any size.
+LARGEST_MESSAGE = 2**31 - 1
 
 
 def make_request(
@@ -37,8 +43,12 @@ def make_request(
     follow_redirects: bool | None = None,
     max_body_bytes: int = 0,
     session_key: str = "",
+    keep_cookies: bool = False,
+    include_text: bool = False,
+    max_message_bytes: int = 0,
 ) -> pb.FetchRequest:
-    """A FetchRequest; ``timeout`` in seconds, ``max_body_bytes`` in bytes (0: server default)."""
+    """A FetchRequest; ``timeout`` in seconds, ``max_body_bytes`` and ``max_message_bytes`` in
+    bytes (0: the server's defaults). See fetch.proto for each field."""
     request = pb.FetchRequest(
         id=id or url,
         url=url,
@@ -47,6 +57,9 @@ def make_request(
         body=body,
         max_body_bytes=max_body_bytes,
         session_key=session_key,
+        keep_cookies=keep_cookies,
+        include_text=include_text,
+        max_message_bytes=max_message_bytes,
     )
     if timeout is not None:
         request.timeout.FromTimedelta(timedelta(seconds=timeout))
@@ -57,6 +70,31 @@ def make_request(
 
 def _request(item: RequestLike) -> pb.FetchRequest:
     return make_request(item) if isinstance(item, str) else item
+
+
+async def reassemble(messages: AsyncIterable[pb.FetchResult]) -> AsyncIterator[pb.FetchResult]:
+    """The results of a FetchMany/FetchStream message stream, each whole: the parts of a large
+    result (``part`` 0, 1, ... up to ``more_parts`` false, consecutive) joined into part 0.
+
+    Raises ValueError for a continuation that does not follow its result's part 0.
+    """
+    head: pb.FetchResult | None = None
+    bodies: list[bytes] = []
+    texts: list[str] = []
+    async for message in messages:
+        if message.part == 0:
+            head, bodies, texts = message, [message.body], [message.text]
+        elif head is None or message.index != head.index or message.part != len(bodies):
+            raise ValueError(f"part {message.part} of result {message.index} arrived out of order")
+        else:
+            bodies.append(message.body)
+            texts.append(message.text)
+        if not message.more_parts:
+            assert head is not None
+            if len(bodies) > 1:
+                head.body, head.text, head.more_parts = b"".join(bodies), "".join(texts), False
+            yield head
+            head = None
 
 
 class FetchClient:
@@ -103,8 +141,16 @@ class FetchClient:
         return {"timeout": timeout if timeout is not None else self._timeout, "metadata": self._metadata}
 
     async def fetch(self, request: RequestLike, *, timeout: float | None = None) -> pb.FetchResult:
-        """Fetch one URL (a string or a FetchRequest)."""
-        return await self._fetch.Fetch(_request(request), **self._call(timeout))
+        """Fetch one URL (a string or a FetchRequest). Unless the request says otherwise, the
+        result may be as large as the server sends (its --max-message-bytes); a larger one
+        comes back with a TOO_LARGE error (``fetch_many`` has no such limit)."""
+        message = _request(request)
+        if not message.max_message_bytes:
+            asked = pb.FetchRequest()
+            asked.CopyFrom(message)
+            asked.max_message_bytes = LARGEST_MESSAGE
+            message = asked
+        return await self._fetch.Fetch(message, **self._call(timeout))
 
     async def fetch_many(
         self, requests: Iterable[RequestLike], *, concurrency: int = 0, timeout: float | None = None
@@ -113,7 +159,7 @@ class FetchClient:
         message = pb.FetchManyRequest(requests=[_request(r) for r in requests], concurrency=concurrency)
         call = self._fetch.FetchMany(message, **self._call(timeout))
         try:
-            async for result in call:
+            async for result in reassemble(call):
                 yield result
         finally:
             call.cancel()
@@ -133,7 +179,7 @@ class FetchClient:
 
         call = self._fetch.FetchStream(outgoing(), **self._call(timeout))
         try:
-            async for result in call:
+            async for result in reassemble(call):
                 yield result
         finally:
             call.cancel()

@@ -59,25 +59,24 @@ class PoolLimits:
     max_connections_per_host: int = 0
 
     def __post_init__(self) -> None:
-        problems = []
+        problems: list[tuple[str, str]] = []
         if not 1 <= self.max_connections <= MAX_CONNECTIONS_CEILING:
-            problems.append(f"max_connections must be in 1..{MAX_CONNECTIONS_CEILING}, got {self.max_connections}")
+            problems.append(("max_connections",
+                             f"max_connections must be in 1..{MAX_CONNECTIONS_CEILING}, got {self.max_connections}"))
         if not 0 <= self.max_keepalive_connections <= self.max_connections:
-            problems.append(
-                "max_keepalive_connections must be in 0..max_connections "
-                f"({self.max_connections}), got {self.max_keepalive_connections}"
-            )
+            problems.append(("max_keepalive_connections",
+                             "max_keepalive_connections must be in 0..max_connections "
+                             f"({self.max_connections}), got {self.max_keepalive_connections}"))
         if not 0 <= self.max_connections_per_host <= self.max_connections:
-            problems.append(
-                "max_connections_per_host must be in 0..max_connections "
-                f"({self.max_connections}), got {self.max_connections_per_host}"
-            )
+            problems.append(("max_connections_per_host",
+                             "max_connections_per_host must be in 0..max_connections "
+                             f"({self.max_connections}), got {self.max_connections_per_host}"))
         for name in ("keepalive_expiry", "pool_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-                problems.append(f"{name} must be in (0, {MAX_SECONDS:.0f}] seconds, got {value}")
+                problems.append((name, f"{name} must be in (0, {MAX_SECONDS:.0f}] seconds, got {value}"))
         if problems:
-            raise InvalidLimits("; ".join(problems))
+            raise InvalidLimits("; ".join(text for _, text in problems), fields=tuple(problems))
 
     def replace(self, **changes: Any) -> PoolLimits:
         """A copy with ``changes`` applied; raises InvalidLimits if the result is invalid.
@@ -229,15 +228,33 @@ class PoolPolicy:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServerSettings:
-    """The gRPC side. ``grace_period`` and ``max_connection_age`` are seconds
-    (0 = no max age); ``max_message_bytes`` bounds received messages. ``tls_cert`` and
-    ``tls_key`` (PEM files) turn on TLS, ``tls_client_ca`` mutual TLS; a bearer token
-    (``auth_token_file`` or ``auth_token``) is then required from callers
+    """The gRPC side. Durations are seconds. ``max_connection_age`` (0 = none) recycles caller
+    connections: calls still running on one go on until they end, or for at most
+    ``max_connection_age_grace`` (0 = no limit). ``max_message_bytes`` bounds received
+    messages, and result messages sent to callers that ask for more than gRPC's 4 MiB.
+
+    Keepalive (gRPC core's names in brackets): the server pings a caller's connection after
+    ``keepalive_time`` without activity (``grpc.keepalive_time_ms``; 0 = never) and closes it if
+    no answer comes within ``keepalive_timeout``, so dead callers release their fetches; it
+    accepts callers' pings every ``min_ping_interval`` at most
+    (``grpc.http2.min_ping_interval_without_data_ms``; more often is a strike, two strikes give
+    GOAWAY ``too_many_pings``), also on connections without calls when
+    ``permit_keepalive_without_calls``. The defaults accept the 10 s client pings of gRPC's own
+    keepalive example (and Go's floor), where gRPC's server defaults (5 minutes, no pings without
+    calls) cut them.
+
+    ``tls_cert`` and ``tls_key`` (PEM files) turn on TLS, ``tls_client_ca`` mutual TLS; a bearer
+    token (``auth_token_file`` or ``auth_token``) is then required from callers
     (``fetchpool.server.security``)."""
 
     listen: str = "127.0.0.1:50051"
     grace_period: float = 25.0
     max_connection_age: float = 0.0
+    max_connection_age_grace: float = 0.0
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    min_ping_interval: float = 5.0
+    permit_keepalive_without_calls: bool = True
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     event_loop: str = "uvloop"
@@ -253,8 +270,12 @@ class ServerSettings:
             raise ConfigError(f"event loop must be uvloop or asyncio, got {self.event_loop!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
-        if not (0 <= self.grace_period <= MAX_SECONDS and 0 <= self.max_connection_age <= MAX_SECONDS):
-            raise ConfigError("grace period and max connection age must be in 0..86400 seconds")
+        for name in ("grace_period", "max_connection_age", "max_connection_age_grace", "keepalive_time",
+                     "min_ping_interval"):
+            if not 0 <= getattr(self, name) <= MAX_SECONDS:
+                raise ConfigError(f"{name} must be in 0..86400 seconds, got {getattr(self, name)}")
+        if not 0 < self.keepalive_timeout <= MAX_SECONDS:
+            raise ConfigError(f"keepalive_timeout must be in (0, 86400] seconds, got {self.keepalive_timeout}")
         if self.max_message_bytes < 1024:
             raise ConfigError("max message bytes must be at least 1024")
 
@@ -386,8 +407,20 @@ OPTIONS: tuple[Option, ...] = (
            "seconds in-flight calls may run after SIGTERM before they are cancelled"),
     Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", float,
            "seconds before a caller's gRPC connection is recycled (so callers re-resolve); 0 = never"),
+    Option("server.max_connection_age_grace", "--grpc-max-connection-age-grace",
+           "FETCHPOOL_GRPC_MAX_CONNECTION_AGE_GRACE", float,
+           "seconds calls still running on a recycled connection may go on; 0 = until they end"),
+    Option("server.keepalive_time", "--grpc-keepalive-time", "FETCHPOOL_GRPC_KEEPALIVE_TIME", float,
+           "seconds without activity before the server pings a caller's connection; 0 = never"),
+    Option("server.keepalive_timeout", "--grpc-keepalive-timeout", "FETCHPOOL_GRPC_KEEPALIVE_TIMEOUT", float,
+           "seconds to wait for the answer to that ping before closing the connection"),
+    Option("server.min_ping_interval", "--grpc-min-ping-interval", "FETCHPOOL_GRPC_MIN_PING_INTERVAL", float,
+           "seconds: shortest interval between a caller's keepalive pings accepted (more often: GOAWAY)"),
+    Option("server.permit_keepalive_without_calls", "--grpc-permit-keepalive-without-calls",
+           "FETCHPOOL_GRPC_PERMIT_KEEPALIVE_WITHOUT_CALLS", _bool,
+           "accept keepalive pings on caller connections that have no call in flight"),
     Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", int,
-           "largest gRPC message received, bytes"),
+           "largest gRPC message received, and largest result message sent when a caller asks for more"),
     Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
     Option("server.event_loop", "--event-loop", "FETCHPOOL_EVENT_LOOP", str, "uvloop or asyncio"),
     Option("server.tls_cert", "--tls-cert", "FETCHPOOL_TLS_CERT", str, "PEM certificate chain: serve gRPC over TLS"),

@@ -60,7 +60,14 @@ class ConfigError(FetchpoolError, ValueError):
 
 
 class InvalidLimits(ConfigError):
-    """Pool limits that are zero, negative, inconsistent or absurd (maps to INVALID_ARGUMENT)."""
+    """Pool limits that are zero, negative, inconsistent or absurd (maps to INVALID_ARGUMENT).
+
+    ``fields`` are (field name, problem) pairs when the bad fields are known.
+    """
+
+    def __init__(self, message: str, fields: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.fields = fields
 
 
 class FetchFailed(FetchpoolError):

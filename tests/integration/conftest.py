@@ -31,3 +31,11 @@ def service(certs: Certs) -> Iterator[FetchpoolService]:
     """One service with embedded defaults (direct), shared by a module's tests."""
     with FetchpoolService(ca_pem=certs.ca_pem) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def node_clients() -> None:
+    """tests/node's npm packages installed from its lock (``npm ci``, skipped when already matching)."""
+    from support.callers import install_node_clients
+
+    install_node_clients()

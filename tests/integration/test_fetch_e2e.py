@@ -164,14 +164,6 @@ async def test_cancelling_mid_batch_releases_every_connection(
     assert stats.requests_waiting == 0
 
 
-async def test_deadline_exceeded(service: FetchpoolService, app_server: AppServer) -> None:
-    async with FetchClient(service.target) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.fetch(f"{app_server.http_url}/delay?s=5", timeout=0.5)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await _wait_idle(client)
-
-
 async def test_whole_call_errors(start_service: ...) -> None:
     service = start_service("--max-batch-size", "3")
     async with FetchClient(service.target) as client:

@@ -16,6 +16,8 @@ Endpoints (all GET-able; /echo takes any method):
   /barrier?key=K&n=N&s=T       waits until N requests with key K are in flight at once, then all
                                answer 200 "together N"; after T seconds (default 5) without that,
                                504 "only M of N at once" (M: the most that were)
+  /text?lang=L&enc=E&declare=D a page of SAMPLE_TEXTS[L] (fr, de, ru, ja, zh) encoded in E, its charset
+                               declared by D: header, meta, http-equiv, or none (the default)
 Anything else: 404. Bad parameters: 400.
 """
 
@@ -40,6 +42,19 @@ _MAX_DELAY_S = 300.0
 _MAX_REDIRECTS = 1000
 _HEADER_VALUE_LEN = 1000
 _MAX_HEADER_BYTES = 1024 * 1024
+
+#: Sample text per language for /text: long enough for a detector, real words, no ASCII-only page.
+SAMPLE_TEXTS = {
+    "fr": "Les élèves étaient très contents de découvrir la forêt près du château. « Où est le garçon ? » "
+          "demanda-t-elle, il était déjà parti à l'école. Prix : 12 € seulement, déjà payé, reçu à côté.",
+    "de": "Grüße aus München! Die Straße ist schön, und das Wetter ist heiß. Größere Häuser kosten mehr, "
+          "überall blühen Bäume, und die Brücke über den Fluss ist längst fertig.",
+    "ru": "Привет, мир! Это тестовая страница на русском языке для проверки кодировки. Мы читаем текст, "
+          "который сервер отправляет без объявления кодировки, и определяем её сами.",
+    "ja": "こんにちは世界、これは日本語のテキストです。文字コードの判定を試験しています。"
+          "サーバーは文字コードを宣言せずにこのページを送ります。",
+    "zh": "你好世界，这是中文文本。我们正在测试编码检测。服务器发送这个页面时没有声明编码，我们自己判断。",  # noqa: RUF001
+}
 
 # Requests seen per /flaky key; lives as long as the server process.
 _flaky_counts: dict[str, int] = {}
@@ -131,6 +146,21 @@ async def _bytes(send: Send, n: int) -> None:
         await send({"type": "http.response.body", "body": b""})
 
 
+async def _text(send: Send, lang: str, encoding: str, declare: str) -> None:
+    if lang not in SAMPLE_TEXTS or declare not in ("header", "meta", "http-equiv", "none"):
+        raise BadRequest(f"unknown lang {lang!r} or declare {declare!r}")
+    meta = {"meta": f'<meta charset="{encoding}">',
+            "http-equiv": f'<meta http-equiv="Content-Type" content="text/html; charset={encoding}">'}.get(declare, "")
+    page = (f"<!DOCTYPE html><html><head>{meta}<title>{lang}</title></head>"
+            f"<body><p>{SAMPLE_TEXTS[lang]}</p></body></html>")
+    content_type = f"text/html; charset={encoding}" if declare == "header" else "text/html"
+    try:
+        body = page.encode(encoding)
+    except (LookupError, UnicodeEncodeError):
+        raise BadRequest(f"cannot encode {lang} in {encoding!r}") from None
+    await _respond(send, 200, body, [(b"content-type", content_type.encode())])
+
+
 async def _echo(scope: Scope, receive: Receive, send: Send) -> None:
     body = await _read_body(receive)
     payload = {
@@ -182,6 +212,8 @@ async def _route(scope: Scope, receive: Receive, send: Send) -> None:
         if attempt <= fail and "retry_after" in query:
             headers.append((b"retry-after", _param(query, "retry_after").encode()))
         await _respond(send, code if attempt <= fail else 200, f"attempt {attempt}".encode(), headers)
+    elif path == "/text":
+        await _text(send, _param(query, "lang", "fr"), _param(query, "enc", "utf-8"), _param(query, "declare", "none"))
     elif path == "/headers-big":
         total = _int(_param(query, "n"), 0, _MAX_HEADER_BYTES)
         count = -(-total // _HEADER_VALUE_LEN)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -24,8 +25,50 @@ def unavailable(spec: FetchSpec) -> Outcome:
     )
 
 
+def out_of_time(spec: FetchSpec) -> Outcome:
+    """The result of an item the call's deadline left no time to start."""
+    return Outcome(
+        url=spec.url,
+        error_kind=ErrorKind.TIMEOUT,
+        error_message="not started: the call's deadline was too close; give the call a longer deadline",
+    )
+
+
+def _bounded(engine: Engine, spec: FetchSpec, cutoff: float | None) -> tuple[FetchSpec, bool] | Outcome:
+    """``spec`` with its total timeout shortened to end by ``cutoff`` (loop time) and whether it
+    was; an outcome instead when no time is left. A spec whose own timeout is invalid is left
+    as it is, for the engine to refuse (INVALID_ARGUMENT)."""
+    if cutoff is None:
+        return spec, False
+    left = cutoff - asyncio.get_running_loop().time()
+    if left <= 0:
+        return out_of_time(spec)
+    limits = engine.settings.timeouts
+    own = limits.request if spec.timeout is None else spec.timeout
+    if not 0 < own <= limits.max_request or own <= left:
+        return spec, False
+    return dataclasses.replace(spec, timeout=left), True
+
+
+async def fetch_within(engine: Engine, spec: FetchSpec, cutoff: float | None) -> Outcome:
+    """``engine.fetch(spec)``, ended by ``cutoff`` (loop time; None: no bound) at the latest: a
+    fetch still running then is a TIMEOUT outcome that says the call's deadline stopped it."""
+    bounded = _bounded(engine, spec, cutoff)
+    if isinstance(bounded, Outcome):
+        return bounded
+    spec, shortened = bounded
+    outcome = await engine.fetch(spec)
+    if shortened and outcome.error_kind is ErrorKind.TIMEOUT and spec.timeout is not None \
+            and outcome.timings.total >= spec.timeout * 0.99:
+        outcome.error_message = (
+            f"stopped after {outcome.timings.total:.3g} s so that its result reaches the caller before the "
+            "call's deadline; give the call a longer deadline"
+        )
+    return outcome
+
+
 async def run_batch(
-    engine: Engine, items: AsyncIterable[tuple[K, FetchSpec]], concurrency: int
+    engine: Engine, items: AsyncIterable[tuple[K, FetchSpec]], concurrency: int, cutoff: float | None = None
 ) -> AsyncIterator[tuple[K, Outcome]]:
     """Fetch every ``(key, spec)`` of ``items`` and yield ``(key, outcome)`` as each completes.
 
@@ -37,6 +80,10 @@ async def run_batch(
     fetches the shutdown stops yield UNAVAILABLE too (see ``Engine.abort_in_flight``).
     Closing the generator cancels what is in flight and waits for those fetches to
     release their connections.
+
+    ``cutoff`` (loop time, None: none) is when every fetch must have ended, so that its result
+    can still reach the caller before the call's deadline: fetches are shortened to end by then
+    (TIMEOUT outcomes), and items not started by then yield TIMEOUT outcomes at once.
     """
     results: asyncio.Queue[Any] = asyncio.Queue()  # (key, outcome, holds a slot) or _END / an exception
     slots = asyncio.Semaphore(concurrency)
@@ -45,38 +92,40 @@ async def run_batch(
 
     async def fetch_one(key: K, spec: FetchSpec) -> None:
         try:
-            outcome = await engine.fetch(spec)
+            outcome = await fetch_within(engine, spec, cutoff)
         except Exception as exc:  # Engine.fetch reports failures in the outcome; this is a bug guard
             outcome = Outcome(url=spec.url, error_kind=ErrorKind.INTERNAL, error_message=repr(exc))
         results.put_nowait((key, outcome, True))
 
-    async def take_slot() -> bool:
-        """Wait for a slot; False (and no slot held) once the engine drains."""
+    async def take_slot(spec: FetchSpec) -> Outcome | None:
+        """Wait for a slot: None once held; else the item's outcome (no slot held) when the
+        engine drains (UNAVAILABLE) or the cutoff passes first (TIMEOUT)."""
         if engine.draining:
-            return False
+            return unavailable(spec)
         if not slots.locked():
             await slots.acquire()
-            return True
+            return None
         acquire = asyncio.ensure_future(slots.acquire())
         drained = asyncio.ensure_future(engine.drained())
+        wait = None if cutoff is None else max(0.0, cutoff - asyncio.get_running_loop().time())
         try:
-            await asyncio.wait((acquire, drained), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((acquire, drained), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             drained.cancel()
             if not acquire.done():
                 acquire.cancel()
         if acquire.done() and not acquire.cancelled():
             if not engine.draining:
-                return True
+                return None
             slots.release()
-        return False
+        return unavailable(spec) if engine.draining else out_of_time(spec)
 
     async def feed() -> None:
         async for key, spec in items:
-            held = await take_slot()
+            refused = await take_slot(spec)
             counts["accepted"] += 1
-            if not held:
-                results.put_nowait((key, unavailable(spec), False))
+            if refused is not None:
+                results.put_nowait((key, refused, False))
                 continue
             task = asyncio.create_task(fetch_one(key, spec))
             tasks.add(task)

@@ -15,7 +15,8 @@ class FetchSpec:
 
     ``timeout`` is total seconds (None: the server default); ``max_body_bytes``
     0 means the server default; ``follow_redirects`` None means the default;
-    ``tls_insecure_skip_verify`` accepts any certificate, for this request only.
+    ``tls_insecure_skip_verify`` accepts any certificate, for this request only;
+    ``keep_cookies`` keeps and sends the cookies of the ``session_key``'s session.
     """
 
     url: str
@@ -27,6 +28,7 @@ class FetchSpec:
     max_body_bytes: int = 0
     session_key: str = ""
     tls_insecure_skip_verify: bool = False
+    keep_cookies: bool = False
 
 
 @dataclass(slots=True)
@@ -43,7 +45,13 @@ class Timings:
 
 @dataclass(slots=True)
 class Outcome:
-    """The result of one fetch: a response, or ``error_kind`` with ``error_message``."""
+    """The result of one fetch: a response, or ``error_kind`` with ``error_message``.
+
+    ``redirects`` are the redirect responses followed, in order, as (URL, status);
+    ``remote_address`` is "ip:port" of the peer the last response came from (the target,
+    or the proxy); ``tls_version`` that of the connection to the target ("TLSv1.3"; "" for
+    cleartext); ``content_decoded`` says ``body`` was decoded from its Content-Encoding.
+    """
 
     url: str
     final_url: str = ""
@@ -57,6 +65,10 @@ class Outcome:
     error_message: str = ""
     pool: str = ""
     attempts: int = 0
+    redirects: list[tuple[str, int]] = field(default_factory=list)
+    remote_address: str = ""
+    tls_version: str = ""
+    content_decoded: bool = False
 
     @property
     def ok(self) -> bool:

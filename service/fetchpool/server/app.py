@@ -11,13 +11,12 @@ import signal
 from collections.abc import Callable, Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fetchpool.config import Settings, load_limits_file
 from fetchpool.engine import Engine, FetchObserver
 from fetchpool.errors import ConfigError
+from fetchpool.server.reflection import enable_reflection
 from fetchpool.server.security import BearerTokenInterceptor, load_token, server_credentials
 from fetchpool.server.servicer import FetchServicer, PoolAdminServicer
 from fetchpool.v1 import fetch_pb2 as pb
@@ -29,20 +28,41 @@ FETCH_SERVICE = pb.DESCRIPTOR.services_by_name["FetchService"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["PoolAdmin"].full_name
 #: Seconds between two checks of the limits file for changes.
 LIMITS_FILE_POLL = 5.0
+#: gRPC core's "never" for durations in milliseconds.
+INT_MAX = 2**31 - 1
+
+
+def _ms(seconds: float) -> int:
+    """Milliseconds for a channel argument; 0 seconds means never (gRPC core's INT_MAX)."""
+    return min(round(seconds * 1000), INT_MAX) if seconds > 0 else INT_MAX
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """gRPC channel arguments of the server."""
+    """gRPC channel arguments of the server (see ``ServerSettings`` for the keepalive policy)."""
+    server = settings.server
     options = [
-        ("grpc.max_receive_message_length", settings.server.max_message_bytes),
+        ("grpc.max_receive_message_length", server.max_message_bytes),
         # Never share a port silently with another process.
         ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", _ms(server.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", _ms(server.keepalive_timeout)),
+        ("grpc.http2.min_ping_interval_without_data_ms", round(server.min_ping_interval * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(server.permit_keepalive_without_calls)),
+        # The server's own pings must go on over a connection whose calls only wait (an idle
+        # FetchStream); gRPC core stops them after 2 pings without data otherwise.
+        ("grpc.http2.max_pings_without_data", 0),
+        # What actually closes a connection whose peer stopped answering pings: with only
+        # keepalive_timeout_ms, a frozen caller's call outlived 15 s of unanswered 1 s pings here
+        # (tests/integration/test_keepalive.py, ..._find_a_dead_caller...).
+        ("grpc.http2.ping_timeout_ms", _ms(server.keepalive_timeout)),
     ]
-    if settings.server.max_connection_age > 0:
-        # Callers reconnect, and so re-resolve a headless Service, after this long.
+    if server.max_connection_age > 0:
+        # Callers reconnect, and so re-resolve a headless Service, after this long (GOAWAY: no new
+        # call on the old connection); calls still running there go on until they end, or for the
+        # grace when one is set.
         options += [
-            ("grpc.max_connection_age_ms", int(settings.server.max_connection_age * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(settings.server.grace_period * 1000)),
+            ("grpc.max_connection_age_ms", _ms(server.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", _ms(server.max_connection_age_grace)),
         ]
     return options
 
@@ -99,13 +119,9 @@ async def serve(
     fetch_servicer = FetchServicer(engine)
     pb_grpc.add_FetchServiceServicer_to_server(fetch_servicer, server)
     pb_grpc.add_PoolAdminServicer_to_server(PoolAdminServicer(engine), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (FETCH_SERVICE, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # public, untyped
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection((FETCH_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME), server)
     try:
         if credentials is None:
             port = server.add_insecure_port(settings.server.listen)
@@ -121,7 +137,7 @@ async def serve(
     async with engine:
         await server.start()
         for service in ("", FETCH_SERVICE, ADMIN_SERVICE):
-            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         host = settings.server.listen.rsplit(":", 1)[0]
         logger.info("fetchpool serving on %s:%d (pools: %s)", host, port, ", ".join(p.name for p in engine.pools))
         if on_started is not None:
@@ -134,7 +150,7 @@ async def serve(
             logger.info("draining: up to %.3g s for in-flight calls", settings.server.grace_period)
             grace = settings.server.grace_period
             drained_by = loop.time() + grace
-            await health.enter_graceful_shutdown()
+            await health_servicer.enter_graceful_shutdown()
             engine.begin_drain()
             # Keep serving while in-flight calls finish: health answers NOT_SERVING, new
             # fetch calls get UNAVAILABLE. Near the end of the grace period, fetches still

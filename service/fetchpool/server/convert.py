@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fetchpool import charset
 from fetchpool.config import PoolLimits
 from fetchpool.engine import FetchSpec, Outcome, PoolSnapshot
 from fetchpool.v1 import fetch_pb2 as pb
@@ -23,11 +24,20 @@ def spec_from_proto(request: pb.FetchRequest) -> FetchSpec:
         max_body_bytes=request.max_body_bytes,
         session_key=request.session_key,
         tls_insecure_skip_verify=request.tls_insecure_skip_verify,
+        keep_cookies=request.keep_cookies,
     )
 
 
-def result_to_proto(outcome: Outcome, request_id: str, index: int) -> pb.FetchResult:
-    """The FetchResult of one outcome."""
+def _content_type(outcome: Outcome) -> str | None:
+    return next((value for name, value in outcome.headers if name.lower() == "content-type"), None)
+
+
+def result_to_proto(outcome: Outcome, request_id: str, index: int, *, include_text: bool = False) -> pb.FetchResult:
+    """The FetchResult of one outcome (one message, however large: see ``server.parts``).
+
+    ``encoding`` is determined for every response (``fetchpool.charset``); ``text`` is filled
+    only when ``include_text`` asks for it.
+    """
     t = outcome.timings
     result = pb.FetchResult(
         id=request_id,
@@ -49,10 +59,19 @@ def result_to_proto(outcome: Outcome, request_id: str, index: int) -> pb.FetchRe
         ),
         pool=outcome.pool,
         attempts=outcome.attempts,
+        body_size=len(outcome.body),
+        redirects=[pb.Redirect(url=url, status_code=status) for url, status in outcome.redirects],
+        remote_address=outcome.remote_address,
+        tls_version=outcome.tls_version,
+        content_decoded=outcome.content_decoded,
     )
     if outcome.error_kind is not None:
         result.error.kind = int(outcome.error_kind)  # type: ignore[assignment]
         result.error.message = outcome.error_message
+    elif outcome.status_code:
+        result.encoding = charset.detect(_content_type(outcome), outcome.body)
+        if include_text and result.encoding:
+            result.text = charset.decode(outcome.body, result.encoding)
     return result
 
 

@@ -11,6 +11,7 @@ import grpc
 
 from fetchpool.config import ServerSettings
 from fetchpool.errors import ConfigError
+from fetchpool.server import status
 
 #: Methods open without a token: the kubelet's gRPC probes cannot send one.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -84,7 +85,8 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        await status.abort(context, "BAD_TOKEN",
+                           "missing or wrong bearer token: send the metadata `authorization: Bearer <token>`")
 
     codec = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_unary:

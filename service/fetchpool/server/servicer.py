@@ -1,16 +1,23 @@
-"""The gRPC servicers: FetchService and PoolAdmin. Conversion only; the engine does the work."""
+"""The gRPC servicers: FetchService and PoolAdmin. Conversion only; the engine does the work.
+
+Every fetch of a call ends :func:`deadline_margin` before the call's deadline, so that its result
+(a TIMEOUT one if it had to be stopped) still reaches the caller. Results over the caller's
+message size go in parts (``server.parts``); call errors carry details (``server.status``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from typing import NamedTuple
 
 import grpc
 
 from fetchpool.engine import Engine, FetchSpec
-from fetchpool.engine.batch import cancel_once, run_batch
+from fetchpool.engine.batch import cancel_once, fetch_within, run_batch
 from fetchpool.errors import InvalidLimits
+from fetchpool.server import parts, status
 from fetchpool.server.convert import (
     limit_changes,
     limits_to_proto,
@@ -24,10 +31,26 @@ from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 DRAINING = "the server is shutting down; retry on another replica"
 
 
+def deadline_margin(remaining: float) -> float:
+    """Seconds before a call's deadline by which its fetches end: a tenth of the time the call
+    had, within [0.05, 1] s (room to send the last results, a network round trip included)."""
+    return min(1.0, max(0.05, remaining / 10))
+
+
+class _Item(NamedTuple):
+    """What the servicer keeps of a request while the engine fetches it."""
+
+    position: int
+    id: str
+    include_text: bool
+    message_limit: int
+
+
 class FetchServicer(pb_grpc.FetchServiceServicer):
     """``fetchpool.v1.FetchService``. Fetch failures are per-item errors; call errors are
     INVALID_ARGUMENT (empty batch), RESOURCE_EXHAUSTED (batch over the maximum size),
-    UNAVAILABLE (draining), DEADLINE_EXCEEDED and CANCELLED (from gRPC itself)."""
+    UNAVAILABLE (draining), and CANCELLED or DEADLINE_EXCEEDED from gRPC itself (a deadline
+    too short to send anything)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -57,13 +80,37 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
 
     async def _refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self._engine.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+            await status.abort(context, "DRAINING", DRAINING)
+
+    @staticmethod
+    def _cutoff(context: grpc.aio.ServicerContext) -> float | None:
+        """Loop time by which the call's fetches must end; None without a deadline."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return None
+        return asyncio.get_running_loop().time() + remaining - deadline_margin(remaining)
+
+    def _item(self, request: pb.FetchRequest, index: int, default_limit: int = 0) -> _Item:
+        limit = parts.message_limit(request.max_message_bytes or default_limit,
+                                    self._engine.settings.server.max_message_bytes)
+        return _Item(index, request.id, request.include_text, limit)
 
     async def Fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> pb.FetchResult:
         await self._refuse_if_draining(context)
+        item = self._item(request, 0)
         with self._tracked():
-            outcome = await cancel_once(self._engine.fetch(spec_from_proto(request)))
-        return result_to_proto(outcome, request.id, 0)
+            outcome = await cancel_once(fetch_within(self._engine, spec_from_proto(request), self._cutoff(context)))
+        result = result_to_proto(outcome, item.id, item.position, include_text=item.include_text)
+        return parts.too_large_for_fetch(result, item.message_limit)
+
+    async def _results(
+        self, items: AsyncIterable[tuple[_Item, FetchSpec]], concurrency: int, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FetchResult]:
+        with self._tracked():
+            async for item, outcome in run_batch(self._engine, items, concurrency, self._cutoff(context)):
+                result = result_to_proto(outcome, item.id, item.position, include_text=item.include_text)
+                for message in parts.split(result, item.message_limit):
+                    yield message
 
     async def FetchMany(
         self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
@@ -72,37 +119,36 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
         settings = self._engine.settings.fetch
         count = len(request.requests)
         if count == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the batch is empty")
+            await status.abort(context, "EMPTY_BATCH", "the batch is empty",
+                               violations=[("requests", "give at least one request")])
         if count > settings.max_batch_size:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the batch has {count} requests; the maximum is {settings.max_batch_size}",
+            await status.abort(
+                context, "BATCH_TOO_LARGE",
+                f"the batch has {count} requests; the maximum is {settings.max_batch_size}: split it",
+                metadata={"batch_size": count, "max_batch_size": settings.max_batch_size},
             )
         concurrency = min(request.concurrency or settings.batch_concurrency, settings.max_batch_concurrency)
 
-        async def items() -> AsyncIterator[tuple[tuple[int, str], FetchSpec]]:
+        async def items() -> AsyncIterator[tuple[_Item, FetchSpec]]:
             for index, item in enumerate(request.requests):
-                yield (index, item.id), spec_from_proto(item)
+                yield self._item(item, index, request.max_message_bytes), spec_from_proto(item)
 
-        with self._tracked():
-            async for (index, request_id), outcome in run_batch(self._engine, items(), concurrency):
-                yield result_to_proto(outcome, request_id, index)
+        async for message in self._results(items(), concurrency, context):
+            yield message
 
     async def FetchStream(
         self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FetchResult]:
         await self._refuse_if_draining(context)
 
-        async def items() -> AsyncIterator[tuple[tuple[int, str], FetchSpec]]:
+        async def items() -> AsyncIterator[tuple[_Item, FetchSpec]]:
             index = 0
             async for item in request_iterator:
-                yield (index, item.id), spec_from_proto(item)
+                yield self._item(item, index), spec_from_proto(item)
                 index += 1
 
-        concurrency = self._engine.settings.fetch.batch_concurrency
-        with self._tracked():
-            async for (index, request_id), outcome in run_batch(self._engine, items(), concurrency):
-                yield result_to_proto(outcome, request_id, index)
+        async for message in self._results(items(), self._engine.settings.fetch.batch_concurrency, context):
+            yield message
 
 
 class PoolAdminServicer(pb_grpc.PoolAdminServicer):
@@ -125,9 +171,12 @@ class PoolAdminServicer(pb_grpc.PoolAdminServicer):
         try:
             self._engine.set_limits(limit_changes(request.limits), request.pool)
         except InvalidLimits as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            violations = [(f"limits.{name}", text) for name, text in exc.fields] or [("limits", str(exc))]
+            await status.abort(context, "INVALID_LIMITS", str(exc), violations=violations)
         except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no pool named {request.pool!r}")
+            names = ", ".join(p.name for p in self._engine.pools)
+            await status.abort(context, "POOL_NOT_FOUND", f"no pool named {request.pool!r} (pools: {names})",
+                               metadata={"pool": request.pool})
         return self._limits()
 
     async def GetPoolStats(

@@ -20,7 +20,7 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("id", "url", "method", "headers", "body", "timeout", "follow_redirects", "max_body_bytes", "session_key", "tls_insecure_skip_verify")
+    __slots__ = ("id", "url", "method", "headers", "body", "timeout", "follow_redirects", "max_body_bytes", "session_key", "tls_insecure_skip_verify", "keep_cookies", "include_text", "max_message_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,9 @@ class FetchRequest(_message.Message):
     MAX_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     TLS_INSECURE_SKIP_VERIFY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_COOKIES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     url: str
     method: str
@@ -41,15 +44,28 @@ class FetchRequest(_message.Message):
     max_body_bytes: int
     session_key: str
     tls_insecure_skip_verify: bool
-    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., method: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., follow_redirects: _Optional[bool] = ..., max_body_bytes: _Optional[int] = ..., session_key: _Optional[str] = ..., tls_insecure_skip_verify: _Optional[bool] = ...) -> None: ...
+    keep_cookies: bool
+    include_text: bool
+    max_message_bytes: int
+    def __init__(self, id: _Optional[str] = ..., url: _Optional[str] = ..., method: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., follow_redirects: _Optional[bool] = ..., max_body_bytes: _Optional[int] = ..., session_key: _Optional[str] = ..., tls_insecure_skip_verify: _Optional[bool] = ..., keep_cookies: _Optional[bool] = ..., include_text: _Optional[bool] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchManyRequest(_message.Message):
-    __slots__ = ("requests", "concurrency")
+    __slots__ = ("requests", "concurrency", "max_message_bytes")
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[FetchRequest]
     concurrency: int
-    def __init__(self, requests: _Optional[_Iterable[_Union[FetchRequest, _Mapping]]] = ..., concurrency: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, requests: _Optional[_Iterable[_Union[FetchRequest, _Mapping]]] = ..., concurrency: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class Redirect(_message.Message):
+    __slots__ = ("url", "status_code")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    status_code: int
+    def __init__(self, url: _Optional[str] = ..., status_code: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("pool_wait_seconds", "connect_seconds", "proxy_connect_seconds", "tls_seconds", "ttfb_seconds", "total_seconds")
@@ -114,7 +130,7 @@ class FetchError(_message.Message):
     def __init__(self, kind: _Optional[_Union[FetchError.Kind, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FetchResult(_message.Message):
-    __slots__ = ("id", "index", "url", "final_url", "status_code", "headers", "body", "http_version", "connection_reused", "timings", "error", "pool", "attempts")
+    __slots__ = ("id", "index", "url", "final_url", "status_code", "headers", "body", "http_version", "connection_reused", "timings", "error", "pool", "attempts", "body_size", "part", "more_parts", "encoding", "text", "redirects", "remote_address", "tls_version", "content_decoded")
     ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +144,15 @@ class FetchResult(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    BODY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    MORE_PARTS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REDIRECTS_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TLS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_DECODED_FIELD_NUMBER: _ClassVar[int]
     id: str
     index: int
     url: str
@@ -141,7 +166,16 @@ class FetchResult(_message.Message):
     error: FetchError
     pool: str
     attempts: int
-    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., url: _Optional[str] = ..., final_url: _Optional[str] = ..., status_code: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., http_version: _Optional[str] = ..., connection_reused: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[FetchError, _Mapping]] = ..., pool: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
+    body_size: int
+    part: int
+    more_parts: bool
+    encoding: str
+    text: str
+    redirects: _containers.RepeatedCompositeFieldContainer[Redirect]
+    remote_address: str
+    tls_version: str
+    content_decoded: bool
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., url: _Optional[str] = ..., final_url: _Optional[str] = ..., status_code: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., http_version: _Optional[str] = ..., connection_reused: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[FetchError, _Mapping]] = ..., pool: _Optional[str] = ..., attempts: _Optional[int] = ..., body_size: _Optional[int] = ..., part: _Optional[int] = ..., more_parts: _Optional[bool] = ..., encoding: _Optional[str] = ..., text: _Optional[str] = ..., redirects: _Optional[_Iterable[_Union[Redirect, _Mapping]]] = ..., remote_address: _Optional[str] = ..., tls_version: _Optional[str] = ..., content_decoded: _Optional[bool] = ...) -> None: ...
 
 class PoolLimits(_message.Message):
     __slots__ = ("max_connections", "max_keepalive_connections", "keepalive_expiry", "pool_timeout", "max_connections_per_host")

@@ -5,7 +5,7 @@ import warnings
 
 from fetchpool.v1 import fetch_pb2 as fetchpool_dot_v1_dot_fetch__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -59,7 +59,9 @@ class FetchServiceServicer:
     def Fetch(self, request, context):
         """Fetch one URL. A fetch failure is a FetchResult with `error` set, not an
         RPC error; RPC errors are reserved for the call itself (INVALID_ARGUMENT,
-        DEADLINE_EXCEEDED, UNAVAILABLE while draining, ...).
+        UNAVAILABLE while draining, ...) and carry google.rpc.Status details.
+        A result that does not fit one message (see `max_message_bytes`) comes
+        back without its body, with a TOO_LARGE error: use FetchMany/FetchStream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -68,7 +70,8 @@ class FetchServiceServicer:
     def FetchMany(self, request, context):
         """Fetch a batch. Results stream back in completion order, each carrying the
         caller's `id` and its `index` in `requests`. Every request yields exactly
-        one result.
+        one result. A result larger than one message (see `max_message_bytes`)
+        arrives as consecutive messages with the same `index`: see FetchResult.part.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +80,7 @@ class FetchServiceServicer:
     def FetchStream(self, request_iterator, context):
         """Bidirectional: the caller keeps sending requests while results flow back
         in completion order; `index` is the request's position in the stream.
+        Large results arrive in parts, as in FetchMany.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

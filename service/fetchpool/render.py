@@ -1,0 +1,169 @@
+"""How the CLI shows messages: JSON for programs, a readable view for people at a terminal.
+
+JSON (:func:`to_json`): every field of the message, under its proto name, numbers as numbers
+(also 64-bit ones, which the proto3 JSON mapping writes as strings), enums as names, durations as
+seconds, timestamps as RFC 3339, unset messages as null. The terminal view (:func:`result_view`)
+is httpie's: a status line, the headers, a blank line and the body as text; :func:`stats_table`
+shows pool stats with one column per pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import http
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf.message import Message
+
+from fetchpool import charset
+from fetchpool.v1 import fetch_pb2 as pb
+
+__all__ = ["HINTS", "result_view", "stats_table", "to_json", "verbose_lines"]
+
+#: What to do about a failed fetch, by error kind (shown after the error at a terminal).
+HINTS = {
+    "FORBIDDEN_TARGET": "the service refuses loopback, private and link-local targets (SSRF guard); to fetch one, "
+                        "start the service with --allow-targets CIDR,... (e.g. FETCHPOOL_ALLOW_TARGETS="
+                        "127.0.0.0/8,::1/128 make run)",
+    "DNS": "check the host name; the service resolves it, from where it runs",
+    "CONNECT": "nothing accepted the connection at that address and port: is the target up?",
+    "TIMEOUT": "give it more time: --timeout SECONDS for each fetch, --deadline SECONDS for the whole call",
+    "POOL_TIMEOUT": "the pool was full for too long: lower --concurrency, or raise the service's --max-connections",
+    "TOO_LARGE": "the response exceeds the size limits: ask for a larger max_body_bytes, within the service's "
+                 "--max-body-bytes",
+    "TLS": "the target's certificate is not trusted by the service (its --ca-bundle)",
+    "PROXY": "the forward proxy failed: check the service's --proxy",
+    "PROXY_AUTH": "the forward proxy refused the credentials in the service's --proxy URL",
+    "UNAVAILABLE": "the service is shutting down: send the item again",
+    "INVALID_URL": "give an absolute http:// or https:// URL",
+}
+
+
+def _value(field: Any, value: Any) -> Any:
+    message_type = field.message_type
+    if message_type is None:
+        if field.enum_type is not None:
+            return field.enum_type.values_by_number[value].name if value in field.enum_type.values_by_number else value
+        return base64.b64encode(value).decode("ascii") if isinstance(value, bytes) else value
+    if message_type.full_name == "google.protobuf.Duration":
+        return value.seconds + value.nanos / 1e9
+    if message_type.full_name == "google.protobuf.Timestamp":
+        return value.ToJsonString()
+    return to_json(value)
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """Every field of ``message`` as JSON values (see the module's docstring)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {key: _value(value_field, item) for key, item in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_value(field, item) for item in value]
+        elif field.message_type is not None and not message.HasField(field.name):
+            out[field.name] = None
+        else:
+            out[field.name] = _value(field, value)
+    return out
+
+
+def result_json(result: pb.FetchResult, body: str) -> dict[str, Any]:
+    """A result as JSON; ``body`` is ``base64`` (proto3 JSON), ``text`` (decoded per its
+    ``encoding``, else as UTF-8) or ``omit`` (null)."""
+    data = to_json(result)
+    if body == "text":
+        data["body"] = text_of(result)
+    elif body == "omit":
+        data["body"] = None
+    return data
+
+
+def text_of(result: pb.FetchResult) -> str:
+    """The body as text: the server's ``text`` if it sent one, else decoded per ``encoding``
+    (as UTF-8, with replacements, when the body is not text)."""
+    if result.text:
+        return result.text
+    return charset.decode(result.body, result.encoding or "utf-8")
+
+
+def _reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _header(result: pb.FetchResult, name: str) -> str:
+    return next((h.value for h in result.headers if h.name.lower() == name), "")
+
+
+def result_view(result: pb.FetchResult, *, show_body: bool = True) -> str:
+    """The terminal view of one result: status line, headers, blank line, body as text (a note
+    instead for a body that is not text). A failed fetch shows its error and what to do."""
+    if result.HasField("error"):
+        kind = pb.FetchError.Kind.Name(result.error.kind)
+        lines = [f"{kind}: {result.error.message}"]
+        if kind in HINTS:
+            lines.append(f"  hint: {HINTS[kind]}")
+        return "\n".join(lines) + "\n"
+    lines = [f"{result.http_version or 'HTTP'} {result.status_code} {_reason(result.status_code)}".rstrip()]
+    lines += [f"{h.name}: {h.value}" for h in result.headers]
+    view = "\n".join(lines) + "\n"
+    if not show_body or not result.body:
+        return view
+    if not result.encoding:
+        kind = _header(result, "content-type") or "unknown type"
+        return view + f"\n[binary body: {result.body_size} bytes of {kind}; save it with -o FILE]\n"
+    text = text_of(result)
+    return view + "\n" + text + ("" if text.endswith("\n") else "\n")
+
+
+def verbose_lines(result: pb.FetchResult) -> list[str]:
+    """curl -v's "*" lines: where the response came from, redirects, timings, attempts."""
+    t = result.timings
+    lines = [f"* {result.url}" + (f" -> {result.final_url}" if result.final_url and result.final_url != result.url
+                                  else "")]
+    lines += [f"* redirect {r.status_code} from {r.url}" for r in result.redirects]
+    peer = result.remote_address or "?"
+    lines.append(f"* peer {peer} via pool {result.pool or '?'}, {result.http_version or '-'}, "
+                 f"{result.tls_version or 'no TLS'}, connection {'reused' if result.connection_reused else 'new'}")
+    lines.append(f"* {result.attempts} attempt(s); pool wait {t.pool_wait_seconds:.3f} s, connect "
+                 f"{t.connect_seconds:.3f} s, proxy {t.proxy_connect_seconds:.3f} s, TLS {t.tls_seconds:.3f} s, "
+                 f"first byte {t.ttfb_seconds:.3f} s, total {t.total_seconds:.3f} s")
+    lines.append(f"* body {result.body_size} bytes" + (", decoded from its Content-Encoding"
+                                                        if result.content_decoded else "")
+                 + (f", encoding {result.encoding}" if result.encoding else ""))
+    return lines
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def stats_table(pools: Sequence[pb.PoolStats]) -> str:
+    """Pool stats as a table: one row per field (limits.* flattened), one column per pool."""
+    columns = [_flat(to_json(pool)) for pool in pools]
+    if not columns:
+        return "no pools\n"
+    names = list(columns[0])
+    width = max(len(name) for name in names)
+    cells = [[_cell(column[name]) for column in columns] for name in names]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    rows = [f"{name:<{width}}  " + "  ".join(f"{cell:>{w}}" for cell, w in zip(row, widths, strict=True))
+            for name, row in zip(names, cells, strict=True)]
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,138 @@
+"""`fetchpool fetch` and `fetchpool stats` for people at a terminal (a real pty) and for scripts
+(a pipe), against a real service and real servers (issue 13, §4 and §6)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fetchpool.v1 import fetch_pb2 as pb
+from support import AppServer, Nginx, free_port
+from support.app import SAMPLE_TEXTS
+from support.fetchpool_service import FetchpoolService
+
+
+def _cli(*args: str, tty: bool = False, timeout: float = 60) -> tuple[int, str, str]:
+    """Run `fetchpool ARGS`; stdout to a pseudo-terminal when ``tty``, else a pipe: (status, stdout, stderr)."""
+    command = [sys.executable, "-m", "fetchpool", *args]
+    if not tty:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        return done.returncode, done.stdout, done.stderr
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, stdout=follower, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif process.poll() is not None:
+            break
+    os.close(leader)
+    status = process.wait(timeout=10)
+    assert process.stderr is not None
+    return status, b"".join(chunks).decode().replace("\r\n", "\n"), process.stderr.read().decode()
+
+
+def _text_url(app_server: AppServer, lang: str, encoding: str) -> str:
+    return f"{app_server.http_url}/text?lang={lang}&enc={encoding}&declare=none"
+
+
+def test_a_terminal_shows_status_headers_and_the_text_in_its_own_encoding(
+    service: FetchpoolService, app_server: AppServer
+) -> None:
+    status, out, _ = _cli("fetch", "--target", service.target, _text_url(app_server, "ja", "shift_jis"), tty=True)
+    assert status == 0
+    head, _, body = out.partition("\n\n")
+    assert head.splitlines()[0] == "HTTP/1.1 200 OK" and "content-type: text/html" in head.lower()
+    assert SAMPLE_TEXTS["ja"] in body  # not mojibake
+    status, out, _ = _cli("fetch", "--target", service.target, "-v", f"{app_server.http_url}/redirect/2", tty=True)
+    assert status == 0 and "* 1 attempt(s); pool wait" in out and "total" in out and out.rstrip().endswith("done")
+
+
+@pytest.mark.parametrize(("lang", "encoding"), [("fr", "cp1252"), ("ja", "shift_jis"), ("zh", "gbk")])
+def test_body_text_decodes_as_the_page_is_encoded(
+    service: FetchpoolService, app_server: AppServer, lang: str, encoding: str
+) -> None:
+    status, out, _ = _cli("fetch", "--target", service.target, "--body", "text", _text_url(app_server, lang, encoding))
+    [line] = out.splitlines()
+    assert status == 0 and SAMPLE_TEXTS[lang] in json.loads(line)["body"]
+
+
+def test_piped_output_is_json_lines_with_every_field_and_numbers_as_numbers(
+    service: FetchpoolService, nginx: Nginx, site_root: Path
+) -> None:
+    urls = [f"{nginx.https_url}/small.html", f"{nginx.https_url}/large.html", "http://127.0.0.1:1/"]
+    status, out, err = _cli("fetch", "--target", service.target, *urls)
+    results = [json.loads(line) for line in out.splitlines()]
+    assert status == 1 and "1 of 3 failed with CONNECT" in err
+    fields = {f.name for f in pb.FetchResult.DESCRIPTOR.fields}
+    for result in results:
+        assert set(result) == fields
+        assert all(isinstance(result[k], int) for k in ("index", "status_code", "body_size", "attempts", "part"))
+        assert isinstance(result["timings"]["total_seconds"], float)
+    by_url = {r["url"]: r for r in results}
+    assert by_url[urls[1]]["body_size"] == (site_root / "large.html").stat().st_size
+    assert by_url[urls[2]]["error"]["kind"] == "CONNECT" and by_url[urls[0]]["error"] is None
+    # --json at a terminal too.
+    status, out, _ = _cli("fetch", "--target", service.target, "--json", urls[0], tty=True)
+    assert status == 0 and json.loads(out)["status_code"] == 200
+
+
+def test_output_file_gets_the_exact_body(service: FetchpoolService, nginx: Nginx, site_root: Path,
+                                         tmp_path: Path) -> None:
+    data = os.urandom(6 * 1024 * 1024)  # over one default gRPC message
+    (site_root / "cli-6MiB.bin").write_bytes(data)
+    target = tmp_path / "page.bin"
+    status, out, err = _cli("fetch", "--target", service.target, "-o", str(target), f"{nginx.https_url}/cli-6MiB.bin",
+                            tty=True)
+    assert status == 0 and hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert "HTTP/2 200 OK" in out and "saved 6291456 bytes" in err
+    status, out, err = _cli("fetch", "--target", service.target, f"{nginx.https_url}/cli-6MiB.bin", tty=True)
+    assert "[binary body: 6291456 bytes of application/octet-stream; save it with -o FILE]" in out
+
+
+def test_fail_turns_http_errors_into_curl_s_exit_status(service: FetchpoolService, app_server: AppServer) -> None:
+    missing = f"{app_server.http_url}/status/404"
+    assert _cli("fetch", "--target", service.target, missing)[0] == 0
+    assert _cli("fetch", "--target", service.target, "--fail", missing)[0] == 22
+    assert _cli("fetch", "--target", service.target, "--fail", f"{app_server.http_url}/echo")[0] == 0
+
+
+def test_errors_name_the_next_step(start_service: ..., app_server: AppServer) -> None:
+    guarded = start_service("--ssrf-guard", "true")
+    local = f"{app_server.http_url}/echo"
+    status, out, _ = _cli("fetch", "--target", guarded.target, local, tty=True)
+    assert status == 1 and "FORBIDDEN_TARGET" in out and "--allow-targets" in out
+    status, _, err = _cli("fetch", "--target", guarded.target, local)
+    assert status == 1 and "--allow-targets" in err
+    nobody = f"127.0.0.1:{free_port()}"
+    for command in ("fetch", "stats"):
+        status, _, err = _cli(command, "--target", nobody, *([local] if command == "fetch" else []))
+        assert status == 2 and "Is it running?" in err and "fetchpool serve" in err and "--target" in err, err
+
+
+def test_stats_is_a_table_at_a_terminal_and_json_with_every_field_otherwise(service: FetchpoolService) -> None:
+    status, out, _ = _cli("stats", "--target", service.target, tty=True)
+    rows = dict(line.split(None, 1) for line in out.splitlines())
+    assert status == 0 and rows["pool"].strip() == "direct" and rows["limits.max_connections"].strip().isdigit()
+    assert {"connections_open", "pool_timeouts_total", "retries_total"} <= set(rows)
+    status, out, _ = _cli("stats", "--target", service.target)
+    [pool] = json.loads(out)["pools"]
+    assert set(pool) == {f.name for f in pb.PoolStats.DESCRIPTOR.fields}
+    assert isinstance(pool["connections_created_total"], int) and isinstance(pool["limits"]["pool_timeout"], float)
+    assert pool["ejected_until"] is None and pool["pool_timeouts_total"] == 0
