@@ -342,17 +342,19 @@ def test_alert_selectors_match_the_live_series(stack: dict[str, Any], rules_file
 def test_over_budget_alert_on_the_live_operator_series(stack: dict[str, Any]) -> None:
     prometheus: Prometheus = stack["prometheus"]
     operator: OperatorContractMetrics = stack["operator"]
+
+    def over_budget() -> list[dict[str, Any]]:
+        return [a for a in prometheus.api("alerts")["alerts"] if a["labels"]["alertname"] == "FetchpoolOverBudget"]
+
     operator.limit_sum.labels(NAMESPACE, FETCHPOOL).set(450)
     try:
-        def over_budget() -> list[dict[str, Any]]:
-            return [a for a in prometheus.api("alerts")["alerts"] if a["labels"]["alertname"] == "FetchpoolOverBudget"]
-
         alert = prometheus.wait_for(over_budget, timeout=20, what="FetchpoolOverBudget pending")
         assert alert[0]["state"] == "pending"  # for: 2m
         assert alert[0]["labels"]["namespace"] == NAMESPACE and alert[0]["labels"]["fetchpool"] == FETCHPOOL
         assert float(alert[0]["value"]) == 450
     finally:
         operator.limit_sum.labels(NAMESPACE, FETCHPOOL).set(400)
+    prometheus.wait_for(lambda: not over_budget(), timeout=20, what="FetchpoolOverBudget resolved")
 
 
 def test_latency_exemplars_link_to_exported_traces(stack: dict[str, Any]) -> None:
