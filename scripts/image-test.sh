@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the fetchpool image for real (podman, runc, host network, loopback addresses only):
 #   1. image metadata: numeric non-root USER, ENTRYPOINT ["fetchpool"], CMD ["serve"];
-#   2. `fetchpool --help` and `fetchpool operator --help` run; no compiler or make in the image;
+#   2. `fetchpool --help` and `fetchpool operator --help` run; no compiler or make in the image; the
+#      venv holds only uv.lock's runtime pins (`uv export --no-dev`): no grpcio-tools, no dev tools;
 #   3. `fetchpool serve` (the default command) under the chart's hardening (--read-only root,
 #      /tmp tmpfs, --cap-drop ALL, no-new-privileges, UID 10001) on 127.0.0.1:<free port>;
 #      gRPC health checked from the host ("" and fetchpool.v1.FetchService);
@@ -66,6 +67,32 @@ tools="$(podman run --rm --network none --entrypoint /bin/sh "$IMAGE" -c \
     'for t in gcc cc c++ g++ make ld; do command -v "$t"; done; true')"
 [[ -z "$tools" ]] || fail "build tools in the runtime image: $tools"
 log "ok: no compiler, make or linker on PATH"
+
+# --- 2b. the venv holds the lock's runtime set and nothing else (no grpcio-tools, no test tools) ---
+# What the image has: name==version of every distribution in /opt/venv. What it may have: the
+# runtime dependencies uv.lock pins (`uv export --no-dev`), plus fetchpool itself.
+installed="$(podman run --rm --network none --entrypoint python3 "$IMAGE" -c '
+import importlib.metadata as m, re
+for d in m.distributions():
+    print(re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() + "==" + d.version)' | sort -u)"
+grep -q '^grpcio-tools==' <<<"$installed" && fail "grpcio-tools is in the image (a build-group tool)"
+podman run --rm --network none --entrypoint python3 "$IMAGE" -c 'import grpc_tools' >/dev/null 2>&1 \
+    && fail "grpc_tools is importable in the image"
+UV_BIN="$ROOT/.venv/bin/uv"
+if [[ -x "$UV_BIN" ]]; then
+    allowed="$("$UV_BIN" export --locked --no-dev --no-emit-project --no-hashes --format requirements-txt \
+        | python3 -c '
+import re, sys
+for line in sys.stdin:
+    match = re.match(r"([A-Za-z0-9._-]+)==([^ ;]+)", line)
+    if match:
+        print(re.sub(r"[-_.]+", "-", match[1]).lower() + "==" + match[2])' | sort -u)"
+    extra="$(comm -23 <(grep -v '^fetchpool==' <<<"$installed") <(printf "%s\n" "$allowed"))"
+    [[ -z "$extra" ]] || fail "in the image but not among uv.lock's runtime pins (uv export --no-dev): $(tr '\n' ' ' <<<"$extra")"
+    log "ok: the venv is uv.lock's runtime set ($(wc -l <<<"$installed") distributions; no grpcio-tools, no dev tools)"
+else
+    log "ok: no grpcio-tools (no host venv: the lock comparison needs make install)"
+fi
 
 # --- 3. serve, hardened, health from the host ---------------------------------------------------
 port="$(free_port)"

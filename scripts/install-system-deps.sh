@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages fetchpool's integration tests and benchmarks run for real:
 # nginx (HTTP/1.1 + TLS/HTTP/2 origin), tinyproxy and squid (forward proxies), microsocks (SOCKS5), wrk (load baseline),
-# iptables/iproute2 (fault injection, network namespaces) and python3.11-doc, whose HTML
+# iptables/iproute2 (fault injection, network namespaces), prometheus (the real Prometheus server and
+# promtool: the chart's alert rules are checked and unit-tested with promtool, and its dashboard's
+# queries run against a Prometheus that scrapes the service) and python3.11-doc, whose HTML
 # (/usr/share/doc/python3.11/html, ~500 pages from a few KB to ~1 MB) is the static "real site"
 # the crawl tests and benchmarks fetch through nginx.
 #
@@ -10,7 +12,7 @@
 # command to run and exits 1. Exit status is non-zero on any failure.
 set -euo pipefail
 
-readonly PACKAGES=(nginx-light tinyproxy squid microsocks wrk iptables iproute2 python3.11-doc)
+readonly PACKAGES=(nginx-light tinyproxy squid microsocks wrk iptables iproute2 prometheus python3.11-doc)
 readonly DOC_ROOT=/usr/share/doc/python3.11/html
 readonly MIN_DOC_PAGES=300
 readonly POLICY_RC=/usr/sbin/policy-rc.d
@@ -35,8 +37,8 @@ if ((${#missing[@]} > 0)); then
         exit 1
     fi
 
-    # Debian's postinst scripts start nginx/squid/tinyproxy as system services (binding :80,
-    # :3128, :8888); tests run their own instances, so forbid service starts during the install.
+    # Debian's postinst scripts start nginx/squid/tinyproxy/prometheus as system services (binding
+    # :80, :3128, :8888, :9090); tests run their own instances, so forbid service starts during the install.
     # An existing policy-rc.d belongs to the machine's admin: keep it as it is.
     if [[ ! -e $POLICY_RC ]]; then
         printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC"

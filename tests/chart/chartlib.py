@@ -46,10 +46,19 @@ def kube_versions() -> tuple[str, str]:
     return f"{floor.group(1)}.0", newest
 
 
-def load_values(name_or_values: str | Mapping[str, Any]) -> dict[str, Any]:
+#: The one value the chart cannot default (no registry hosts the image): added under the values of
+#: every render of a dict, as the CI value sets carry it, unless the test asks for raw values.
+IMAGE = {"registry": "registry.example.com", "repository": "crawl/fetchpool"}
+
+
+def load_values(name_or_values: str | Mapping[str, Any], *, image: bool = True) -> dict[str, Any]:
+    """A CI value set by name, or a copy of ``values`` with :data:`IMAGE` under its own ``image``."""
     if isinstance(name_or_values, str):
         return yaml.safe_load(CI_VALUES[name_or_values].read_text()) or {}
-    return json.loads(json.dumps(name_or_values))
+    values = json.loads(json.dumps(name_or_values))
+    if image and isinstance(values.get("image", {}), dict):
+        values["image"] = {**IMAGE, **values.get("image", {})}
+    return values
 
 
 class Rendered:
@@ -130,12 +139,13 @@ def _render_cached(values_json: str, name: str, namespace: str) -> Rendered:
     return Rendered(manifests)
 
 
-def render_error(values: Mapping[str, Any]) -> str:
-    """The Helm v4 error message for values that must be rejected ('' if they render)."""
+def render_error(values: Mapping[str, Any], *, image: bool = True) -> str:
+    """The Helm v4 error message for values that must be rejected ('' if they render);
+    ``image=False``: without the test image (:data:`IMAGE`)."""
     import helm_python
 
     try:
-        _chart().render(load_values(values), name=RELEASE, namespace=NAMESPACE, is_install=True)
+        _chart().render(load_values(values, image=image), name=RELEASE, namespace=NAMESPACE, is_install=True)
     except helm_python.HelmError as exc:
         return str(exc)
     return ""
@@ -160,15 +170,18 @@ def helm_cli() -> str | None:
     return path if path and os.access(path, os.X_OK) else None
 
 
-def run_helm(*args: str, values: Mapping[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the helm CLI with an isolated HOME; ``values`` are passed as a values file."""
+def run_helm(
+    *args: str, values: Mapping[str, Any] | None = None, image: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the helm CLI with an isolated HOME; ``values`` (with :data:`IMAGE` unless ``image`` is
+    False) are passed as a values file."""
     helm = helm_cli()
     assert helm, "helm CLI unavailable"
     with tempfile.TemporaryDirectory() as home:
         cmd = [helm, *args]
         if values is not None:
             vfile = Path(home) / "values.yaml"
-            vfile.write_text(yaml.safe_dump(load_values(values)))
+            vfile.write_text(yaml.safe_dump(load_values(values, image=image)))
             cmd += ["-f", str(vfile)]
         env = {
             "HOME": home,

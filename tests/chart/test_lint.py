@@ -52,7 +52,9 @@ def test_helm3_cli_lint_strict(helm_cli: str, value_set: str, kube_version: str)
 
 def test_kube_version_floor_is_enforced(helm_cli: str) -> None:
     """Installing on a cluster older than kubeVersion fails at template time."""
-    proc = chartlib.run_helm("template", "x", str(chartlib.CHART), "--kube-version", "1.26.0")
+    proc = chartlib.run_helm(
+        "template", "x", str(chartlib.CHART), "--kube-version", "1.26.0", "--set", "image.repository=crawl/fetchpool"
+    )
     assert proc.returncode != 0
     assert "kubeVersion" in proc.stderr or "incompatible" in proc.stderr
 

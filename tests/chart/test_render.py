@@ -16,7 +16,15 @@ VALUE_SETS = sorted(chartlib.CI_VALUES)
 GRPC_PORT = 50051
 
 # Kinds outside the Kubernetes schemas: checked against their CRD (crds/) or by hand below.
-CUSTOM_KINDS = {"FetchPool", "KopfPeering", "ClusterKopfPeering", "ServiceMonitor", "PodMonitor", "ScaledObject"}
+CUSTOM_KINDS = {
+    "FetchPool",
+    "KopfPeering",
+    "ClusterKopfPeering",
+    "ServiceMonitor",
+    "PodMonitor",
+    "PrometheusRule",
+    "ScaledObject",
+}
 IMMUTABLE_SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
 STANDARD_LABELS = {
     "helm.sh/chart",
@@ -230,7 +238,7 @@ def test_selectors_are_immutable_labels_only(value_set: str) -> None:
 def test_resources_named_and_labelled_consistently(value_set: str) -> None:
     r = render(value_set)
     base = fullname(r)
-    suffixes = {"", "-headless", "-config", "-proxy", "-auth", "-operator", "-test"}
+    suffixes = {"", "-headless", "-config", "-proxy", "-auth", "-operator", "-test", "-dashboard"}
     values = chartlib.load_values(value_set)
     peering_name = values.get("operator", {}).get("peering", {}).get("name")
     for obj in r.objects:
@@ -338,10 +346,88 @@ def test_security_contexts_hardened(value_set: str) -> None:
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
-def test_resources_unset_by_default(value_set: str) -> None:
+def test_every_container_has_requests_and_a_memory_limit(value_set: str) -> None:
+    """No BestEffort pod (the first evicted, and refused where a ResourceQuota asks for requests):
+    the service, the operator and the helm test pod request CPU and memory and cap memory. No CPU
+    limit by default: throttling would stall every fetch of the pod's event loop."""
     r = render(value_set)
-    expected = chartlib.load_values(value_set).get("resources")
-    assert r.server_container().get("resources") == expected
+    pods = list(r.workloads())
+    assert len(pods) >= 2
+    for obj, pod in pods:
+        for c in pod["containers"]:
+            where = f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}"
+            resources = c["resources"]
+            assert resources["requests"]["cpu"] and resources["requests"]["memory"], where
+            assert resources["limits"]["memory"], where
+            assert "cpu" not in resources["limits"], where
+    overrides = chartlib.load_values(value_set).get("resources")
+    if overrides:  # merged over the defaults, key by key (Helm's values merge)
+        for kind, amounts in overrides.items():
+            for name, amount in amounts.items():
+                assert r.server_container()["resources"][kind][name] == amount
+
+
+def test_resources_defaults_and_opt_out() -> None:
+    r = render("default")
+    assert r.server_container()["resources"] == {
+        "requests": {"cpu": "500m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    }
+    (operator,) = r.operator()["spec"]["template"]["spec"]["containers"]
+    assert operator["resources"]["requests"] == {"cpu": "50m", "memory": "128Mi"}
+    # The HPA's CPU target works on a first install: the request it is a percentage of is there.
+    assert chartlib.render_error({"autoscaling": {"enabled": True}}) == ""
+    # null removes a default (Helm's merge): BestEffort only when asked for.
+    bare = render({"resources": None, "operator": {"resources": None}, "tests": {"resources": None}})
+    assert all("resources" not in c for _, pod in bare.workloads() for c in pod["containers"])
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_pods_spread_over_zones_and_nodes(value_set: str) -> None:
+    r = render(value_set)
+    pod = r.server()["spec"]["template"]["spec"]
+    selector = r.server()["spec"]["selector"]["matchLabels"]
+    constraints = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    expected = {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    if "topologySpreadConstraints" in chartlib.load_values(value_set):
+        expected = {c["topologyKey"] for c in chartlib.load_values(value_set)["topologySpreadConstraints"]}
+    assert set(constraints) == expected
+    for key, c in constraints.items():
+        assert c["labelSelector"] == {"matchLabels": selector}, key
+        assert c["maxSkew"] == 1 and c["whenUnsatisfiable"] == "ScheduleAnyway", key
+    if value_set == "default":
+        # Each rollout's ReplicaSet is spread on its own (old pods leaving do not skew the new ones).
+        assert all(c["matchLabelKeys"] == ["pod-template-hash"] for c in constraints.values())
+    unspread = render({"topologySpreadConstraints": []}).server()["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in unspread
+
+
+def test_notes_say_what_a_first_install_gives_and_what_to_set_next() -> None:
+    notes = render("default").notes
+    assert "image registry.example.com/crawl/fetchpool:0.1.0" in notes
+    assert 'Pods: requests {"cpu":"500m","memory":"256Mi"}, limits {"memory":"1Gi"}' in notes
+    assert "spread over topology.kubernetes.io/zone and kubernetes.io/hostname; DNS ndots 1" in notes
+    nexts = notes.split("What to set next", 1)[1]
+    for value in ("proxy.existingSecret", "operator.fetchPool.connectionBudget (now 400)", "autoscaling.enabled",
+                  "metrics.grafanaDashboard.enabled", "metrics.prometheusRule.enabled", "otel.enabled", "auth.enabled"):
+        assert value in nexts, value
+    # What is set is not suggested again.
+    done = render("hpa").notes.split("What to set next", 1)[1]
+    for value in ("autoscaling.enabled", "metrics.prometheusRule.enabled", "otel.enabled"):
+        assert value not in done, value
+    bare = render({"resources": None, "dnsConfig": None, "topologySpreadConstraints": []}).notes
+    assert "no requests (BestEffort" in bare and "no topology spread; the cluster's DNS options" in bare
+
+
+def test_dns_lookups_of_external_names_not_multiplied() -> None:
+    """Kubernetes' ndots:5 sends `www.example.com` through every search domain first (3 or more
+    NXDOMAIN round trips, twice for A and AAAA); ndots:1 asks for it as it is first."""
+    pod = render("default").server()["spec"]["template"]["spec"]
+    assert pod["dnsPolicy"] == "ClusterFirst"
+    assert pod["dnsConfig"] == {"options": [{"name": "ndots", "value": "1"}]}
+    assert "dnsConfig" not in render({"dnsConfig": None}).server()["spec"]["template"]["spec"]
+    custom = render({"dnsConfig": {"options": [{"name": "ndots", "value": "2"}, {"name": "timeout", "value": "2"}]}})
+    assert custom.server()["spec"]["template"]["spec"]["dnsConfig"]["options"][1] == {"name": "timeout", "value": "2"}
 
 
 def test_service_env_contract_and_numbers() -> None:
@@ -856,6 +942,8 @@ def test_operator_metrics_endpoint_and_podmonitor() -> None:
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["prod"]}
     (endpoint,) = pm["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # The FetchPool's namespace label survives (the dashboard and the alerts select by it).
+    assert endpoint["honorLabels"] is True
     assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
     # The operator's own parser reads the URL the chart passes.
     operator = pytest.importorskip("fetchpool.operator")

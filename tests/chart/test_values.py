@@ -11,6 +11,11 @@ import chartlib
 import pytest
 import yaml
 
+
+def _alert(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"metrics": {"prometheusRule": {"alerts": {name: settings}}}}
+
+
 # (id, values, a fragment of the expected message). Messages from the schema name the path;
 # messages from templates/validate.yaml name the values to change.
 BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
@@ -53,7 +58,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         "keda.minReplicaCount (9)",
     ),
     ("hpa-zero-max", {"autoscaling": {"maxReplicas": 0}}, "maxReplicas"),
-    ("hpa-cpu-without-requests", {"autoscaling": {"enabled": True}}, "resources.requests.cpu"),
+    (
+        "hpa-cpu-without-requests",
+        {"autoscaling": {"enabled": True}, "resources": {"requests": {"cpu": None}}},
+        "resources.requests.cpu",
+    ),
     (
         "hpa-without-metrics",
         {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": None}},
@@ -122,7 +131,52 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("ssrf-rule-with-space", {"ssrf": {"denyTargets": ["bad host"]}}, "ssrf/denyTargets/0"),
     ("ssrf-service-cidr-not-a-cidr", {"ssrf": {"serviceCIDRs": ["cluster.local"]}}, "ssrf/serviceCIDRs/0"),
     ("ssrf-guard-not-bool", {"ssrf": {"enabled": "yes"}}, "ssrf/enabled"),
+    ("image-repository-empty", {"image": {"repository": ""}}, "Build it with `make image`"),
+    ("dashboard-without-metrics", {"metrics": {"grafanaDashboard": {"enabled": True}}}, "metrics.enabled"),
+    ("rules-without-metrics", {"metrics": {"prometheusRule": {"enabled": True}}}, "metrics.enabled"),
+    (
+        "alert-threshold-above-one",
+        _alert("poolTimeouts", {"enabled": True, "for": "5m", "severity": "warning", "threshold": 2}),
+        "poolTimeouts",
+    ),
+    ("alert-for-not-a-duration", _alert("overBudget", {"enabled": True, "for": "soon", "severity": "critical"}), "for"),
+    ("ratio-alert-no-threshold", _alert("fetchErrors", {"threshold": None}), "threshold"),
+    ("unknown-alert", _alert("latency", {}), "latency"),
+    (
+        "runbook-url-with-fragment",
+        {"metrics": {"prometheusRule": {"runbookUrl": "https://x.example/README.md#alerts"}}},
+        "runbookUrl",
+    ),
+    ("dns-option-without-name", {"dnsConfig": {"options": [{"value": "1"}]}}, "dnsConfig"),
+    ("bad-dns-policy", {"dnsPolicy": "Custom"}, "dnsPolicy"),
 ]
+
+
+# What an install without image values prints, from the schema (both Helms list the missing
+# "property", whose name is the instruction) or, with --skip-schema-validation, templates/validate.yaml.
+IMAGE_INSTRUCTIONS = (
+    "image.repository is not set: no public registry hosts the fetchpool image. Build it with `make image`, "
+    "push it to a registry your cluster pulls from, then set image.registry and image.repository"
+)
+
+
+def test_install_without_image_fails_with_instructions_helm4() -> None:
+    message = chartlib.render_error({}, image=False)
+    assert IMAGE_INSTRUCTIONS in message, message
+    assert chartlib.render_error({"image": {"repository": "crawl/fetchpool"}}, image=False) == ""
+
+
+def test_install_without_image_fails_with_instructions_helm3(helm_cli: str) -> None:
+    # `helm template` validates and renders as `helm install` does, without a cluster.
+    proc = chartlib.run_helm("template", "demo", str(chartlib.CHART), "--namespace", "prod", values={}, image=False)
+    assert proc.returncode != 0 and IMAGE_INSTRUCTIONS in proc.stderr, proc.stderr
+    # Without the schema the templates say the same.
+    proc = chartlib.run_helm("template", "demo", str(chartlib.CHART), "--skip-schema-validation", values={},
+                             image=False)
+    assert proc.returncode != 0 and IMAGE_INSTRUCTIONS in proc.stderr, proc.stderr
+    proc = chartlib.run_helm("template", "demo", str(chartlib.CHART), "--set", "image.repository=crawl/fetchpool",
+                             image=False)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize(("values", "fragment"), [pytest.param(v, f, id=i) for i, v, f in BAD_VALUES])
@@ -183,6 +237,16 @@ GOOD_VALUES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("otlp-http", {"otel": {"enabled": True, "protocol": "http/protobuf", "endpoint": "http://c:4318"}}),
+    ("no-spread-no-dns-options", {"topologySpreadConstraints": [], "dnsConfig": None}),
+    ("best-effort-on-request", {"resources": None, "operator": {"resources": None}}),
+    (
+        "rules-without-operator",
+        {"metrics": {"enabled": True, "prometheusRule": {"enabled": True}}, "operator": {"enabled": False}},
+    ),
+    (
+        "dashboard-in-grafana-namespace",
+        {"metrics": {"enabled": True, "grafanaDashboard": {"enabled": True, "namespace": "monitoring"}}},
+    ),
 ]
 
 
@@ -196,11 +260,15 @@ def test_rendered_numbers_and_images_follow_values() -> None:
     env = r.configmap_env()
     assert env["FETCHPOOL_KEEPALIVE_EXPIRY"] == "2.5" and env["FETCHPOOL_CONNECT_TIMEOUT"] == "0.5"
     r = chartlib.render(dict(GOOD_VALUES)["image-digest"])
-    assert r.server_container()["image"] == "registry.example/fetchpool@sha256:" + "a" * 64
+    assert r.server_container()["image"] == "registry.example/crawl/fetchpool@sha256:" + "a" * 64
     assert r.operator()["spec"]["template"]["spec"]["containers"][0]["image"] == r.server_container()["image"]
     r = chartlib.render({"image": {"tag": "1.2.3"}})
-    assert r.server_container()["image"] == "fetchpool:1.2.3"
-    assert chartlib.render("default").server_container()["image"] == f"fetchpool:{chartlib.chart_meta()['appVersion']}"
+    assert r.server_container()["image"] == "registry.example.com/crawl/fetchpool:1.2.3"
+    app_version = chartlib.chart_meta()["appVersion"]
+    default_image = chartlib.render("default").server_container()["image"]
+    assert default_image == f"registry.example.com/crawl/fetchpool:{app_version}"
+    r = chartlib.render({"image": {"registry": "", "repository": "localhost/fetchpool"}})
+    assert r.server_container()["image"] == f"localhost/fetchpool:{app_version}"
     r = chartlib.render(dict(GOOD_VALUES)["extra-env"])
     assert r.configmap_env()["FETCHPOOL_MAX_REDIRECTS"] == "5"
     assert r.configmap_env()["FETCHPOOL_FOLLOW_REDIRECTS"] == "true"
@@ -254,11 +322,17 @@ def test_every_value_is_in_the_schema() -> None:
 
 
 def test_defaults_satisfy_the_schema_and_objects_are_closed() -> None:
+    """The defaults plus an image validate; the defaults alone fail on the image only, with the
+    instructions (the chart ships no pullable image)."""
     import jsonschema
 
     schema = json.loads((chartlib.CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
-    jsonschema.validate(yaml.safe_load((chartlib.CHART / "values.yaml").read_text()), schema)
+    defaults = yaml.safe_load((chartlib.CHART / "values.yaml").read_text())
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(defaults))
+    assert errors and all(list(e.absolute_path) == ["image"] for e in errors), errors
+    assert any(IMAGE_INSTRUCTIONS in e.message for e in errors)
+    jsonschema.validate({**defaults, "image": {**defaults["image"], **chartlib.IMAGE}}, schema)
     assert schema["additionalProperties"] is False
     for name in ("config", "proxy", "tls", "autoscaling", "keda", "operator", "networkPolicy"):
         assert schema["properties"][name]["additionalProperties"] is False, name

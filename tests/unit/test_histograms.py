@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, ExponentialBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
 
 METRIC = n.MetricName("test.duration", "Histogram", "s", ("a", "b"), "for the test")
 BOUNDS = (0.0, 0.5, 1.0, 2.5)
@@ -33,6 +35,13 @@ _VALUE = st.one_of(st.sampled_from([*BOUNDS, -1.0, math.inf, -math.inf, math.nan
                    st.floats(min_value=-5, max_value=5))
 _KEY = st.tuples(st.sampled_from(["x", "y", None]), st.sampled_from([1, 2, None]))
 _RECORDS = st.lists(st.tuples(_VALUE, _KEY), max_size=30)
+#: Records made in a span: None (no span), or the number of a sampled (odd) or unsampled (even) span.
+_TRACED_RECORDS = st.lists(st.tuples(_VALUE, _KEY, st.one_of(st.none(), st.integers(1, 6))), max_size=30)
+
+
+def _span(number: int) -> SpanContext:
+    flags = TraceFlags(TraceFlags.SAMPLED if number % 2 else TraceFlags.DEFAULT)
+    return SpanContext(0xABC0 + number, 0x1230 + number, is_remote=False, trace_flags=flags)
 
 
 class _Pair:
@@ -49,10 +58,16 @@ class _Pair:
         # The reader needs a provider to collect from; it has no instruments of its own.
         MeterProvider(metric_readers=[self.our_reader]).get_meter("fetchpool", "0").create_counter("c").add(1)
 
-    def record(self, records: Sequence[tuple[float, tuple[Any, ...]]]) -> None:
-        for value, key in records:
-            self.sdk.record(value, {name: v for name, v in zip(METRIC.attributes, key, strict=True) if v is not None})
-            self.ours.record(value, key)
+    def record(self, records: Sequence[tuple[Any, ...]]) -> None:
+        """(value, key) or (value, key, span number or None) records into both."""
+        for value, key, *span in records:
+            context = _span(span[0]) if span and span[0] is not None else None
+            attributes = {name: v for name, v in zip(METRIC.attributes, key, strict=True) if v is not None}
+            in_span = set_span_in_context(NonRecordingSpan(context)) if context else None
+            self.sdk.record(value, attributes, context=in_span)
+            # Our callers pass the span only when it was sampled (the SDK's trace-based filter).
+            sampled = context if context is not None and context.trace_flags.sampled else None
+            self.ours.record(value, key, sampled, time.time_ns())
 
     def points(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         return _points(self.sdk_reader.get_metrics_data()), _points(self.our_reader.get_metrics_data())
@@ -69,8 +84,11 @@ def _points(data: MetricsData | None) -> list[tuple[Any, ...]]:
                     for p in metric.data.data_points:
                         assert p.start_time_unix_nano <= p.time_unix_nano
                         # The SDK adds up each collection's sum; the order of float additions differs.
+                        exemplars = sorted((e.value, e.trace_id, e.span_id, dict(e.filtered_attributes or {}))
+                                           for e in p.exemplars)
                         found.append((sorted(p.attributes.items()), p.count, round(p.sum, 9), tuple(p.bucket_counts),
-                                      tuple(p.explicit_bounds), p.min, p.max, metric.data.aggregation_temporality))
+                                      tuple(p.explicit_bounds), p.min, p.max, metric.data.aggregation_temporality,
+                                      exemplars))
     return sorted(found, key=repr)
 
 
@@ -94,6 +112,31 @@ def test_delta_points_are_the_sdks(first: list[Any], second: list[Any], third: l
         pair.record(records)
         sdk, ours = pair.points()
         assert ours == sdk
+
+
+@settings(max_examples=150, deadline=None)
+@given(_TRACED_RECORDS, _TRACED_RECORDS)
+def test_exemplars_are_the_sdks(first: list[Any], second: list[Any]) -> None:
+    """Values recorded in a sampled span are their bucket's exemplar (the last one wins), as the SDK's
+    default reservoir keeps them, carried by the points of the collection that follows."""
+    for temporality in (None, DELTA):
+        pair = _Pair(temporality)
+        for records in (first, second):
+            pair.record(records)
+            sdk, ours = pair.points()
+            assert ours == sdk
+
+
+def test_exemplars_for_the_prometheus_endpoint_are_each_buckets_latest() -> None:
+    histogram = h.Histogram(METRIC, BOUNDS)
+    histogram.record(0.2, ("x", 1), _span(1), 10)
+    histogram.record(0.3, ("x", 1), _span(3), 20)  # same bucket: replaces
+    histogram.record(7.0, ("x", 1), _span(5), 30)  # the +Inf bucket
+    histogram.record(0.4, ("x", 1))  # no span: the bucket keeps its exemplar
+    histogram.record(0.1, ("y", 2))  # a point without exemplars is left out
+    [(attributes, samples)] = histogram.exemplars()
+    assert attributes == {"a": "x", "b": 1}
+    assert samples == [None, (0.3, 20, 0xABC3, 0x1233), None, None, (7.0, 30, 0xABC5, 0x1235)]
 
 
 def test_past_the_cardinality_limit_new_sets_go_to_the_overflow_point(monkeypatch: Any) -> None:

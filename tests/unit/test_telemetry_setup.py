@@ -209,6 +209,34 @@ def test_the_prometheus_endpoint_uses_the_documented_names() -> None:
     assert "otel_scope_name" not in text
 
 
+def test_the_prometheus_endpoint_shows_exemplars_to_openmetrics_scrapers() -> None:
+    """Each bucket's latest traced value, with its trace and span ids, in the OpenMetrics
+    exposition (what Prometheus asks for); the classic text format has no exemplars."""
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    port = free_port()
+    telemetry = setup_telemetry(env={"FETCHPOOL_METRICS_PORT": str(port)}, set_global=False)
+    assert telemetry is not None and telemetry.instruments is not None
+    span = SpanContext(0x5B8EFFF798038103D269B633813FC60C, 0xEEE19B7EC3C1B174, False, TraceFlags(TraceFlags.SAMPLED))
+    key = ("GET", 200, None, "2", "https", "direct")
+    telemetry.instruments.request_duration.record(0.02, key, span, 1_700_000_000_000_000_000)
+    telemetry.instruments.request_duration.record(0.3, key)  # untraced: no exemplar in its bucket
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        request = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        openmetrics = urllib.request.urlopen(request, timeout=5).read().decode()
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        telemetry.shutdown(2.0)
+    with_exemplars = [line for line in openmetrics.splitlines() if " # {" in line]
+    assert with_exemplars == [
+        'http_client_request_duration_seconds_bucket{fetchpool_pool_name="direct",http_request_method="GET",'
+        'http_response_status_code="200",le="0.025",network_protocol_version="2",url_scheme="https"} 1.0 # '
+        '{span_id="eee19b7ec3c1b174",trace_id="5b8efff798038103d269b633813fc60c"} 0.02 1700000000.0'
+    ]
+    assert "trace_id" not in text
+
+
 def test_a_taken_prometheus_port_is_a_config_error() -> None:
     port = free_port()
     first = setup_telemetry(env={"FETCHPOOL_METRICS_PORT": str(port)}, set_global=False)

@@ -233,6 +233,16 @@ names the values to change. Included by templates/validate.yaml.
 */}}
 {{- define "fetchpool.validate" -}}
 {{- $v := .Values -}}
+{{- /* values.schema.json says the same first; this holds with --skip-schema-validation too. */ -}}
+{{- if not $v.image.repository -}}
+{{- fail "image.repository is not set: no public registry hosts the fetchpool image. Build it with `make image`, push it to a registry your cluster pulls from, then set image.registry and image.repository (and image.tag or image.digest); see The image in the chart README" -}}
+{{- end -}}
+{{- if and $v.metrics.grafanaDashboard.enabled (not $v.metrics.enabled) -}}
+{{- fail "metrics.grafanaDashboard.enabled needs metrics.enabled (the dashboard shows the service's Prometheus metrics)" -}}
+{{- end -}}
+{{- if and $v.metrics.prometheusRule.enabled (not $v.metrics.enabled) -}}
+{{- fail "metrics.prometheusRule.enabled needs metrics.enabled (the alerts read the service's Prometheus metrics)" -}}
+{{- end -}}
 {{- if and $v.autoscaling.enabled $v.keda.enabled -}}
 {{- fail "autoscaling.enabled and keda.enabled are mutually exclusive: KEDA creates its own HPA. Enable one of them." -}}
 {{- end -}}
@@ -491,4 +501,12 @@ with channel() as ch:
     if not os.environ.get("FP_FETCH_URL") and result.body.decode(errors="replace") != marker:
         sys.exit("unexpected body: %r" % result.body[:200])
 print("ok")
+{{- end -}}
+
+{{/* An alert's runbook_url annotation line (nothing without metrics.prometheusRule.runbookUrl). list: the prometheusRule values, the alert's name. */}}
+{{- define "fetchpool.runbookUrl" -}}
+{{- $url := (index . 0).runbookUrl -}}
+{{- if $url -}}
+runbook_url: {{ printf "%s#%s" $url (lower (index . 1)) | quote }}
+{{- end -}}
 {{- end -}}

@@ -21,7 +21,7 @@ from collections import deque
 from typing import Any, NamedTuple
 
 from opentelemetry import context as context_api
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from fetchpool.engine import FetchSpec, Outcome
 from fetchpool.engine.phases import Phase, PhaseRecorder
@@ -131,10 +131,9 @@ class FetchTelemetry:
                 return
             try:
                 method = finished.token.method.upper()
-                if self._spans is not None:
-                    self._span(finished, method)
+                span = self._span(finished, method) if self._spans is not None else None
                 if self._instruments is not None:
-                    self._record(finished, method)
+                    self._record(finished, method, span)
             except Exception:
                 self._failed_once()
 
@@ -153,7 +152,8 @@ class FetchTelemetry:
             self._instruments.connection_duration.record(max(0.0, lifetime), (version, pool or None))
 
     # --- spans ---------------------------------------------------------------------------------
-    def _span(self, finished: _Finished, method: str) -> None:
+    def _span(self, finished: _Finished, method: str) -> SpanContext | None:
+        """Record the fetch's CLIENT span (and its phases); its context when it was sampled."""
         spans = self._spans
         assert spans is not None
         token, url = finished.token, finished.url
@@ -208,6 +208,7 @@ class FetchTelemetry:
         if context is not None:
             for name, phase_attributes, start_ns, stop_ns, failed in timed:
                 spans.record_child(name, context, phase_attributes, start_ns, stop_ns, _FAILED if failed else UNSET)
+        return context
 
     @staticmethod
     def _phase_attributes(phase: Phase) -> tuple[tuple[str, Any], ...]:
@@ -224,8 +225,9 @@ class FetchTelemetry:
         return tuple(pairs)
 
     # --- metrics -------------------------------------------------------------------------------
-    def _record(self, finished: _Finished, method: str) -> None:
-        """Record the fetch's histograms; each key lists the values of the metric's ``attributes`` in order."""
+    def _record(self, finished: _Finished, method: str, span: SpanContext | None) -> None:
+        """Record the fetch's histograms; each key lists the values of the metric's ``attributes`` in order.
+        The duration's exemplar is the fetch's CLIENT span, when sampled."""
         instruments = self._instruments
         assert instruments is not None
         pool = finished.pool or None
@@ -237,7 +239,7 @@ class FetchTelemetry:
             finished.error or None,
             finished.version or None,
             scheme if scheme in ("http", "https") else None,
-            pool))
+            pool), span, finished.end_ns)
         if finished.phases is None:
             return
         # Phases in order, one pool.acquire per attempt; a connection is created when an

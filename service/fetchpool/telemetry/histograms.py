@@ -12,8 +12,16 @@ Prometheus endpoint see them like any other instrument. The aggregation is the S
 bucket histogram: bucket ``i`` counts the values in ``(bounds[i-1], bounds[i]]``, negative and
 non-finite values are ignored, points are cumulative or delta as the reader asks, and past
 :data:`CARDINALITY_LIMIT` attribute sets per histogram new sets go to one overflow point
-(``otel.metric.overflow=true``). No exemplars. One difference: the limit counts attribute sets
-over the life of the process for delta readers too, where the SDK counts them per interval.
+(``otel.metric.overflow=true``). One difference: the limit counts attribute sets over the life of
+the process for delta readers too, where the SDK counts them per interval.
+
+Exemplars: a value recorded with the context of a sampled span (the fetch's CLIENT span, the
+call's SERVER span) becomes its bucket's exemplar, replacing the one before: the SDK's
+``AlignedHistogramBucketExemplarReservoir``, the default reservoir of explicit-bucket histograms,
+keeps the same (the last measurement of each bucket). As the SDK's, a point carries the exemplars
+recorded since its reader's previous collection, for cumulative and delta readers alike. Values
+recorded without a sampled span leave the bucket's exemplar as it was. The Prometheus endpoint
+shows each bucket's latest (:mod:`fetchpool.telemetry.exemplars`).
 
 A reader that asks for another histogram aggregation (exponential buckets with
 ``OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION=base2_exponential_bucket_histogram``,
@@ -31,7 +39,9 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.metrics import Meter
+from opentelemetry.sdk.metrics import Exemplar
 from opentelemetry.sdk.metrics import Histogram as SdkHistogramInstrument
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -54,6 +64,9 @@ CARDINALITY_LIMIT = 2000
 _OVERFLOW: tuple[Any, ...] = ("otel.metric.overflow",)
 _OVERFLOW_ATTRIBUTES = {"otel.metric.overflow": True}
 
+#: A bucket's exemplar as recorded: (value, time in ns since the epoch, trace id, span id).
+Sample = tuple[float, int, int, int]
+
 
 def _attributes(keys: tuple[str, ...], key: tuple[Any, ...]) -> dict[str, Any]:
     """The attributes a key stands for: each name of ``keys`` with its value in ``key``, unless None."""
@@ -63,7 +76,7 @@ def _attributes(keys: tuple[str, ...], key: tuple[Any, ...]) -> dict[str, Any]:
 class _Point:
     """One attribute set's aggregate; ``windows`` holds a [min, max] per delta reader."""
 
-    __slots__ = ("attributes", "bucket_counts", "count", "max", "min", "start_ns", "sum", "windows")
+    __slots__ = ("attributes", "bucket_counts", "count", "exemplars", "max", "min", "start_ns", "sum", "windows")
 
     def __init__(self, attributes: dict[str, Any], buckets: int, windows: int) -> None:
         self.attributes = attributes
@@ -74,6 +87,7 @@ class _Point:
         self.min = math.inf
         self.max = -math.inf
         self.windows = [[math.inf, -math.inf] for _ in range(windows)]
+        self.exemplars: list[Sample | None] | None = None  # per bucket, made with the first one
 
 
 class Histogram:
@@ -88,15 +102,24 @@ class Histogram:
         self._windows = 0
         self._lock = threading.Lock()
 
-    def record(self, value: float, key: tuple[Any, ...]) -> None:
-        """Count ``value``; ``key`` holds the value of each attribute of :attr:`keys` (None: not set)."""
+    def record(self, value: float, key: tuple[Any, ...], span: trace.SpanContext | None = None,
+               time_ns: int = 0) -> None:
+        """Count ``value``; ``key`` holds the value of each attribute of :attr:`keys` (None: not set).
+
+        ``span``, the context of the sampled span the value belongs to, makes the value its bucket's
+        exemplar, observed at ``time_ns`` (ns since the epoch)."""
         if not 0.0 <= value < math.inf:  # as the SDK: negative, infinite and NaN values are ignored
             return
         with self._lock:
             point = self._points.get(key)
             if point is None:
                 point = self._add(key)
-            point.bucket_counts[bisect_left(self.bounds, value)] += 1
+            bucket = bisect_left(self.bounds, value)
+            point.bucket_counts[bucket] += 1
+            if span is not None:
+                if point.exemplars is None:
+                    point.exemplars = [None] * len(point.bucket_counts)
+                point.exemplars[bucket] = (value, time_ns, span.trace_id, span.span_id)
             point.count += 1
             point.sum += value
             if value < point.min:
@@ -121,6 +144,11 @@ class Histogram:
         point = self._points[key] = _Point(attributes, len(self.bounds) + 1, self._windows)
         return point
 
+    def exemplars(self) -> list[tuple[dict[str, Any], list[Sample | None]]]:
+        """(attributes, each bucket's exemplar or None) of every point that has one."""
+        with self._lock:
+            return [(point.attributes, list(point.exemplars)) for point in self._points.values() if point.exemplars]
+
     def _open_window(self) -> int:
         """Start tracking min/max per collection interval for one more delta reader; its index."""
         with self._lock:
@@ -139,9 +167,12 @@ class SdkHistogram:
         self._instrument = meter.create_histogram(metric.name, unit=metric.unit, description=metric.description,
                                                   explicit_bucket_boundaries_advisory=bounds)
 
-    def record(self, value: float, key: tuple[Any, ...]) -> None:
-        """Record ``value`` with the attributes of ``key`` that are set."""
-        self._instrument.record(value, _attributes(self.keys, key))
+    def record(self, value: float, key: tuple[Any, ...], span: trace.SpanContext | None = None,
+               time_ns: int = 0) -> None:
+        """Record ``value`` with the attributes of ``key`` that are set, in the context of ``span``
+        (the SDK's exemplar filter and reservoir decide on exemplars; ``time_ns`` is the SDK's own)."""
+        context = trace.set_span_in_context(trace.NonRecordingSpan(span)) if span is not None else None
+        self._instrument.record(value, _attributes(self.keys, key), context=context)
 
 
 def aggregates_like_us(reader: MetricReader) -> bool:
@@ -181,7 +212,8 @@ class _Collector:
                     else:
                         data = HistogramDataPoint(
                             point.attributes, point.start_ns, now, point.count, point.sum,
-                            tuple(point.bucket_counts), histogram.bounds, point.min, point.max)
+                            tuple(point.bucket_counts), histogram.bounds, point.min, point.max,
+                            _exemplars(point.exemplars, self._last_ns))
                     if data is not None:
                         points.append(data)
             if points:
@@ -203,7 +235,7 @@ class _Collector:
         return HistogramDataPoint(
             point.attributes, start, now, point.count - count, point.sum - total,
             tuple(a - b for a, b in zip(point.bucket_counts, counts, strict=True)),
-            self._histograms[index].bounds, low, high)
+            self._histograms[index].bounds, low, high, _exemplars(point.exemplars, self._last_ns))
 
     def merge(self, data: MetricsData) -> MetricsData:
         """``data`` with the histograms added to this scope's metrics (of the first resource)."""
@@ -224,6 +256,14 @@ class _Collector:
             scopes.append(ScopeMetrics(self._scope, metrics, self._scope.schema_url or ""))
         resources[0] = ResourceMetrics(first.resource, scopes, first.schema_url)
         return MetricsData(resources)
+
+
+def _exemplars(samples: list[Sample | None] | None, since_ns: int) -> list[Exemplar]:
+    """The SDK's exemplars of the samples observed after ``since_ns``."""
+    if not samples:
+        return []
+    return [Exemplar({}, value, time_ns, span_id, trace_id)
+            for value, time_ns, trace_id, span_id in filter(None, samples) if time_ns > since_ns]
 
 
 class Histograms:

@@ -99,7 +99,12 @@ class _Call:
                     span.set_status(Status(StatusCode.ERROR, code.name))
                 span.end()
             if self._instruments is not None:
-                self._instruments.rpc_duration.record(time.monotonic() - self._start, ("grpc", self._method, code.name))
+                # The SERVER span, when sampled, is the duration's exemplar.
+                sampled = self._span.get_span_context() if self._span is not None else None
+                if sampled is not None and not sampled.trace_flags.sampled:
+                    sampled = None
+                self._instruments.rpc_duration.record(time.monotonic() - self._start, ("grpc", self._method, code.name),
+                                                      sampled, time.time_ns())
         except Exception:
             logger.debug("rpc telemetry failed", exc_info=True)
         finally:

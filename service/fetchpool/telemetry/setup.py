@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics as metrics_api
 from opentelemetry import trace as trace_api
@@ -44,6 +44,9 @@ from fetchpool.telemetry.metrics import Instruments
 from fetchpool.telemetry.pools import PoolReader, SnapshotSource
 from fetchpool.telemetry.rpc import ServerTelemetryInterceptor
 from fetchpool.telemetry.spans import FinishedSpans
+
+if TYPE_CHECKING:
+    from fetchpool.telemetry.exemplars import OpenMetricsExemplars
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +255,9 @@ class Telemetry:
     gRPC server; :meth:`attach` the engine once it exists so pool gauges can read it, and call
     :meth:`shutdown` after serving to flush. With ``metric_readers`` it makes the meter provider
     (the readers export fetchpool's histograms too; the provider works even under
-    ``OTEL_SDK_DISABLED``: :func:`build` passes only the readers the configuration allows). Tests
-    build one over in-memory exporters and readers.
+    ``OTEL_SDK_DISABLED``: :func:`build` passes only the readers the configuration allows).
+    ``exemplar_views`` (:class:`~fetchpool.telemetry.exemplars.OpenMetricsExemplars`) are shown the
+    histograms' exemplars. Tests build one over in-memory exporters and readers.
     """
 
     def __init__(
@@ -265,6 +269,7 @@ class Telemetry:
         phases: str = n.PHASES_AS_EVENTS,
         closers: Sequence[Callable[[], object]] = (),
         drops: _Drops | None = None,
+        exemplar_views: Sequence[OpenMetricsExemplars] = (),
     ) -> None:
         self.tracer_provider = tracer_provider
         self.pools = PoolReader()
@@ -291,6 +296,8 @@ class Telemetry:
             histograms = Histograms(self.instruments.histograms, scope, resource)
             for reader in metric_readers if own else ():
                 histograms.attach(reader)
+            for view in exemplar_views:  # the Prometheus endpoint's (telemetry/exemplars.py)
+                view.show(histograms.all)
             self.drops.counter = self.instruments.dropped
         spans = FinishedSpans(tracer, scope) if tracer else None
         self.observer = FetchTelemetry(spans, self.instruments, phases)
@@ -348,15 +355,18 @@ def build(config: TelemetryConfig, env: Mapping[str, str] | None = None, *, set_
             tracer_provider.add_span_processor(processor)
             closers.append(processor.exporter.shutdown)
     readers: list[MetricReader] = []
+    exemplar_views: list[OpenMetricsExemplars] = []
     if config.metrics:
         for kind in config.metric_exporters:
             metric_exporter, describe = _metric_exporter(kind, config.metric_protocol)
             guarded = _GuardedMetricExporter(metric_exporter, drops, describe)
             readers.append(PeriodicExportingMetricReader(guarded))
         if config.prometheus_port:
-            readers.append(_prometheus(config.prometheus_host, config.prometheus_port, closers))
+            reader, exemplars = _prometheus(config.prometheus_host, config.prometheus_port, closers)
+            readers.append(reader)
+            exemplar_views.append(exemplars)
     telemetry = Telemetry(tracer_provider=tracer_provider, metric_readers=readers, resource=resource,
-                          phases=config.trace_phases, closers=closers, drops=drops)
+                          phases=config.trace_phases, closers=closers, drops=drops, exemplar_views=exemplar_views)
     meter_provider = telemetry.meter_provider
     if set_global:
         if tracer_provider is not None:
@@ -373,18 +383,26 @@ def build(config: TelemetryConfig, env: Mapping[str, str] | None = None, *, set_
     return telemetry
 
 
-def _prometheus(host: str, port: int, closers: list[Callable[[], object]]) -> MetricReader:
-    """A Prometheus reader served on ``host:port`` (every path answers, ``/metrics`` among them)."""
+def _prometheus(
+    host: str, port: int, closers: list[Callable[[], object]]
+) -> tuple[MetricReader, OpenMetricsExemplars]:
+    """A Prometheus reader served on ``host:port`` (every path answers, ``/metrics`` among them),
+    and the collector that adds the histograms' exemplars to its OpenMetrics exposition."""
     try:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, start_http_server
+
+        from fetchpool.telemetry.exemplars import OpenMetricsExemplars
     except ImportError as exc:
         raise ConfigError(f"the Prometheus endpoint needs opentelemetry-exporter-prometheus: {exc}") from None
 
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    reader = PrometheusMetricReader(registry=registry, scope_info_enabled=False)  # no otel_scope_* labels
+    exporter_registry = CollectorRegistry()  # served through the exemplars' collector
+    reader = PrometheusMetricReader(registry=exporter_registry, scope_info_enabled=False)  # no otel_scope_* labels
+    exemplars = OpenMetricsExemplars(exporter_registry)
+    registry.register(exemplars)
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
@@ -396,4 +414,4 @@ def _prometheus(host: str, port: int, closers: list[Callable[[], object]]) -> Me
         thread.join(1.0)
 
     closers.append(close)
-    return reader
+    return reader, exemplars
