@@ -16,6 +16,8 @@ Endpoints (all GET-able; /echo takes any method):
   /barrier?key=K&n=N&s=T       waits until N requests with key K are in flight at once, then all
                                answer 200 "together N"; after T seconds (default 5) without that,
                                504 "only M of N at once" (M: the most that were)
+  /gzip?n=N                    expected_bytes(N), gzip-encoded (Content-Encoding: gzip, Content-Length)
+  /set-cookie?name=K&value=V   200 with Set-Cookie: K=V; Path=/ (and ?max_age=S: Max-Age=S)
   /text?lang=L&enc=E&declare=D a page of SAMPLE_TEXTS[L] (fr, de, ru, ja, zh) encoded in E, its charset
                                declared by D: header, meta, http-equiv, or none (the default)
 Anything else: 404. Bad parameters: 400.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -212,6 +215,14 @@ async def _route(scope: Scope, receive: Receive, send: Send) -> None:
         if attempt <= fail and "retry_after" in query:
             headers.append((b"retry-after", _param(query, "retry_after").encode()))
         await _respond(send, code if attempt <= fail else 200, f"attempt {attempt}".encode(), headers)
+    elif path == "/gzip":
+        body = gzip.compress(expected_bytes(_int(_param(query, "n"), 0, 1 << 26)))
+        await _respond(send, 200, body, [(b"content-encoding", b"gzip")])
+    elif path == "/set-cookie":
+        cookie = f"{_param(query, 'name')}={_param(query, 'value')}; Path=/"
+        if "max_age" in query:
+            cookie += f"; Max-Age={_int(_param(query, 'max_age'), 0, 1 << 31)}"
+        await _respond(send, 200, b"cookie set", [(b"set-cookie", cookie.encode("latin-1"))])
     elif path == "/text":
         await _text(send, _param(query, "lang", "fr"), _param(query, "enc", "utf-8"), _param(query, "declare", "none"))
     elif path == "/headers-big":

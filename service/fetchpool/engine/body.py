@@ -13,6 +13,18 @@ from fetchpool.errors import ErrorKind, FetchFailed
 
 #: What the shared client asks for: the encodings decoded here, within the cap.
 ACCEPT_ENCODING = "gzip, deflate"
+_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
+
+
+def content_encoding(response: httpx.Response) -> str:
+    """The response's Content-Encoding, lower-cased ("" when none)."""
+    return response.headers.get("content-encoding", "").strip().lower()
+
+
+def decodes(response: httpx.Response) -> bool:
+    """Whether :func:`read_body` decodes this response's body (gzip, deflate); the headers
+    Content-Encoding and Content-Length stay as the server sent them."""
+    return content_encoding(response) in _DECODED
 
 
 class _Inflater:
@@ -45,8 +57,8 @@ async def read_body(response: httpx.Response, cap: int, recorder: PhaseRecorder)
     Raises FetchFailed(TOO_LARGE) as soon as more than ``cap`` bytes (decoded) arrive,
     and FetchFailed(PROTOCOL) for a body that does not decompress.
     """
-    encoding = response.headers.get("content-encoding", "").strip().lower()
-    inflater = _Inflater(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
+    encoding = content_encoding(response)
+    inflater = _Inflater(encoding) if encoding in _DECODED else None
     declared = response.headers.get("content-length", "")
     if inflater is None and declared.isdigit() and int(declared) > cap:
         raise FetchFailed(ErrorKind.TOO_LARGE, f"body of {declared} bytes exceeds the limit of {cap} bytes")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.cookiejar
 import logging
-import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -17,7 +15,7 @@ import httpx
 
 from fetchpool.config import PoolLimits, Settings
 from fetchpool.engine import _httpcore as compat
-from fetchpool.engine.body import ACCEPT_ENCODING, read_body
+from fetchpool.engine.body import ACCEPT_ENCODING, decodes, read_body
 from fetchpool.engine.guard import GuardedBackend, TargetGuard
 from fetchpool.engine.hooks import FetchObserver
 from fetchpool.engine.model import FetchSpec, Headers, Outcome
@@ -26,63 +24,36 @@ from fetchpool.engine.politeness import HostRate
 from fetchpool.engine.pool import EWMA_WEIGHT, Pool, PoolSnapshot
 from fetchpool.engine.proxies import DIRECT, Selector, parse_proxy
 from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff, parse_retry_after, retryable
+from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, NoCookies, Router
+from fetchpool.engine.sessions import SessionCookies
+from fetchpool.engine.validate import check
 from fetchpool.errors import ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
 from fetchpool.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
-#: Request extensions read by :class:`Router`: the pool, and whether to skip TLS verification.
-POOL_EXTENSION = "fetchpool.pool"
-INSECURE_EXTENSION = "fetchpool.insecure"
 #: Seconds between two passes of the pools' upkeep (idle connections, dynamic limits, stats).
 TEND_INTERVAL = 1.0
 #: Statuses a proxy gives to CONNECT that count as the proxy's failure (gateway errors, 407).
 PROXY_FAULTS = frozenset({401, 407, 502, 503, 504})
 #: Sends of one attempt repeated at most when a reused connection went away before any response.
 RESENDS = 3
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-# Field values are sent as ASCII by httpx: visible characters, spaces and tabs (RFC 9110 §5.5).
-_BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
-# Message framing and connection management belong to the client (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
-_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
-                      "upgrade", "te", "trailer"})
-# httpx gives the host IDNA-encoded; what remains is a DNS name or IPv4 literal, or an IPv6
-# literal (it has a colon) with an optional zone id.
-_HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9]+)?)$")
-
-
-class _NoCookies(http.cookiejar.CookieJar):
-    """The client is shared by every caller: never keep one caller's cookies for another."""
-
-    def extract_cookies(self, response: Any, request: Any) -> None:
-        return None
-
-    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
-        return None
-
-
-class Router(httpx.AsyncBaseTransport):
-    """Sends each request to the transport of the pool named in its extensions.
-
-    This is how one ``AsyncClient`` keeps one pool per proxy: httpx picks
-    proxies by URL pattern only, not per request.
-    """
-
-    def __init__(self, pools: Mapping[str, Pool]) -> None:
-        self._pools = pools
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        pool = self._pools[request.extensions[POOL_EXTENSION]]
-        transport = pool.transport_for(request.extensions.get(INSECURE_EXTENSION, False))
-        return await transport.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for pool in self._pools.values():
-            await pool.aclose()
-
-
 def _origin(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
+
+
+def _describe_peer(response: httpx.Response, outcome: Outcome) -> None:
+    """The peer the response came from ("ip:port": the target, or the proxy) and the TLS version
+    of the connection to the target, from the response's network stream."""
+    stream = response.extensions.get("network_stream")
+    if stream is None:
+        return
+    address = stream.get_extra_info("server_addr")
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        outcome.remote_address = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    ssl_object = stream.get_extra_info("ssl_object")
+    outcome.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
 
 
 def _header(headers: Headers, name: str) -> str | None:
@@ -117,13 +88,14 @@ class Engine:
         self._selector = Selector(settings.fetch.proxy_policy, pools)
         self._budget = RetryBudget(settings.retry.budget_ratio, settings.retry.budget_min)
         self._host_rate = HostRate(settings.pool.host_rate) if settings.pool.host_rate else None
+        self._cookies = SessionCookies()
         t = settings.timeouts
         self.client = httpx.AsyncClient(
             transport=Router(self._pools),
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=settings.limits.pool_timeout),
             follow_redirects=False,
             trust_env=False,
-            cookies=_NoCookies(),
+            cookies=NoCookies(),
             headers={"Accept-Encoding": ACCEPT_ENCODING},
         )
         self._fetch_slots = asyncio.Semaphore(fetch.max_fetches)
@@ -167,6 +139,7 @@ class Engine:
                 self.observer.flush()
             if self._host_rate is not None:
                 self._host_rate.prune()
+            self._cookies.prune()
 
     def _measure_processing(self) -> None:
         # Process CPU seconds per response served: the "processing time" of the sizing formula.
@@ -240,7 +213,7 @@ class Engine:
         if task is not None:
             self._in_flight.add(task)
         try:
-            method, url, timeout = self._check(spec)
+            method, url, timeout = check(spec, self.settings.timeouts)
             recorder = PhaseRecorder()
             try:
                 async with asyncio.timeout(timeout), self._fetch_slots:
@@ -266,41 +239,6 @@ class Engine:
             if self.observer is not None:
                 self.observer.fetch_finished(token, outcome, recorder)
         return outcome
-
-    def _check(self, spec: FetchSpec) -> tuple[str, httpx.URL, float]:
-        """Validate a spec; raises FetchFailed with INVALID_URL or INVALID_ARGUMENT."""
-        try:
-            url = httpx.URL(spec.url)
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise FetchFailed(ErrorKind.INVALID_URL, f"invalid URL: {exc}") from None
-        if url.scheme not in ("http", "https"):
-            raise FetchFailed(
-                ErrorKind.INVALID_URL,
-                f"unsupported scheme {url.scheme!r}: only http and https" if url.scheme else "URL is not absolute",
-            )
-        if not url.host:
-            raise FetchFailed(ErrorKind.INVALID_URL, "URL has no host")
-        if not _HOST.match(url.raw_host):
-            raise FetchFailed(ErrorKind.INVALID_URL, f"invalid host {url.host!r}")
-        if url.port is not None and not 0 < url.port < 65536:
-            raise FetchFailed(ErrorKind.INVALID_URL, f"port {url.port} is out of range")
-        method = (spec.method or "GET").upper()
-        if not _TOKEN.match(method):
-            raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"invalid method {spec.method!r}")
-        for name, value in spec.headers:
-            if not _TOKEN.match(name) or _BAD_VALUE.search(value):
-                raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"invalid header {name!r}")
-            if name.lower() in _FRAMING:
-                raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"header {name!r} is set by fetchpool, not by callers")
-        limits = self.settings.timeouts
-        timeout = limits.request if spec.timeout is None else spec.timeout
-        if not (0 < timeout <= limits.max_request):
-            raise FetchFailed(
-                ErrorKind.INVALID_ARGUMENT, f"timeout must be in (0, {limits.max_request:.0f}] seconds, got {timeout}"
-            )
-        if spec.max_body_bytes < 0:
-            raise FetchFailed(ErrorKind.INVALID_ARGUMENT, "max_body_bytes must not be negative")
-        return method, url, timeout
 
     def _failure(self, exc: Exception, pool: Pool, recorder: PhaseRecorder) -> FetchFailed:
         """Classify an attempt's exception once, and count it against the proxy when it is the proxy's."""
@@ -400,6 +338,7 @@ class Engine:
         follow = fetch.follow_redirects if spec.follow_redirects is None else spec.follow_redirects
         cap = min(spec.max_body_bytes or fetch.max_body_bytes, fetch.max_body_bytes)
         outcome.status_code, outcome.headers, outcome.body, outcome.http_version = 0, [], b"", ""
+        outcome.redirects = []
         request = self.client.build_request(
             method,
             url,
@@ -412,7 +351,7 @@ class Engine:
         resends_left = RESENDS if method in IDEMPOTENT else 0
         while True:
             try:
-                response = await self._hop(request, pool, recorder, outcome, cap)
+                response = await self._hop(spec, request, pool, recorder, outcome, cap)
             except (httpx.ProtocolError, httpx.ReadError, httpx.WriteError):
                 if resends_left and not recorder.responded and not recorder.connected:
                     resends_left -= 1
@@ -429,10 +368,11 @@ class Engine:
             if target in seen:
                 raise FetchFailed(ErrorKind.TOO_MANY_REDIRECTS, f"redirect loop back to {redact_url(target)}")
             seen.add(target)
+            outcome.redirects.append((str(response.url), response.status_code))
             request = next_request
 
-    async def _hop(self, request: httpx.Request, pool: Pool, recorder: PhaseRecorder, outcome: Outcome, cap: int
-                   ) -> httpx.Response:
+    async def _hop(self, spec: FetchSpec, request: httpx.Request, pool: Pool, recorder: PhaseRecorder,
+                   outcome: Outcome, cap: int) -> httpx.Response:
         """One request and its whole response, in a lease of ``pool``; fills ``outcome``."""
         target = request.url
         if pool.proxy:
@@ -440,6 +380,9 @@ class Engine:
         host = _origin(target)
         if self._host_rate is not None:
             await self._host_rate.wait(host)
+        session = spec.session_key if spec.keep_cookies else ""
+        if session:
+            self._cookies.add_header(session, request)
         async with pool.lease(host, recorder) as lease:
             try:
                 response = await lease.send(self.client, request)
@@ -448,12 +391,16 @@ class Engine:
                 outcome.attempts += max(0, recorder.sends - 1)
             outcome.connection_reused = lease.reused
             self._check_headers(response)
+            if session:
+                self._cookies.keep(session, response)
+            _describe_peer(response, outcome)
             outcome.body = await read_body(response, cap, recorder)
             lease.served()
         outcome.status_code = response.status_code
         outcome.http_version = response.http_version
         outcome.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
         outcome.final_url = str(response.url)
+        outcome.content_decoded = decodes(response)
         return response
 
     def _check_headers(self, response: httpx.Response) -> None:

@@ -1,0 +1,62 @@
+"""Checking a fetch before anything is sent: its URL, method, headers, timeout and options."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from fetchpool.config import Timeouts
+from fetchpool.engine.model import FetchSpec
+from fetchpool.errors import ErrorKind, FetchFailed
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Field values are sent as ASCII by httpx: visible characters, spaces and tabs (RFC 9110 §5.5).
+_BAD_VALUE = re.compile(r"[^\t\x20-\x7e]")
+# Message framing and connection management belong to the client (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection",
+                      "upgrade", "te", "trailer"})
+# httpx gives the host IDNA-encoded; what remains is a DNS name or IPv4 literal, or an IPv6
+# literal (it has a colon) with an optional zone id.
+_HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9]+)?)$")
+
+
+def check(spec: FetchSpec, timeouts: Timeouts) -> tuple[str, httpx.URL, float]:
+    """``(method, URL, total timeout in seconds)`` of a valid spec.
+
+    Raises FetchFailed with INVALID_URL (not an absolute http(s) URL with a valid host and port)
+    or INVALID_ARGUMENT (method, header, timeout or option out of bounds).
+    """
+    try:
+        url = httpx.URL(spec.url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise FetchFailed(ErrorKind.INVALID_URL, f"invalid URL: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        raise FetchFailed(
+            ErrorKind.INVALID_URL,
+            f"unsupported scheme {url.scheme!r}: only http and https" if url.scheme else "URL is not absolute",
+        )
+    if not url.host:
+        raise FetchFailed(ErrorKind.INVALID_URL, "URL has no host")
+    if not _HOST.match(url.raw_host):
+        raise FetchFailed(ErrorKind.INVALID_URL, f"invalid host {url.host!r}")
+    if url.port is not None and not 0 < url.port < 65536:
+        raise FetchFailed(ErrorKind.INVALID_URL, f"port {url.port} is out of range")
+    method = (spec.method or "GET").upper()
+    if not _TOKEN.match(method):
+        raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"invalid method {spec.method!r}")
+    for name, value in spec.headers:
+        if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+            raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"invalid header {name!r}")
+        if name.lower() in _FRAMING:
+            raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"header {name!r} is set by fetchpool, not by callers")
+    timeout = timeouts.request if spec.timeout is None else spec.timeout
+    if not (0 < timeout <= timeouts.max_request):
+        raise FetchFailed(
+            ErrorKind.INVALID_ARGUMENT, f"timeout must be in (0, {timeouts.max_request:.0f}] seconds, got {timeout}"
+        )
+    if spec.max_body_bytes < 0:
+        raise FetchFailed(ErrorKind.INVALID_ARGUMENT, "max_body_bytes must not be negative")
+    if spec.keep_cookies and not spec.session_key:
+        raise FetchFailed(ErrorKind.INVALID_ARGUMENT, "keep_cookies needs a session_key: cookies are kept per session")
+    return method, url, timeout

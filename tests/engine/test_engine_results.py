@@ -1,0 +1,90 @@
+"""What a result tells a scraper besides the body (issue 13 §4, the engine's part), in-process
+against the real app server and proxies: the redirect chain, the peer connected to, the TLS
+version, whether the body was decoded, and cookies kept per session."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from enginekit import make_settings
+from fetchpool.engine import FetchSpec
+from fetchpool.errors import ErrorKind
+from support import AppServer, Certs
+from support.app import expected_bytes
+
+
+async def test_the_redirect_chain_is_every_redirect_followed_in_order(make_engine, certs: Certs,
+                                                                      app_server: AppServer) -> None:
+    engine = await make_engine(make_settings(certs))
+    outcome = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/redirect/3"))
+    assert outcome.status_code == 200 and outcome.final_url == f"{app_server.https_url}/redirect/0"
+    assert outcome.redirects == [(f"{app_server.https_url}/redirect/{n}", 302) for n in (3, 2, 1)]
+    direct = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/redirect/0"))
+    assert direct.redirects == []
+    unfollowed = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/redirect/2", follow_redirects=False))
+    assert unfollowed.status_code == 302 and unfollowed.redirects == []
+
+
+@pytest.mark.parametrize("route", ["direct", "squid", "socks5"])
+async def test_the_remote_address_is_the_peer_connected_to_and_tls_its_version(
+    make_engine, proxy_url, certs: Certs, app_server: AppServer, route: str
+) -> None:
+    proxy = proxy_url(route)
+    engine = await make_engine(make_settings(certs, proxy=proxy))
+    peer = proxy.rsplit("/", 1)[-1].rsplit("@", 1)[-1] if proxy else f"127.0.0.1:{app_server.https_port}"
+    secure = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo"))
+    assert secure.ok and secure.remote_address == peer
+    assert secure.tls_version in ("TLSv1.2", "TLSv1.3")
+    plain = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/echo"))
+    assert plain.ok and plain.tls_version == ""
+    assert plain.remote_address == (peer if proxy else f"127.0.0.1:{app_server.http_port}")
+
+
+async def test_a_decoded_body_says_so_and_keeps_the_servers_headers(make_engine, certs: Certs,
+                                                                    app_server: AppServer) -> None:
+    engine = await make_engine(make_settings(certs))
+    outcome = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/gzip?n=50000"))
+    assert outcome.body == expected_bytes(50000) and outcome.content_decoded
+    headers = dict(outcome.headers)
+    assert headers["content-encoding"] == "gzip"
+    assert int(headers["content-length"]) == len(gzip.compress(expected_bytes(50000)))
+    plain = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/bytes?n=100"))
+    assert plain.ok and not plain.content_decoded
+
+
+async def _cookies_sent(engine, url: str, session: str, keep: bool = True) -> list[str]:
+    outcome = await engine.fetch(FetchSpec(url=f"{url}/echo", session_key=session, keep_cookies=keep))
+    assert outcome.ok, outcome.error_message
+    return [value for name, value in json.loads(outcome.body)["headers"] if name == "cookie"]
+
+
+async def test_cookies_are_kept_per_session_and_only_when_asked(make_engine, certs: Certs,
+                                                                app_server: AppServer) -> None:
+    engine = await make_engine(make_settings(certs))
+    base = app_server.https_url
+    await engine.fetch(FetchSpec(url=f"{base}/set-cookie?name=cart&value=a1", session_key="alice", keep_cookies=True))
+    await engine.fetch(FetchSpec(url=f"{base}/set-cookie?name=cart&value=b2", session_key="bob", keep_cookies=True))
+    # Without keep_cookies a response's cookies are not kept, even with a session key.
+    await engine.fetch(FetchSpec(url=f"{base}/set-cookie?name=extra&value=x", session_key="alice"))
+    assert await _cookies_sent(engine, base, "alice") == ["cart=a1"]
+    assert await _cookies_sent(engine, base, "bob") == ["cart=b2"]
+    assert await _cookies_sent(engine, base, "alice", keep=False) == []
+    assert await _cookies_sent(engine, base, "carol") == []
+    # A cookie set on a redirect hop is sent on the hops after it.
+    hop = f"{base}/redirect-to?to=/echo"
+    await engine.fetch(FetchSpec(url=f"{base}/set-cookie?name=seen&value=1", session_key="dave", keep_cookies=True))
+    outcome = await engine.fetch(FetchSpec(url=hop, session_key="dave", keep_cookies=True))
+    assert [v for n, v in json.loads(outcome.body)["headers"] if n == "cookie"] == ["seen=1"]
+    # An expired cookie (Max-Age=0) removes the one kept.
+    await engine.fetch(FetchSpec(url=f"{base}/set-cookie?name=cart&value=gone&max_age=0", session_key="bob",
+                                 keep_cookies=True))
+    assert await _cookies_sent(engine, base, "bob") == []
+
+
+async def test_keep_cookies_without_a_session_key_is_an_invalid_argument(make_engine, certs: Certs,
+                                                                         app_server: AppServer) -> None:
+    engine = await make_engine(make_settings(certs))
+    outcome = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo", keep_cookies=True))
+    assert outcome.error_kind is ErrorKind.INVALID_ARGUMENT and "session_key" in outcome.error_message
