@@ -132,8 +132,12 @@ async def test_the_limits_file_lowers_untouched_pools_only(start_service: ..., t
     admin = tmp_path / "admin"
     admin.write_text(ADMIN)
     service = start_service(
-        "--limits-file", str(limits), "--admin-token-file", str(admin),
-        "--proxy", "http://127.0.0.1:9,http://127.0.0.1:10",
+        "--limits-file",
+        str(limits),
+        "--admin-token-file",
+        str(admin),
+        "--proxy",
+        "http://127.0.0.1:9,http://127.0.0.1:10",
     )
     async with FetchClient(service.target, token=ADMIN) as client:
 

@@ -76,8 +76,14 @@ class Tokens:
     or closes the port.
     """
 
-    def __init__(self, *, path: str = "", fixed: Iterable[str] = (), what: str = "token file",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        path: str = "",
+        fixed: Iterable[str] = (),
+        what: str = "token file",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._path = path
         self._what = what
         self._clock = clock
