@@ -23,11 +23,12 @@ stated limit: a pod that replaces a still-terminating one, or one above a raised
 operator has seen it takes the start limit without a reserved slot.
 
 Before any raise reaches a pod, ``status.offered`` already covers it (an operator started later
-counts a pod it cannot reach at that). At the end of every round: the operator's count (``status.fleetConnections``) is at least what the
-pods hold (it never undercounts), and a count over the budget is reported as ``Degraded``
-(``BudgetBelowMinimum`` or ``OverBudget``). And growth is never blocked for good: once the cluster is
-quiet, a few rounds bring every reachable ready pod to the per-replica limit, or the count leaves no
-room for one more connection each.
+counts a pod it cannot reach at that). At the end of every round: the operator's count
+(``status.fleetConnections``) is at least what the pods hold (it never undercounts), and a count
+over the budget is reported as ``Degraded``, for a cause: ``BudgetBelowMinimum`` when the minimum
+alone exceeds it, ``OverBudget`` only while some pod does not answer or still drains. And growth is
+never blocked for good: once the cluster is quiet, a few rounds bring every reachable ready pod to
+the per-replica limit, or the count leaves no room for one more connection each.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from fetchpool.operator.health import Health
 from fetchpool.operator.policy import DEFAULT_POOL, Limits
 from fetchpool.operator.reconciler import Reconciler
 from hypothesis import HealthCheck, event, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 NS, NAME = "default", "pool"
@@ -215,7 +216,7 @@ class ModelDelivery:
     def __init__(self, world: World) -> None:
         self.world = world
 
-    async def push(self, plans: Sequence[PodPlan], extras: PoolExtras = PoolExtras()) -> list[PodOutcome]:
+    async def push(self, plans: Sequence[PodPlan], extras: PoolExtras | None = None) -> list[PodOutcome]:
         return list(await asyncio.gather(*(self._one(plan) for plan in plans)))
 
     async def _one(self, plan: PodPlan) -> PodOutcome:
