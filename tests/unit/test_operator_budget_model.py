@@ -613,8 +613,11 @@ def test_an_unreachable_pod_counts_at_its_larger_limit_and_others_still_grow() -
         conditions = {c["type"]: c for c in status["conditions"]}
         assert conditions["Degraded"]["reason"] == "PodsUnreachable" and conditions["Ready"]["status"] == "False"
         assert status["limitSum"] == 60 and status["fleetConnections"] == 60
+        m._finish_round()  # web-1 is known to be silent now: the other two share what it leaves
+        assert {n: p.holds() for n, p in m.w.pods.items()} == {"web-1": 29, "web-2": 15, "web-3": 15}
         m.w.pods["web-1"].mode = "ok"
-        m._finish_round()
+        m._finish_round()  # it answers: lowered to the share of that round ...
+        m._finish_round()  # ... and all three share the budget
         assert [p.holds() for p in m.w.pods.values()] == [20, 20, 20]
         assert {c["type"]: c["status"] for c in m.w.status["conditions"]}["Ready"] == "True"
     finally:

@@ -35,13 +35,14 @@ class _Record:
 
     ``confirmed``: what the pod reported holding (``None``: never asked); ``offered``: larger limits
     sent that it did not confirm; ``fresh``: its process started from the limits file and was sent
-    nothing since (seen before it started, or restarted since).
+    nothing since (seen before it started, or restarted since); ``silent``: its last exchange failed.
     """
 
     restarts: int
     confirmed: dict[str, int] | None = None
     offered: dict[str, int] = field(default_factory=dict)
     fresh: bool = False
+    silent: bool = False
 
 
 @dataclass
@@ -156,8 +157,10 @@ class Fleet:
             work.ledger.hold(pod.name, {k: max(base[k], record.offered.get(k, 0)) for k in work.keys})
 
     async def share(self, work: Round) -> FleetObservation:
+        """What the ready pods share. A ready pod whose last exchange failed is not among them: it
+        counts at what it may hold (perhaps more than its share), and the others divide the rest."""
         spec = work.spec
-        names = [p.name for p in work.ready]
+        names = [p.name for p in work.ready if not self._records[p.uid].silent] or [p.name for p in work.ready]
         demand: dict[str, float] = {}
         if spec.sizing.mode is Mode.FORMULA and (
             spec.sizing.formula is None or spec.sizing.formula.concurrency is None
@@ -245,6 +248,7 @@ class Fleet:
         for outcome in outcomes:
             record = self._records[by_name[outcome.name].uid]
             work.outcomes.append(outcome)
+            record.silent = not outcome.ok
             if outcome.ok:
                 record.confirmed = _by_key(outcome.in_force, keys)
                 record.offered = {}
