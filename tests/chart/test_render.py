@@ -230,7 +230,7 @@ def test_selectors_are_immutable_labels_only(value_set: str) -> None:
 def test_resources_named_and_labelled_consistently(value_set: str) -> None:
     r = render(value_set)
     base = fullname(r)
-    suffixes = {"", "-headless", "-config", "-proxy", "-auth", "-operator", "-test"}
+    suffixes = {"", "-headless", "-config", "-proxy", "-auth", "-admin", "-operator", "-test"}
     values = chartlib.load_values(value_set)
     peering_name = values.get("operator", {}).get("peering", {}).get("name")
     for obj in r.objects:
@@ -367,7 +367,12 @@ def test_service_env_contract_and_numbers() -> None:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     settings = config.settings_from_args(parser.parse_args([]), env)
-    assert settings.limits.max_connections == 100
+    # The operator divides a budget: a pod starts with the start limit, minPerReplica, until the
+    # operator has confirmed it (also before its first limits ConfigMap exists).
+    assert (settings.limits.max_connections, settings.limits.max_keepalive_connections) == (10, 10)
+    assert settings.server.admin_token_file == "/etc/fetchpool/admin/token"
+    alone = config.settings_from_args(parser.parse_args([]), render("operator-off").configmap_env())
+    assert alone.limits.max_connections == 100  # no operator: config.limits as given
 
 
 def test_limits_configmap_mounted_optionally() -> None:
@@ -480,6 +485,10 @@ def test_no_credentials_in_plain_values(value_set: str) -> None:
 def test_existing_secrets_are_referenced_not_rendered() -> None:
     r = render("tls")
     assert not r.all("Secret")
+    admin = {v["name"]: v for v in r.server()["spec"]["template"]["spec"]["volumes"]}["admin-token"]
+    assert admin["secret"] == {"secretName": "fetchpool-admin", "items": [{"key": "admin-token", "path": "token"}]}
+    operator_volumes = {v["name"]: v for v in r.operator()["spec"]["template"]["spec"]["volumes"]}
+    assert operator_volumes["admin-token"] == admin
     env = env_of(r.server_container())
     assert env["FETCHPOOL_PROXY"]["valueFrom"]["secretKeyRef"] == {"name": "fetchpool-proxies", "key": "urls"}
     pod = r.server()["spec"]["template"]["spec"]
@@ -910,12 +919,40 @@ def test_networkpolicy_service_and_operator() -> None:
     assert peer["namespaceSelector"]["matchExpressions"][0]["values"] == ["prod", "crawl-jobs"]
 
 
-def test_networkpolicy_default_targets_exclude_cloud_metadata() -> None:
+def test_networkpolicy_default_targets_exclude_cloud_metadata_and_non_public_ranges() -> None:
+    """Direct fetches reach public addresses of both families, and none of the ranges the SSRF guard
+    refuses: the metadata addresses (IPv4's and AWS's IPv6 one), link-local, private, unique-local."""
     r = render({"networkPolicy": {"enabled": True}})
     egress = r.get("NetworkPolicy", "demo-fetchpool")["spec"]["egress"]
     blocks = [p["ipBlock"] for rule in egress for p in rule.get("to", []) if "ipBlock" in p]
-    v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
-    assert ipaddress.ip_address("169.254.169.254") in ipaddress.ip_network(v4["except"][0])
+
+    def allowed(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(
+            ip.version == ipaddress.ip_network(b["cidr"]).version
+            and ip in ipaddress.ip_network(b["cidr"])
+            and not any(ip in ipaddress.ip_network(e) for e in b.get("except", []))
+            for b in blocks
+        )
+
+    for refused in (
+        "169.254.169.254",  # cloud metadata (AWS, GCP, Azure, OCI)
+        "169.254.170.2",  # ECS task metadata
+        "fd00:ec2::254",  # AWS metadata over IPv6
+        "fe80::1",  # IPv6 link-local
+        "fd12:3456::1",  # unique-local (IPv6's private)
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",  # CGNAT
+    ):
+        assert not allowed(refused), refused
+    for public in ("93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "2001:4860:4860::8888"):
+        assert allowed(public), public
+    # Each except lies within its block, as the API server requires.
+    for block in blocks:
+        network = ipaddress.ip_network(block["cidr"])
+        assert all(ipaddress.ip_network(e).subnet_of(network) for e in block.get("except", []))  # type: ignore[arg-type]
     assert not render("default").has("NetworkPolicy")
 
 
