@@ -433,7 +433,8 @@ failureThreshold: {{ .probe.failureThreshold }}
 The operator's RBAC rules on namespaced resources (in each Role, or in the ClusterRole); the
 peering rules are added in templates/operator-rbac.yaml. Exactly what fetchpool.operator (k8s.py,
 handlers.py) and kopf 1.45 use:
-  fetchpools               get (reconciler), list/watch (kopf's watch and index). No patch: the
+  fetchpools               get and list (reconciler: its own, and others on the same Deployment),
+                           list/watch (kopf's watch and index). No patch: the
                            operator writes no finalizers, annotations or spec, only the status.
   fetchpools/status        patch
   hpas, deployments       get/list/watch (kopf's watches and indexes, the reconciler's reads)
@@ -468,7 +469,8 @@ handlers.py) and kopf 1.45 use:
 {{/*
 kopf peering rules (operator.peering.enabled): kopf watches the peering resource (list/watch, every
 object of the kind: kopf sets no field selector) and patches its own keep-alive into the status of
-the object NAME (get/patch, limited to that name). Namespaced peering (`kopfpeerings`) in a Role,
+the object NAME (get/patch, limited to that name; the operator's resync loop and retries also get
+it, to stop while another peer is in charge). Namespaced peering (`kopfpeerings`) in a Role,
 cluster-wide peering (`clusterkopfpeerings`) in the ClusterRole: kopf's peering follows the
 operator's scope. Argument: the resource (kopfpeerings or clusterkopfpeerings); uses $.ctx.
 */}}
