@@ -1023,3 +1023,32 @@ def test_helm_test_default_url_is_public() -> None:
     (container,) = render("default").get("Pod")["spec"]["containers"]
     assert env_of(container)["FP_FETCH_URL"]["value"] == "https://example.com/"
     assert "ports" not in container, "no page server without the self-served mode"
+
+
+@pytest.mark.parametrize("value_set", ["default", "hpa", "keda"])
+def test_notes_tell_what_the_operator_will_do(value_set: str) -> None:
+    """NOTES.txt's numbers (Helm's arithmetic) are the operator's own (fetchpool.operator.budget) for
+    the objects the chart renders: the ceiling, and each replica's share at the fewest replicas."""
+    budget_module = pytest.importorskip("fetchpool.operator.budget")
+    resource = pytest.importorskip("fetchpool.operator.resource")
+    r = render(value_set)
+    fp = r.get("FetchPool")["spec"]
+    deployment = r.server()
+    if r.has("HorizontalPodAutoscaler"):
+        most, least = (r.get("HorizontalPodAutoscaler")["spec"][k] for k in ("maxReplicas", "minReplicas"))
+    elif r.has("ScaledObject"):
+        so = r.get("ScaledObject")["spec"]
+        most, least = so["maxReplicaCount"], max(1, so["minReplicaCount"])
+    else:
+        most = least = deployment["spec"]["replicas"]
+    ceiling = budget_module.ceiling(scaler_max=most, counts=[least], surge=resource.max_surge_of(deployment, most))
+    share = (fp["connectionBudget"] - fp["minPerReplica"] * (ceiling - least)) // least
+    share = max(min(share, fp["maxPerReplica"]), fp["minPerReplica"])
+    notes = " ".join(r.notes.split())
+    assert f"budget of {fp['connectionBudget']} connections" in notes
+    assert f"A pod starts with minPerReplica = {fp['minPerReplica']} connections" in notes
+    assert f"(up to {ceiling}: the most replicas plus maxSurge)" in notes
+    assert f"with {least} replicas, {share} connections each" in notes
+    if value_set == "default":
+        assert (ceiling, least, share) == (3, 2, 195)  # the README's first-install numbers
+        assert "nothing scales it: its replicas (kubectl scale re-divides)" in notes

@@ -241,6 +241,9 @@ async def test_tls_with_client_certificate_and_token(tmp_path: Path) -> None:
         assert outcome.ok, outcome.error
         assert admin.pools["direct"].max_connections == 10
 
+        files["token"].write_text("s3cret\nolder-token\n")  # during a rotation: the first line is sent
+        [outcome] = await Delivery(timeout=3.0, security=security).push(plans([target]))
+        assert outcome.ok, outcome.error
         files["token"].write_text("rotated")  # the token file is re-read every round
         [outcome] = await Delivery(timeout=3.0, security=security).push(plans([target]))
         assert not outcome.ok and outcome.error == "UNAUTHENTICATED: bad token"
