@@ -203,17 +203,8 @@ class Reconciler:
         extras = PoolExtras(
             keepalive_expiry_seconds=spec.keepalive_expiry_seconds, pool_timeout_seconds=spec.pool_timeout_seconds
         )
-        start = Fleet.start_limits(spec)
-        new_file = resource.limits_file(
-            start,
-            keepalive_expiry_seconds=extras.keepalive_expiry_seconds,
-            pool_timeout_seconds=extras.pool_timeout_seconds,
-        )
         old_file = read_limits_file(cm)
-        first_file = dict(new_file)
-        for key in ("max_connections", "max_keepalive_connections"):
-            if old_file is not None and isinstance(old_file.get(key), int):
-                first_file[key] = min(int(old_file[key]), int(new_file[key]))
+        first_file, new_file = _limits_files(spec, old_file, extras)
         if old_file != first_file:
             await self._write_cm(work, first_file, decision)
         await self.fleet.lower(work, decision, extras, full=full)
@@ -254,18 +245,7 @@ class Reconciler:
     ) -> RoundResult:
         namespace, name = _key_of(work.fetchpool)
         previous = work.fetchpool.get("status") or {}
-        before = {
-            u.get("pod"): u for u in (previous.get("delivery") or {}).get("unreachable") or [] if isinstance(u, Mapping)
-        }
-        unreachable = [
-            {
-                "pod": o.name,
-                "address": o.address,
-                "error": o.error or "",
-                "since": (before.get(o.name) or {}).get("since") or resource.format_time(work.now),
-            }
-            for o in sorted(work.failed.values(), key=lambda o: o.name)
-        ]
+        unreachable = _unreachable(work, previous)
         problems = [*work.problems, *decision.problems, *work.ledger.problems()]
         if unreachable:
             names = ", ".join(f"{u['pod']} ({u['address']}): {u['error']}" for u in unreachable)
@@ -315,17 +295,16 @@ class Reconciler:
         )
         new_status = status.round_status(work.fetchpool, facts, now=work.now)
         written = await self._patch_status(work.fetchpool, new_status)
-        unconfirmed = sum(1 for p in work.live if not p.terminating and not self.fleet.at(p, decision.limits))
         self.health.report(
             namespace,
             name,
             PoolReport(
-                budget=work.spec.sizing.connection_budget,
+                budget=facts.budget,
                 limit_sum=facts.held,
-                replicas=len(work.ready),
+                replicas=facts.ready,
                 per_replica=decision.limits[DEFAULT_POOL].max_connections,
-                unconfirmed=unconfirmed,
-                conditions=tuple((c["type"], c["status"], c["reason"]) for c in new_status["conditions"]),
+                unconfirmed=sum(1 for p in work.live if not p.terminating and not self.fleet.at(p, decision.limits)),
+                conditions=_conditions(new_status),
             ),
         )
         if work.failed or below:
@@ -358,7 +337,7 @@ class Reconciler:
             name,
             PoolReport(
                 budget=spec.sizing.connection_budget if spec is not None else None,
-                conditions=tuple((c["type"], c["status"], c["reason"]) for c in new_status["conditions"]),
+                conditions=_conditions(new_status),
             ),
         )
         return RoundResult(decision=None, problem=problem, status_written=written)
@@ -374,6 +353,43 @@ class Reconciler:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _limits_files(
+    spec: resource.FetchPoolSpec, old: Mapping[str, Any] | None, extras: PoolExtras
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The limits file to write first (the smaller of the old and new start limits: a pod starting
+    during the round starts within both) and last (the new one)."""
+    new = resource.limits_file(
+        Fleet.start_limits(spec),
+        keepalive_expiry_seconds=extras.keepalive_expiry_seconds,
+        pool_timeout_seconds=extras.pool_timeout_seconds,
+    )
+    first = dict(new)
+    for key in ("max_connections", "max_keepalive_connections"):
+        if old is not None and isinstance(old.get(key), int):
+            first[key] = min(int(old[key]), int(new[key]))
+    return first, new
+
+
+def _unreachable(work: Round, previous: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``status.delivery.unreachable``: the ready pods that failed this round, each since it first did."""
+    before = {
+        u.get("pod"): u for u in (previous.get("delivery") or {}).get("unreachable") or [] if isinstance(u, Mapping)
+    }
+    return [
+        {
+            "pod": o.name,
+            "address": o.address,
+            "error": o.error or "",
+            "since": (before.get(o.name) or {}).get("since") or resource.format_time(work.now),
+        }
+        for o in sorted(work.failed.values(), key=lambda o: o.name)
+    ]
+
+
+def _conditions(new_status: Mapping[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    return tuple((c["type"], c["status"], c["reason"]) for c in new_status["conditions"])
 
 
 def _key_of(fetchpool: Mapping[str, Any]) -> Key:
