@@ -192,7 +192,7 @@ class Fleet:
             above = record.confirmed is None or any(
                 record.confirmed.get(k, 0) > limits[k].max_connections for k in record.confirmed if k in limits
             )
-            if full or above or record.offered:
+            if full or above or record.offered or record.silent:
                 plans.append(PodPlan(target=_target(pod), limits=limits, lower_only=True))
         await self._push(work, plans, extras, offered={})
 
