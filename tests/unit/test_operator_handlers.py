@@ -382,7 +382,7 @@ async def test_a_paused_peer_stops_its_resync_loop(kmock: Any) -> None:
         await wait_for(lambda: resyncs() >= 2, timeout=10)  # in charge: the loop runs
         response = await kmock.patch("/apis/kopf.dev/v1/clusterkopfpeerings/fleet", json=peer(100))
         assert response.status == 200
-        await asyncio.sleep(1.0)  # kopf sees the peer and pauses; the gate's answer is 1 s old at most
+        await asyncio.sleep(1.6)  # kopf sees the peer and pauses; the gate's answer is 1 s old at most
         paused_at = resyncs()
         await asyncio.sleep(1.5)
         assert resyncs() == paused_at, "a paused peer went on resyncing"
