@@ -244,8 +244,8 @@ class ServerSettings:
     calls) cut them.
 
     ``tls_cert`` and ``tls_key`` (PEM files) turn on TLS, ``tls_client_ca`` mutual TLS; a bearer
-    token (``auth_token_file`` or ``auth_token``) is then required from callers
-    (``fetchpool.server.security``)."""
+    token (``auth_token_file`` or ``auth_token``) is then required from callers, and
+    ``admin_token_file``'s alone may change the service's state (``fetchpool.server.security``)."""
 
     listen: str = "127.0.0.1:50051"
     grace_period: float = 25.0
@@ -263,7 +263,7 @@ class ServerSettings:
     tls_client_ca: str = ""
     auth_token_file: str = ""
     auth_token: str = field(default="", repr=False)
-
+    admin_token_file: str = ""
 
     def __post_init__(self) -> None:
         if self.event_loop not in ("uvloop", "asyncio"):
@@ -428,9 +428,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.tls_client_ca", "--tls-client-ca", "FETCHPOOL_TLS_CLIENT_CA", str,
            "PEM CA bundle: require client certificates it signed (mutual TLS)"),
     Option("server.auth_token_file", "--auth-token-file", "FETCHPOOL_AUTH_TOKEN_FILE", str,
-           "file holding the bearer token callers must send (health checks excepted)"),
+           "file holding the bearer token(s) callers must send (health checks excepted); "
+           "one per line, re-read when it changes"),
     Option("server.auth_token", "--auth-token", "FETCHPOOL_AUTH_TOKEN", str,
            "the bearer token itself (prefer the file: flags show in ps)"),
+    Option("server.admin_token_file", "--admin-token-file", "FETCHPOOL_ADMIN_TOKEN_FILE", str,
+           "file holding the bearer token(s) that alone may call PoolAdmin.SetPoolLimits (the operator's); "
+           "one per line, re-read when it changes"),
     Option("settings.limits_file", "--limits-file", "FETCHPOOL_LIMITS_FILE", str,
            "JSON file of pool limits applied at start-up (written by the operator); ignored if absent"),
 )

@@ -22,6 +22,7 @@ from typing import Any
 
 import chartlib
 import pytest
+from chartlib import env_of
 
 pytest.importorskip("fetchpool.server", reason="the service is not importable yet")
 import grpc
@@ -85,6 +86,7 @@ def wait_serving(
 
 class Server:
     def __init__(self, env: dict[str, str], port: int):
+        self.env = env
         self.port = port
         self.target = f"127.0.0.1:{port}"
         self.proc = subprocess.Popen(
@@ -109,8 +111,22 @@ def start_server(
     env["FETCHPOOL_LISTEN"] = f"127.0.0.1:{port}"
     if allow_loopback:
         env["FETCHPOOL_ALLOW_TARGETS"] = "127.0.0.0/8"
+    if "FETCHPOOL_ADMIN_TOKEN_FILE" in env:
+        env["FETCHPOOL_ADMIN_TOKEN_FILE"] = str(project_admin_token(rendered))
     env.update(extra or {})
     return Server(env, port)
+
+
+def project_admin_token(rendered: chartlib.Rendered) -> Path:
+    """The kubelet's projection of the admin Secret: a file holding the token - the chart's generated
+    one, or a stand-in for the user's own Secret (adminAuth.existingSecret)."""
+    import base64
+    import tempfile
+
+    generated = [o for o in rendered.all("Secret") if o["metadata"]["name"].endswith("-admin")]
+    path = Path(tempfile.mkdtemp(prefix="fetchpool-admin-")) / "token"
+    path.write_bytes(base64.b64decode(generated[0]["data"]["token"]) if generated else b"users-own-admin-token\n")
+    return path
 
 
 def start_serving(rendered: chartlib.Rendered, **kwargs: Any) -> Server:
@@ -201,6 +217,28 @@ def test_metrics_endpoint_serves_demand_with_otlp_off() -> None:
     finally:
         out = srv.stop()
     assert "\nfetchpool_demand_requests" in "\n" + text, text[:2000] + out
+
+
+def test_a_default_install_lets_only_the_admin_token_change_limits(server: Server) -> None:
+    """The default install: fetching needs nothing, SetPoolLimits needs the generated admin token
+    (the one the operator's pod mounts from the same Secret)."""
+    from fetchpool.v1 import fetch_pb2, fetch_pb2_grpc
+
+    rendered = chartlib.render("default")
+    operator_env = env_of(rendered.operator()["spec"]["template"]["spec"]["containers"][0])
+    assert operator_env["FETCHPOOL_ADMIN_TOKEN_FILE"]["value"] == "/etc/fetchpool/admin/token"
+    token = Path(server.env["FETCHPOOL_ADMIN_TOKEN_FILE"]).read_text()
+    assert len(token) == 48 and token.isalnum()
+    request = fetch_pb2.SetPoolLimitsRequest(limits=fetch_pb2.PoolLimits(max_connections=42))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = fetch_pb2_grpc.PoolAdminStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SetPoolLimits(request, timeout=5)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.SetPoolLimits(request, timeout=5, metadata=[("authorization", f"Bearer {token}")])
+        assert {p.max_connections for p in reply.pools.values()} == {42}
+        stats = stub.GetPoolStats(fetch_pb2.GetPoolStatsRequest(), timeout=5)  # reads stay open
+        assert stats.pools
 
 
 def test_helm_test_program_fails_when_the_fetch_fails(server: Server) -> None:

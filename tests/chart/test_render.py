@@ -238,7 +238,7 @@ def test_selectors_are_immutable_labels_only(value_set: str) -> None:
 def test_resources_named_and_labelled_consistently(value_set: str) -> None:
     r = render(value_set)
     base = fullname(r)
-    suffixes = {"", "-headless", "-config", "-proxy", "-auth", "-operator", "-test", "-dashboard"}
+    suffixes = {"", "-headless", "-config", "-proxy", "-auth", "-admin", "-operator", "-test", "-dashboard"}
     values = chartlib.load_values(value_set)
     peering_name = values.get("operator", {}).get("peering", {}).get("name")
     for obj in r.objects:
@@ -453,7 +453,12 @@ def test_service_env_contract_and_numbers() -> None:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     settings = config.settings_from_args(parser.parse_args([]), env)
-    assert settings.limits.max_connections == 100
+    # The operator divides a budget: a pod starts with the start limit, minPerReplica, until the
+    # operator has confirmed it (also before its first limits ConfigMap exists).
+    assert (settings.limits.max_connections, settings.limits.max_keepalive_connections) == (10, 10)
+    assert settings.server.admin_token_file == "/etc/fetchpool/admin/token"
+    alone = config.settings_from_args(parser.parse_args([]), render("operator-off").configmap_env())
+    assert alone.limits.max_connections == 100  # no operator: config.limits as given
 
 
 def test_limits_configmap_mounted_optionally() -> None:
@@ -566,6 +571,10 @@ def test_no_credentials_in_plain_values(value_set: str) -> None:
 def test_existing_secrets_are_referenced_not_rendered() -> None:
     r = render("tls")
     assert not r.all("Secret")
+    admin = {v["name"]: v for v in r.server()["spec"]["template"]["spec"]["volumes"]}["admin-token"]
+    assert admin["secret"] == {"secretName": "fetchpool-admin", "items": [{"key": "admin-token", "path": "token"}]}
+    operator_volumes = {v["name"]: v for v in r.operator()["spec"]["template"]["spec"]["volumes"]}
+    assert operator_volumes["admin-token"] == admin
     env = env_of(r.server_container())
     assert env["FETCHPOOL_PROXY"]["valueFrom"]["secretKeyRef"] == {"name": "fetchpool-proxies", "key": "urls"}
     pod = r.server()["spec"]["template"]["spec"]
@@ -998,12 +1007,40 @@ def test_networkpolicy_service_and_operator() -> None:
     assert peer["namespaceSelector"]["matchExpressions"][0]["values"] == ["prod", "crawl-jobs"]
 
 
-def test_networkpolicy_default_targets_exclude_cloud_metadata() -> None:
+def test_networkpolicy_default_targets_exclude_cloud_metadata_and_non_public_ranges() -> None:
+    """Direct fetches reach public addresses of both families, and none of the ranges the SSRF guard
+    refuses: the metadata addresses (IPv4's and AWS's IPv6 one), link-local, private, unique-local."""
     r = render({"networkPolicy": {"enabled": True}})
     egress = r.get("NetworkPolicy", "demo-fetchpool")["spec"]["egress"]
     blocks = [p["ipBlock"] for rule in egress for p in rule.get("to", []) if "ipBlock" in p]
-    v4 = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
-    assert ipaddress.ip_address("169.254.169.254") in ipaddress.ip_network(v4["except"][0])
+
+    def allowed(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(
+            ip.version == ipaddress.ip_network(b["cidr"]).version
+            and ip in ipaddress.ip_network(b["cidr"])
+            and not any(ip in ipaddress.ip_network(e) for e in b.get("except", []))
+            for b in blocks
+        )
+
+    for refused in (
+        "169.254.169.254",  # cloud metadata (AWS, GCP, Azure, OCI)
+        "169.254.170.2",  # ECS task metadata
+        "fd00:ec2::254",  # AWS metadata over IPv6
+        "fe80::1",  # IPv6 link-local
+        "fd12:3456::1",  # unique-local (IPv6's private)
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",  # CGNAT
+    ):
+        assert not allowed(refused), refused
+    for public in ("93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "2001:4860:4860::8888"):
+        assert allowed(public), public
+    # Each except lies within its block, as the API server requires.
+    for block in blocks:
+        network = ipaddress.ip_network(block["cidr"])
+        assert all(ipaddress.ip_network(e).subnet_of(network) for e in block.get("except", []))  # type: ignore[arg-type]
     assert not render("default").has("NetworkPolicy")
 
 
@@ -1074,3 +1111,32 @@ def test_helm_test_default_url_is_public() -> None:
     (container,) = render("default").get("Pod")["spec"]["containers"]
     assert env_of(container)["FP_FETCH_URL"]["value"] == "https://example.com/"
     assert "ports" not in container, "no page server without the self-served mode"
+
+
+@pytest.mark.parametrize("value_set", ["default", "hpa", "keda"])
+def test_notes_tell_what_the_operator_will_do(value_set: str) -> None:
+    """NOTES.txt's numbers (Helm's arithmetic) are the operator's own (fetchpool.operator.budget) for
+    the objects the chart renders: the ceiling, and each replica's share at the fewest replicas."""
+    budget_module = pytest.importorskip("fetchpool.operator.budget")
+    resource = pytest.importorskip("fetchpool.operator.resource")
+    r = render(value_set)
+    fp = r.get("FetchPool")["spec"]
+    deployment = r.server()
+    if r.has("HorizontalPodAutoscaler"):
+        most, least = (r.get("HorizontalPodAutoscaler")["spec"][k] for k in ("maxReplicas", "minReplicas"))
+    elif r.has("ScaledObject"):
+        so = r.get("ScaledObject")["spec"]
+        most, least = so["maxReplicaCount"], max(1, so["minReplicaCount"])
+    else:
+        most = least = deployment["spec"]["replicas"]
+    ceiling = budget_module.ceiling(scaler_max=most, counts=[least], surge=resource.max_surge_of(deployment, most))
+    share = (fp["connectionBudget"] - fp["minPerReplica"] * (ceiling - least)) // least
+    share = max(min(share, fp["maxPerReplica"]), fp["minPerReplica"])
+    notes = " ".join(r.notes.split())
+    assert f"budget of {fp['connectionBudget']} connections" in notes
+    assert f"A pod starts with minPerReplica = {fp['minPerReplica']} connections" in notes
+    assert f"(up to {ceiling}: the most replicas plus maxSurge)" in notes
+    assert f"with {least} replicas, {share} connections each" in notes
+    if value_set == "default":
+        assert (ceiling, least, share) == (3, 2, 195)  # the README's first-install numbers
+        assert "nothing scales it: its replicas (kubectl scale re-divides)" in notes

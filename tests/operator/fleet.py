@@ -80,9 +80,10 @@ class ServicePod:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def start(self, limits_file: Path) -> None:
-        """Start like a container whose ConfigMap volume holds ``limits_file``; returns when serving."""
-        env = {**os.environ, "FETCHPOOL_LIMITS_FILE": str(limits_file)}
+    async def start(self, limits_file: Path, env: Mapping[str, str] | None = None) -> None:
+        """Start like a container whose ConfigMap volume holds ``limits_file`` (and with ``env``,
+        e.g. the chart's ``FETCHPOOL_MAX_CONNECTIONS`` and admin token); returns when serving."""
+        env = {**os.environ, "FETCHPOOL_LIMITS_FILE": str(limits_file), **(env or {})}
         self.process = await asyncio.create_subprocess_exec(
             str(VENV_BIN / "fetchpool"),
             "serve",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from fetchpool.operator.delivery import ChannelSecurity, Delivery, PodTarget, PoolExtras
+from fetchpool.operator.delivery import ChannelSecurity, Delivery, PodPlan, PodTarget, PoolExtras
 from fetchpool.operator.policy import DEFAULT_POOL, Limits
 from fetchpool.v1 import fetch_pb2, fetch_pb2_grpc
 
@@ -117,6 +117,10 @@ def closed_port() -> str:
 LIMITS = {DEFAULT_POOL: Limits(max_connections=10, max_keepalive_connections=5)}
 
 
+def plans(targets: list[PodTarget], limits: dict[str, Limits] = LIMITS, *, lower_only: bool = False) -> list[PodPlan]:
+    return [PodPlan(target=t, limits=limits, lower_only=lower_only) for t in targets]
+
+
 async def test_a_silent_pod_does_not_block_the_others(
     pods: list[tuple[PodTarget, FakePoolAdmin]], blackhole: str, closed_port: str
 ) -> None:
@@ -127,7 +131,7 @@ async def test_a_silent_pod_does_not_block_the_others(
         PodTarget(name="gone", address=closed_port),
     ]
     started = time.monotonic()
-    outcomes = {o.name: o for o in await delivery.push(targets, LIMITS)}
+    outcomes = {o.name: o for o in await delivery.push(plans(targets))}
     elapsed = time.monotonic() - started
     assert elapsed < 1.8, elapsed  # concurrent: one timeout, not one per silent pod
     for target, admin in pods:
@@ -143,8 +147,8 @@ async def test_a_silent_pod_does_not_block_the_others(
 async def test_pushing_again_changes_nothing(pods: list[tuple[PodTarget, FakePoolAdmin]]) -> None:
     delivery = Delivery(timeout=2.0)
     targets = [t for t, _ in pods]
-    await delivery.push(targets, LIMITS)
-    second = await delivery.push(targets, LIMITS)
+    await delivery.push(plans(targets))
+    second = await delivery.push(plans(targets))
     assert all(o.ok and not o.changed for o in second)
     assert all(len(admin.sets) == 1 for _, admin in pods)
 
@@ -152,7 +156,7 @@ async def test_pushing_again_changes_nothing(pods: list[tuple[PodTarget, FakePoo
 async def test_proxy_budgets_are_set_pool_by_pool(pods: list[tuple[PodTarget, FakePoolAdmin]]) -> None:
     target, admin = pods[0]
     limits = {**LIMITS, "http://proxy:3128": Limits(max_connections=4, max_keepalive_connections=2)}
-    [outcome] = await Delivery(timeout=2.0).push([target], limits, PoolExtras(keepalive_expiry_seconds=7.5))
+    [outcome] = await Delivery(timeout=2.0).push(plans([target], limits), PoolExtras(keepalive_expiry_seconds=7.5))
     assert outcome.ok and outcome.in_force == {"direct": 10, "http://proxy:3128": 4}
     assert sorted(name for name, _ in admin.sets) == ["direct", "http://proxy:3128"]
     assert admin.history["http://proxy:3128"] == [4]  # never passed through the direct pool's 10
@@ -162,7 +166,7 @@ async def test_proxy_budgets_are_set_pool_by_pool(pods: list[tuple[PodTarget, Fa
 async def test_per_host_cap_follows_a_shrink(pods: list[tuple[PodTarget, FakePoolAdmin]]) -> None:
     target, admin = pods[0]
     admin.pools = {"direct": pool(30, 15, per_host=20)}
-    [outcome] = await Delivery(timeout=2.0).push([target], LIMITS)
+    [outcome] = await Delivery(timeout=2.0).push(plans([target]))
     assert outcome.ok, outcome.error
     assert admin.pools["direct"].max_connections_per_host == 10
 
@@ -170,9 +174,19 @@ async def test_per_host_cap_follows_a_shrink(pods: list[tuple[PodTarget, FakePoo
 async def test_a_refusal_is_reported(pods: list[tuple[PodTarget, FakePoolAdmin]]) -> None:
     target, admin = pods[0]
     bad = {DEFAULT_POOL: Limits(max_connections=10, max_keepalive_connections=11)}
-    [outcome] = await Delivery(timeout=2.0).push([target], bad)
+    [outcome] = await Delivery(timeout=2.0).push(plans([target], bad))
     assert not outcome.ok and outcome.error == "INVALID_ARGUMENT: inconsistent limits"
     assert admin.pools["direct"].max_connections == 30  # old limits stay in force
+
+
+async def test_lower_only_never_raises(pods: list[tuple[PodTarget, FakePoolAdmin]]) -> None:
+    target, admin = pods[0]
+    admin.pools = {"direct": pool(30, 15), "http://proxy:3128": pool(6, 6)}
+    [outcome] = await Delivery(timeout=2.0).push(plans([target], lower_only=True))
+    assert outcome.ok and outcome.in_force == {"direct": 10, "http://proxy:3128": 6}  # 6 stays: lower only
+    assert admin.pools["http://proxy:3128"].max_keepalive_connections == 5  # ... but its keep-alive follows
+    [again] = await Delivery(timeout=2.0).push(plans([target], lower_only=True))
+    assert again.ok and not again.changed
 
 
 async def test_demand_is_in_flight_plus_queued(pods: list[tuple[PodTarget, FakePoolAdmin]], blackhole: str) -> None:
@@ -217,19 +231,25 @@ async def test_tls_with_client_certificate_and_token(tmp_path: Path) -> None:
                 "FETCHPOOL_OPERATOR_TLS_CA": str(files["ca"]),
                 "FETCHPOOL_OPERATOR_TLS_CERT": str(files["cert"]),
                 "FETCHPOOL_OPERATOR_TLS_KEY": str(files["key"]),
-                "FETCHPOOL_AUTH_TOKEN_FILE": str(files["token"]),
+                "FETCHPOOL_ADMIN_TOKEN_FILE": str(files["token"]),
                 "FETCHPOOL_OPERATOR_TLS_SERVER_NAME": "fetchpool.pods.internal",
             }
         )
         assert security.problems() == []
         target = PodTarget(name="tls", address=f"127.0.0.1:{port}")
-        [outcome] = await Delivery(timeout=3.0, security=security).push([target], LIMITS)
+        [outcome] = await Delivery(timeout=3.0, security=security).push(plans([target]))
         assert outcome.ok, outcome.error
         assert admin.pools["direct"].max_connections == 10
 
+        files["token"].write_text("s3cret\nolder-token\n")  # during a rotation: the first line is sent
+        [outcome] = await Delivery(timeout=3.0, security=security).push(plans([target]))
+        assert outcome.ok, outcome.error
         files["token"].write_text("rotated")  # the token file is re-read every round
-        [outcome] = await Delivery(timeout=3.0, security=security).push([target], LIMITS)
+        [outcome] = await Delivery(timeout=3.0, security=security).push(plans([target]))
         assert not outcome.ok and outcome.error == "UNAUTHENTICATED: bad token"
+        files["token"].write_text("")
+        [outcome] = await Delivery(timeout=3.0, security=security).push(plans([target]))
+        assert not outcome.ok and outcome.error is not None and "no token" in outcome.error
     finally:
         await server.stop(None)
 

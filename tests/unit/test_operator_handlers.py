@@ -10,6 +10,7 @@ so kopf runs cluster-wide here.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import socket
 import threading
@@ -32,11 +33,15 @@ FP = "fetchpool.io/v1alpha1/fetchpools"
 
 @dataclass
 class Recorder:
-    """Stands in for the Reconciler: records every trigger."""
+    """Stands in for the Reconciler: records every trigger; ``gate`` answers ``may_act``."""
 
     health: Health = field(default_factory=Health)
     triggers: list[tuple[str, str, str, bool]] = field(default_factory=list)
     forgotten: list[tuple[str, str]] = field(default_factory=list)
+    gate: Any = None
+
+    async def may_act(self, namespace: str) -> bool:
+        return True if self.gate is None else bool(await self.gate(namespace))
 
     async def trigger(self, namespace: str, name: str, *, reason: str = "", full: bool = False) -> None:
         self.triggers.append((namespace, name, reason, full))
@@ -253,16 +258,36 @@ async def test_a_spec_change_triggers_a_full_round(operator: Running) -> None:
 
 
 async def test_liveness_and_metrics_endpoints(operator: Running) -> None:
-    def get(url: str) -> str:
+    def get(url: str) -> tuple[str, str]:
         with urllib.request.urlopen(url, timeout=5) as response:
-            return str(response.read().decode())
+            return str(response.read().decode()), response.headers["Content-Type"]
 
-    health = json.loads(await asyncio.to_thread(get, operator.liveness))
+    health = json.loads((await asyncio.to_thread(get, operator.liveness))[0])
     assert 0 <= health["seconds_since_last_event"] < 60
-    text = await asyncio.to_thread(get, operator.metrics)
-    assert "fetchpool_operator_seconds_since_last_event " in text
-    events = next(line for line in text.splitlines() if line.startswith("fetchpool_operator_events_total "))
-    assert float(events.split()[1]) >= 3
+    text, content_type = await asyncio.to_thread(get, operator.metrics)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    silence = next(
+        line for line in text.splitlines() if line.startswith("fetchpool_operator_seconds_since_last_event ")
+    )
+    assert 0 <= float(silence.split()[1]) < 60
+
+
+async def test_deleting_a_fetchpool_hands_its_deployment_to_the_next_one(operator: Running) -> None:
+    await operator.kmock.post(
+        f"/apis/fetchpool.io/v1alpha1/namespaces/{NS}/fetchpools",
+        json={
+            "apiVersion": "fetchpool.io/v1alpha1",
+            "kind": "FetchPool",
+            "metadata": {"name": "second", "namespace": NS},
+            "spec": {"target": {"name": "web"}, "connectionBudget": 90},
+        },
+    )
+    await wait_for(lambda: any(n == "second" for _, n, _, _ in operator.recorder.triggers))
+    operator.recorder.triggers.clear()
+    response = await operator.kmock.delete(f"/apis/fetchpool.io/v1alpha1/namespaces/{NS}/fetchpools/pool")
+    assert response.status == 200
+    await wait_for(lambda: (NS, "second", "fetchpool pool deleted", False) in operator.recorder.triggers)
+    assert (NS, "pool") in operator.recorder.forgotten
 
 
 def test_a_silent_watch_fails_the_probe() -> None:
@@ -289,3 +314,97 @@ async def test_watch_timeouts_are_set_at_startup() -> None:
     assert settings.watching.server_timeout == 45 and settings.watching.client_timeout == 75
     assert settings.watching.inactivity_timeout == 70 and settings.watching.connect_timeout == 10
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+
+
+async def test_a_paused_peer_stops_its_resync_loop(kmock: Any) -> None:
+    """kopf pauses this operator while a peer of a higher priority is alive on the same peering object;
+    its own resync loop then stops too (it asks the peering object), and starts again after."""
+    kmock.resources.load_bundled()
+    kmock.resources[FP] = kmock.ResourceInfo(
+        kind="FetchPool", namespaced=True, subresources={"status"}, verbs={"get", "list", "watch", "patch", "create"}
+    )
+    peerings = "kopf.dev/v1/clusterkopfpeerings"
+    kmock.resources[peerings] = kmock.ResourceInfo(
+        kind="ClusterKopfPeering", namespaced=False, verbs={"get", "list", "watch", "patch", "create"}
+    )
+    url = str(kmock.url).rstrip("/")
+    await kmock.post(
+        "/apis/kopf.dev/v1/clusterkopfpeerings",
+        json={"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "fleet"}},
+    )
+    await kmock.post(
+        f"/apis/fetchpool.io/v1alpha1/namespaces/{NS}/fetchpools",
+        json={
+            "apiVersion": "fetchpool.io/v1alpha1",
+            "kind": "FetchPool",
+            "metadata": {"name": "pool", "namespace": NS},
+            "spec": {"target": {"name": "web"}, "connectionBudget": 60},
+        },
+    )
+    import kubernetes
+    from fetchpool.operator.k8s import KubeIO
+    from fetchpool.operator.peering import PeeringGate
+
+    kube = KubeIO(kubernetes.client.ApiClient(kubernetes.client.Configuration(host=url)), request_timeout=5)
+    gate = PeeringGate(lambda ns: kube.get_peering(ns, "fleet"), identity="me", priority=0, clusterwide=True)
+    recorder = Recorder(gate=gate)
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:  # test only: point kopf at the emulator
+        return kopf.ConnectionInfo(server=url, scheme="Bearer", token="test")
+
+    register(registry, recorder, HandlerSettings(resync_seconds=0.2, login=False))  # type: ignore[arg-type]
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=lambda: asyncio.run(
+            kopf.operator(
+                registry=registry,
+                peering_name="fleet",
+                priority=0,
+                identity="me",  # type: ignore[arg-type]
+                clusterwide=True,
+                stop_flag=stop,
+            )
+        ),
+        daemon=True,
+    )
+    thread.start()
+
+    def resyncs() -> int:
+        return sum(1 for _, _, reason, _ in recorder.triggers if reason == "resync timer")
+
+    def peer(priority: int) -> dict[str, Any]:
+        seen = datetime.datetime.now(datetime.UTC).isoformat()
+        return {"status": {"debugger": {"priority": priority, "lifetime": 60, "lastseen": seen}}}
+
+    try:
+        await wait_for(lambda: resyncs() >= 2, timeout=10)  # in charge: the loop runs
+        response = await kmock.patch("/apis/kopf.dev/v1/clusterkopfpeerings/fleet", json=peer(100))
+        assert response.status == 200
+        await asyncio.sleep(1.6)  # kopf sees the peer and pauses; the gate's answer is 1 s old at most
+        paused_at = resyncs()
+        await asyncio.sleep(1.5)
+        assert resyncs() == paused_at, "a paused peer went on resyncing"
+        assert not await gate("default") and not await recorder.may_act("default")
+        await kmock.patch("/apis/kopf.dev/v1/clusterkopfpeerings/fleet", json={"status": {"debugger": None}})
+        await wait_for(lambda: resyncs() >= paused_at + 2, timeout=10)  # the peer is gone: it resumes
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 10)
+        kube.api_client.close()
+    assert not thread.is_alive()
+
+
+def test_kopfs_peering_rule() -> None:
+    from fetchpool.operator.peering import in_charge
+
+    now = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+    alive = {"lifetime": 60, "lastseen": "2026-01-01T11:59:30+00:00"}
+    dead = {"lifetime": 60, "lastseen": "2026-01-01T11:58:00+00:00"}
+    assert in_charge({}, identity="me", priority=0, now=now)
+    assert in_charge({"me": {**alive, "priority": 0}}, identity="me", priority=0, now=now)
+    assert not in_charge({"other": {**alive, "priority": 5}}, identity="me", priority=0, now=now)
+    assert not in_charge({"other": {**alive, "priority": 0}}, identity="me", priority=0, now=now)  # same: all pause
+    assert in_charge({"other": {**alive, "priority": 0}}, identity="me", priority=1, now=now)
+    assert in_charge({"other": {**dead, "priority": 9}}, identity="me", priority=0, now=now)

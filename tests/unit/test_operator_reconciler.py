@@ -19,10 +19,9 @@ import kubernetes
 import pytest
 import yaml
 from fetchpool.operator import resource
-from fetchpool.operator.delivery import PodOutcome, PodTarget, PoolExtras
+from fetchpool.operator.delivery import PodOutcome, PodPlan, PodTarget, PoolExtras
 from fetchpool.operator.health import Health
 from fetchpool.operator.k8s import KubeIO
-from fetchpool.operator.policy import Limits
 from fetchpool.operator.reconciler import Reconciler
 
 pytestmark = pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning")
@@ -37,32 +36,40 @@ CM = "v1/configmaps"
 
 @dataclass
 class FakeDelivery:
+    """The pods' PoolAdmin: every pod holds one pool, ``direct``, started at the start limit (1), as the
+    chart starts them (``FETCHPOOL_MAX_CONNECTIONS`` = minPerReplica, then the limits file)."""
+
     log: list[tuple[str, Any]]
     fail: set[str] = field(default_factory=set)
     demand_by_pod: dict[str, dict[str, float]] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
     pushed: list[tuple[str, int]] = field(default_factory=list)
 
-    async def push(
-        self, pods: Sequence[PodTarget], limits: Mapping[str, Limits], extras: PoolExtras | None = None
-    ) -> list[PodOutcome]:
+    async def push(self, plans: Sequence[PodPlan], extras: PoolExtras | None = None) -> list[PodOutcome]:
         out = []
-        for pod in pods:
-            n = limits["*"].max_connections
-            self.log.append(("push", (pod.name, n)))
-            if pod.name in self.fail:
+        for plan in plans:
+            name, want = plan.target.name, plan.limits["*"].max_connections
+            have = self.held.setdefault(name, 1)
+            new = min(have, want) if plan.lower_only else want
+            self.log.append(("push", (name, new)))
+            if name in self.fail:
                 out.append(
                     PodOutcome(
-                        name=pod.name,
-                        address=pod.address,
+                        name=name,
+                        address=plan.target.address,
                         ok=False,
                         error="DEADLINE_EXCEEDED: no answer within the delivery timeout",
                     )
                 )
-            else:
-                self.pushed.append((pod.name, n))
-                out.append(
-                    PodOutcome(name=pod.name, address=pod.address, ok=True, in_force={"direct": n}, changed=True)
+                continue
+            if new != have:
+                self.pushed.append((name, new))
+            self.held[name] = new
+            out.append(
+                PodOutcome(
+                    name=name, address=plan.target.address, ok=True, in_force={"direct": new}, changed=new != have
                 )
+            )
         return out
 
     async def demand(self, pods: Sequence[PodTarget]) -> dict[str, dict[str, float]]:
@@ -101,27 +108,38 @@ class World:
         self.delivery = FakeDelivery(self.log)
         self.reconciler = Reconciler(self.kube, self.delivery, Health(), retry_seconds=60, clock=lambda: self.now)
 
-    def fetchpool(self, spec: Mapping[str, Any], status: Mapping[str, Any] | None = None) -> None:
+    def fetchpool(
+        self,
+        spec: Mapping[str, Any],
+        status: Mapping[str, Any] | None = None,
+        *,
+        name: str = "pool",
+        created: str = "2026-01-01T00:00:00Z",
+    ) -> None:
         body: dict[str, Any] = {
             "apiVersion": "fetchpool.io/v1alpha1",
             "kind": "FetchPool",
-            "metadata": {"name": "pool", "namespace": NS, "uid": "fp-uid"},
+            "metadata": {"name": name, "namespace": NS, "uid": f"{name}-uid", "creationTimestamp": created},
             "spec": dict(spec),
         }
         if status:
             body["status"] = dict(status)
-        self.kmock.objects[FP, NS, "pool"] = body
+        self.kmock.objects[FP, NS, name] = body
 
-    def deployment(self, replicas: int) -> None:
+    def deployment(self, replicas: int, *, surge: int | str = 0) -> None:
         self.kmock.objects[DEPLOY, NS, "web"] = {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
             "metadata": {"name": "web", "namespace": NS},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "web"}}},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": "web"}},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": 1}},
+            },
             "status": {"replicas": replicas},
         }
 
-    def hpa(self, current: int, desired: int) -> None:
+    def hpa(self, current: int, desired: int, *, max_replicas: int = 8) -> None:
         self.kmock.objects[HPA, NS, "web"] = {
             "apiVersion": "autoscaling/v2",
             "kind": "HorizontalPodAutoscaler",
@@ -129,13 +147,19 @@ class World:
             "spec": {
                 "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
                 "minReplicas": 2,
-                "maxReplicas": 8,
+                "maxReplicas": max_replicas,
             },
             "status": {"currentReplicas": current, "desiredReplicas": desired},
         }
 
     def pod(
-        self, name: str, *, ready: bool = True, terminating: bool = False, labels: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *,
+        ready: bool = True,
+        started: bool | None = None,
+        terminating: bool = False,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         meta: dict[str, Any] = {
             "name": name,
@@ -151,8 +175,8 @@ class World:
             "kind": "Pod",
             "metadata": meta,
             "status": {
-                "phase": "Running" if ready else "Pending",
-                "podIP": "127.0.0.1" if ready else None,
+                "phase": "Running" if (ready if started is None else started) else "Pending",
+                "podIP": "127.0.0.1" if (ready if started is None else started) else None,
                 "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
             },
         }
@@ -206,6 +230,7 @@ def check_status_schema(status: Mapping[str, Any]) -> None:
 
 
 SPEC = {"target": {"name": "web"}, "connectionBudget": 60, "keepaliveShare": 0.5, "stabilizationSeconds": 10}
+START = {"max_connections": 1, "max_keepalive_connections": 0}  # the limits file: minPerReplica 1
 
 
 @pytest.fixture
@@ -218,163 +243,199 @@ async def world(kmock: Any) -> Any:
 async def test_divides_the_budget_and_records_it(world: World) -> None:
     world.fetchpool(SPEC)
     world.deployment(2)
-    world.hpa(2, 2)
+    world.hpa(2, 2, max_replicas=4)  # ceiling 4: 2 pods may still start, 1 connection kept for each
     world.pod("a")
     world.pod("b")
     await world.round()
-    assert sorted(world.delivery.pushed) == [("a", 30), ("b", 30)]
-    assert world.cm_limits() == {"max_connections": 30, "max_keepalive_connections": 15}
+    assert sorted(world.delivery.pushed) == [("a", 29), ("b", 29)]  # (60 - 2) / 2, raised from the start limit
+    assert world.cm_limits() == START
     status = world.status
-    assert status["observedReplicas"] == 2 and status["fleetConnections"] == 60
-    assert status["limits"] == {"maxConnections": 30, "maxKeepaliveConnections": 15}
+    assert status["limits"] == {"maxConnections": 29, "maxKeepaliveConnections": 14}
+    assert (status["startLimit"], status["ceiling"], status["limitSum"], status["reserved"]) == (1, 4, 58, 2)
+    assert status["fleetConnections"] == 60 and status["observedReplicas"] == 2
     assert status["appliedAt"] == resource.format_time(1_000.0)
     assert status["delivery"] == {"ready": 2, "confirmed": 2, "unreachable": []}
     assert status["replicas"] == {
         "current": 2,
         "desired": 2,
         "deployment": 2,
+        "deploymentStatus": 2,
         "pods": 2,
-        "ready": 2,
         "terminating": 0,
         "holders": 2,
+        "ready": 2,
+        "ceiling": 4,
     }
+    assert status["hpa"] == "web"
     conds = world.conditions()
     assert conds["Ready"]["status"] == "True" and conds["Ready"]["reason"] == "LimitsApplied"
-    assert conds["Degraded"]["status"] == "False"
+    assert conds["Ready"]["message"].startswith(
+        "29 connections per ready replica (2 ready); the fleet may open 60 of 60"
+    )
+    assert conds["Degraded"]["status"] == "False" and conds["Conflict"]["status"] == "False"
     cm = world.kmock.objects[CM, NS, "pool-limits"]
     assert cm["metadata"]["ownerReferences"][0]["kind"] == "FetchPool"
     check_status_schema(status)
+    body, _ = world.reconciler.health.render()
+    text = body.decode()
+    labels = 'fetchpool="pool",namespace="default"'
+    for line in (
+        f"fetchpool_operator_budget_connections{{{labels}}} 60.0",
+        f"fetchpool_operator_limit_sum_connections{{{labels}}} 58.0",
+        f"fetchpool_operator_replicas{{{labels}}} 2.0",
+        f"fetchpool_operator_per_replica_limit_connections{{{labels}}} 29.0",
+        f"fetchpool_operator_pods_unconfirmed{{{labels}}} 0.0",
+        f'fetchpool_operator_condition{{{labels},reason="LimitsApplied",status="True",type="Ready"}} 1.0',
+    ):
+        assert line in text, line
 
 
 async def test_a_repeated_round_changes_nothing(world: World) -> None:
     world.fetchpool(SPEC)
     world.deployment(2)
-    world.hpa(2, 2)
+    world.hpa(2, 2, max_replicas=2)
     world.pod("a")
     world.pod("b")
     await world.round()
     world.now += 5
     result = await world.round()
     assert world.log == [] and not result.status_written  # idempotent: no push, no write
-    await world.round(full=True)  # the timer's round re-delivers (pods may have been changed by hand)
+    await world.round(full=True)  # the timer's round re-reads every pod (they may have been changed by hand)
     assert [entry[0] for entry in world.log] == ["push", "push"]
 
 
-async def test_status_only_hpa_scale_up_shrinks_configmap_first(world: World) -> None:
+async def test_without_an_hpa_the_deployments_replicas_divide_and_kubectl_scale_re_divides(world: World) -> None:
     world.fetchpool(SPEC)
-    world.deployment(2)
-    world.hpa(2, 2)
+    world.deployment(2, surge="25%")  # nothing scales it: the ceiling is 2 + 1 (maxSurge)
     world.pod("a")
     world.pod("b")
     await world.round()
-    world.hpa(2, 6)  # only the HPA's status moved
+    assert world.status["limits"]["maxConnections"] == 29 and world.status["ceiling"] == 3
+    assert world.status.get("hpa") is None and world.conditions()["Degraded"]["status"] == "False"
+    world.deployment(3, surge="25%")  # kubectl scale --replicas=3
+    world.pod("c", ready=False)  # created, pending
     world.now += 1
     await world.round()
-    kinds = [(k, v) for k, v in world.log if k != "status"]
-    assert kinds[0] == ("cm", 10)  # new pods read 10 from the ConfigMap ...
-    assert sorted(v for k, v in kinds[1:]) == [("a", 10), ("b", 10)]  # ... and the old ones shrink
-    assert world.status["observedReplicas"] == 6 and world.status["fleetConnections"] == 60
+    assert world.status["ceiling"] == 4  # 3 + 1
+    # c pending counts at 1, one more may start: (60 - 1 - 1) / 2 = 29 - nothing to lower yet
+    assert world.delivery.held == {"a": 29, "b": 29}
+    world.pod("c")  # ready
+    world.now += 1
+    await world.round()
+    assert world.delivery.held == {"a": 19, "b": 19, "c": 19}  # (60 - 1) / 3; a and b lowered before c grew
+    pushes = [v for k, v in world.log if k == "push"]
+    assert pushes.index(("c", 19)) > max(pushes.index(("a", 19)), pushes.index(("b", 19)))
+
+
+async def test_a_scale_up_the_reserve_covers_needs_no_shrink_until_the_new_pods_are_ready(world: World) -> None:
+    world.fetchpool(SPEC)
+    world.deployment(2)
+    world.hpa(2, 2, max_replicas=6)
+    world.pod("a")
+    world.pod("b")
+    await world.round()
+    assert world.delivery.held == {"a": 28, "b": 28}  # (60 - 4 x 1) / 2
+    world.hpa(2, 6, max_replicas=6)  # only the HPA's status moved
+    world.deployment(6)
+    for name in "cdef":
+        world.pod(name, ready=False)
+    world.now += 1
+    await world.round()
+    assert [k for k, _ in world.log if k == "push"] == []  # 28 + 28 + 4 pending x 1 = 60: nothing to do
+    for name in "cdef":
+        world.pod(name)
+    world.now += 1
+    await world.round()
+    assert world.delivery.held == dict.fromkeys("abcdef", 10)
+    kinds = [v for k, v in world.log if k == "push"]
+    assert kinds[:2] == [("a", 10), ("b", 10)]  # the old ones shrink first, then the new ones grow
+    assert world.status["fleetConnections"] == 60 and world.status["reserved"] == 0
 
 
 async def test_scale_down_grows_after_terminating_pods_are_gone_and_the_window(world: World) -> None:
     world.fetchpool({**SPEC, "stabilizationSeconds": 10})
     world.deployment(6)
-    world.hpa(6, 6)
+    world.hpa(6, 6, max_replicas=6)
     for name in "abcdef":
         world.pod(name)
     await world.round()
-    assert world.cm_limits() == {"max_connections": 10, "max_keepalive_connections": 5}
-    world.hpa(6, 3)
+    assert world.delivery.held == dict.fromkeys("abcdef", 10)
+    world.hpa(6, 3, max_replicas=6)
     world.deployment(3)
     for name in "def":
         world.pod(name, terminating=True)
     world.now += 1
     await world.round()
-    assert world.status["observedReplicas"] == 6 and world.status["limits"]["maxConnections"] == 10
+    # d, e, f drain holding 10 each, and the slots they leave may take a new pod each (1):
+    # a, b, c make room, (60 - 3 - 30) / 3 = 9 (and the draining ones follow them down).
+    assert world.status["limits"]["maxConnections"] == 9
+    assert world.delivery.held == dict.fromkeys("abcdef", 9)
     for name in "def":
         world.remove_pod(name)
-    world.hpa(3, 3)
+    world.hpa(3, 3, max_replicas=6)
     world.now += 1
     await world.round()
-    assert world.status["limits"]["maxConnections"] == 10
-    assert world.status["pending"]["limits"]["maxConnections"] == 20
+    assert world.status["limits"]["maxConnections"] == 9
+    assert world.status["pending"]["limits"]["maxConnections"] == 19  # (60 - 3) / 3
     assert world.status["pending"]["notBefore"] == resource.format_time(1_012.0)
-    assert "change to 20 per replica pending until" in world.conditions()["Ready"]["message"]
+    assert "change to 19 per replica pending until" in world.conditions()["Ready"]["message"]
     check_status_schema(world.status)
     world.now += 10
     await world.round()
-    kinds = [(k, v) for k, v in world.log if k != "status"]
-    assert sorted(v for k, v in kinds[:-1]) == [("a", 20), ("b", 20), ("c", 20)]
-    assert kinds[-1] == ("cm", 20)  # grown pods first, the ConfigMap last
+    assert {p: world.delivery.held[p] for p in "abc"} == dict.fromkeys("abc", 19)
     assert "pending" not in world.status and world.status["fleetConnections"] == 60
+    assert world.status["offered"]["maxConnections"] == 19  # written before the raise
 
 
 async def test_budget_below_minimum_is_degraded(world: World) -> None:
     world.fetchpool({**SPEC, "connectionBudget": 50, "minPerReplica": 10})
     world.deployment(6)
-    world.hpa(6, 6)
+    world.hpa(6, 6, max_replicas=6)
     await world.round()
     conds = world.conditions()
     assert conds["Degraded"]["status"] == "True" and conds["Degraded"]["reason"] == "BudgetBelowMinimum"
     assert conds["Degraded"]["message"] == (
-        "connection budget 50 is below 6 replicas x minPerReplica 10 = 60: each replica gets minPerReplica, "
-        "the fleet may open 60 connections (10 over budget)"
+        "connection budget 50 is below minPerReplica 10 x 6 pods (ceiling 6 plus terminating pods) = 60: "
+        "the fleet may open 60 connections"
     )
     assert world.status["limits"]["maxConnections"] == 10
 
 
 @pytest.mark.parametrize(
-    ("spec", "setup", "reason", "message"),
+    ("spec", "reason", "message"),
     [
         (
             {"connectionBudget": 60},
-            "all",
             "InvalidSpec",
             "spec.target.name is missing: name the Deployment whose replicas divide the budget",
         ),
         (
             {**SPEC, "connectionBudget": -1, "minPerReplica": -2},
-            "all",
             "InvalidSpec",
             "spec.connectionBudget must be >= 1 connection, got -1; spec.minPerReplica must be >= 1 connection, got -2",
         ),
         (
-            SPEC,
-            "no-hpa",
-            "HPANotFound",
-            "no HorizontalPodAutoscaler in namespace default has scaleTargetRef Deployment/web",
-        ),
-        (
-            {**SPEC, "target": {"name": "web", "hpaName": "other"}},
-            "all",
-            "HPANotFound",
-            "HorizontalPodAutoscaler default/other (spec.target.hpaName) not found",
-        ),
-        (
             {**SPEC, "target": {"name": "nope"}},
-            "all",
             "TargetNotFound",
             "Deployment default/nope (spec.target.name) not found",
         ),
     ],
 )
 async def test_bad_input_keeps_the_last_good_limits(
-    world: World, spec: dict[str, Any], setup: str, reason: str, message: str
+    world: World, spec: dict[str, Any], reason: str, message: str
 ) -> None:
     world.fetchpool(SPEC)
     world.deployment(2)
-    world.hpa(2, 2)
+    world.hpa(2, 2, max_replicas=2)
     world.pod("a")
     world.pod("b")
     await world.round()  # last good: 30 per replica
     world.fetchpool(spec, status=world.status)
-    if setup == "no-hpa":
-        world.kmock.objects[HPA, NS, "web"].delete()
-    world.hpa(8, 8) if setup != "no-hpa" else None  # a change that would shrink the pods
+    world.hpa(8, 8)  # a change that would shrink the pods
     world.now += 1
     await world.round()
     assert [k for k, _ in world.log] == ["status"]  # no push, no ConfigMap write
-    assert world.cm_limits() == {"max_connections": 30, "max_keepalive_connections": 15}
+    assert world.cm_limits() == START and world.delivery.held == {"a": 30, "b": 30}
     conds = world.conditions()
     assert conds["Degraded"] == {**conds["Degraded"], "status": "True", "reason": reason, "message": message}
     assert conds["Ready"]["status"] == "False"
@@ -383,15 +444,60 @@ async def test_bad_input_keeps_the_last_good_limits(
     check_status_schema(world.status)
 
 
-async def test_an_unreachable_pod_is_reported_and_retried(world: World) -> None:
+async def test_a_named_hpa_that_is_missing_is_reported_and_the_deployment_divides(world: World) -> None:
+    world.fetchpool({**SPEC, "target": {"name": "web", "hpaName": "other"}})
+    world.deployment(2)
+    world.hpa(2, 2)  # not the one named
+    world.pod("a")
+    world.pod("b")
+    await world.round()
+    assert world.delivery.held == {"a": 30, "b": 30}  # the Deployment's 2 replicas, no surge
+    conds = world.conditions()
+    assert conds["Degraded"]["reason"] == "HPANotFound"
+    assert conds["Degraded"]["message"].startswith(
+        "HorizontalPodAutoscaler default/other (spec.target.hpaName) not found"
+    )
+
+
+async def test_a_second_fetchpool_on_the_same_deployment_is_refused(world: World) -> None:
+    world.fetchpool(SPEC, created="2026-01-01T00:00:00Z")
+    world.fetchpool({**SPEC, "connectionBudget": 500}, name="late", created="2026-02-01T00:00:00Z")
+    world.deployment(2)
+    world.hpa(2, 2, max_replicas=2)
+    world.pod("a")
+    world.pod("b")
+    await world.round()
+    world.log.clear()
+    await world.reconciler.reconcile(NS, "late")
+    assert [k for k, _ in world.log] == ["status"]  # it pushes nothing and writes no ConfigMap
+    late = world.kmock.objects[FP, NS, "late"].raw["status"]
+    conds = {c["type"]: c for c in late["conditions"]}
+    assert conds["Conflict"]["status"] == "True" and conds["Conflict"]["reason"] == "TargetClaimed"
+    assert conds["Conflict"]["message"] == (
+        "FetchPool default/pool (created first) already divides the budget of Deployment web"
+    )
+    assert conds["Ready"]["status"] == "False" and conds["Degraded"]["reason"] == "Conflict"
+    assert world.delivery.held == {"a": 30, "b": 30}
+    check_status_schema(late)
+    # The first one is deleted: the later one takes over.
+    world.kmock.objects[FP, NS, "pool"].delete()
+    world.now += 1
+    await world.reconciler.reconcile(NS, "late")
+    assert world.delivery.held == {"a": 250, "b": 250}
+    assert world.kmock.objects[FP, NS, "late"].raw["status"]["conditions"][2]["status"] == "False"
+
+
+async def test_an_unreachable_pod_is_reported_counted_high_and_retried(world: World) -> None:
     world.fetchpool(SPEC)
     world.deployment(3)
-    world.hpa(3, 3)
+    world.hpa(3, 3, max_replicas=3)
     for name in "abc":
         world.pod(name)
     world.delivery.fail = {"b"}
     await world.round()
-    assert sorted(world.delivery.pushed) == [("a", 20), ("c", 20)]
+    # b was never confirmed and never raised by anyone (status.offered is empty): it counts at the
+    # start limit, 1; a and c get their share, 60 / 3 = 20, and b the rest once it answers.
+    assert world.delivery.held == {"a": 20, "b": 1, "c": 20}
     status = world.status
     assert status["delivery"]["confirmed"] == 2
     [unreachable] = status["delivery"]["unreachable"]
@@ -399,7 +505,7 @@ async def test_an_unreachable_pod_is_reported_and_retried(world: World) -> None:
     conds = world.conditions()
     assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == "PodsUnreachable"
     assert conds["Degraded"]["reason"] == "PodsUnreachable"
-    assert conds["Degraded"]["message"].startswith("1 of 3 ready pods did not take the limits, retrying every 60s: b (")
+    assert conds["Degraded"]["message"].startswith("1 of 3 ready pods did not take the limits, retrying every 60s")
     check_status_schema(status)
     state = world.reconciler._keys[(NS, "pool")]
     assert state.timer is not None and not state.timer.done()  # the retry is scheduled
@@ -416,12 +522,12 @@ async def test_an_unreachable_pod_is_reported_and_retried(world: World) -> None:
 async def test_pods_of_other_deployments_do_not_count(world: World) -> None:
     world.fetchpool(SPEC)
     world.deployment(2)
-    world.hpa(2, 2)
+    world.hpa(2, 2, max_replicas=2)
     world.pod("a")
     world.pod("b")
     world.pod("stranger", labels={"app": "other"})  # kmock ignores the selector; KubeIO filters again
     await world.round()
-    assert world.status["observedReplicas"] == 2
+    assert world.status["replicas"]["pods"] == 2
     assert sorted(n for n, _ in world.delivery.pushed) == ["a", "b"]
 
 
@@ -440,7 +546,7 @@ async def test_formula_mode_uses_measured_demand(world: World) -> None:
     world.pod("b")
     world.delivery.demand_by_pod = {"a": {"direct": 6}, "b": {"direct": 4}}
     await world.round()
-    # mean demand 5 requests in flight + queued -> 5 * (1 + 0.3 / 0.1) = 20 per replica (<= 600 / 2)
+    # mean demand 5 requests in flight + queued -> 5 * (1 + 0.3 / 0.1) = 20 per replica (<= the share)
     assert world.status["limits"]["maxConnections"] == 20
     assert world.conditions()["Degraded"]["status"] == "False"
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fetchpool.operator import resource
 from fetchpool.operator.policy import DEFAULT_POOL, Limits, Mode, Pending
-from fetchpool.operator.reconciler import merge_patch
+from fetchpool.operator.status import merge_patch
 
 GOOD: dict[str, Any] = {"target": {"name": "web"}, "connectionBudget": 600}
 
@@ -118,7 +118,7 @@ def test_status_round_trip() -> None:
     status = {
         "limits": resource.limits_to_status(limits),
         "pending": {"limits": resource.limits_to_status(limits), "since": resource.format_time(1_700_000_000.5)},
-        "delivery": {"unreachable": [{"pod": "x"}]},
+        "offered": resource.limits_to_status({DEFAULT_POOL: Limits(max_connections=30, max_keepalive_connections=1)}),
         "observedGeneration": 3,
     }
     assert status["limits"] == {
@@ -129,8 +129,41 @@ def test_status_round_trip() -> None:
     state = resource.in_force_from_status(status, generation=4)
     assert state.limits == limits
     assert state.pending == Pending(limits=limits, since=1_700_000_000.5)
-    assert state.all_confirmed is False and state.spec_changed is True
+    assert state.spec_changed is True
     assert resource.in_force_from_status(None, None).limits == {}
+    assert resource.offered_from_status(status) == {DEFAULT_POOL: 30}
+    assert resource.offered_from_status({}) == {}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "replicas", "surge"),
+    [
+        ({}, 10, 3),  # no strategy: RollingUpdate with maxSurge 25 %
+        ({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 2}}, 10, 2),
+        ({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "50%"}}, 3, 2),
+        ({"type": "Recreate"}, 10, 0),
+        ({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "junk"}}, 4, 1),  # unreadable: the default
+    ],
+)
+def test_max_surge_of_a_deployment(strategy: dict[str, Any], replicas: int, surge: int) -> None:
+    assert resource.max_surge_of({"spec": {"strategy": strategy}}, replicas) == surge
+
+
+def test_the_oldest_fetchpool_on_a_deployment_claims_it() -> None:
+    def fp(name: str, created: str, target: str = "web", **meta: Any) -> dict[str, Any]:
+        return {"metadata": {"name": name, "creationTimestamp": created, **meta}, "spec": {"target": {"name": target}}}
+
+    pools = [
+        fp("b", "2026-01-02T00:00:00Z"),
+        fp("a", "2026-01-03T00:00:00Z"),
+        fp("c", "2026-01-01T00:00:00Z", target="other"),
+        fp("old", "2025-01-01T00:00:00Z", deletionTimestamp="2026-01-04T00:00:00Z"),  # being deleted
+    ]
+    assert resource.claimant(pools, "web") == "b"
+    assert resource.claimant(pools, "other") == "c"
+    assert resource.claimant(pools, "nothing") is None
+    same_second = [fp("z", "2026-01-01T00:00:00Z"), fp("y", "2026-01-01T00:00:00Z")]
+    assert resource.claimant(same_second, "web") == "y"  # then by name
 
 
 def test_conditions_keep_transition_time_until_status_flips() -> None:
@@ -169,7 +202,8 @@ class TestPods:
         assert not resource.pod_is_live(self.pod(status={"phase": "Succeeded"}))
         assert not resource.pod_is_ready(self.pod(status={"conditions": [{"type": "Ready", "status": "False"}]}))
         view = resource.pod_view(self.pod(metadata={"deletionTimestamp": "2026-01-01T00:00:00Z"}), 1)
-        assert view.live and view.terminating
+        assert view.live and view.terminating and view.started
+        assert not resource.pod_view(pending, 1).started
 
     def test_selectors(self) -> None:
         sel = {

@@ -173,6 +173,59 @@ A number as a plain string: Helm reads values as float64, so 10485760 would prin
 {{- define "fetchpool.authSecretKey" -}}
 {{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKey }}{{ else }}token{{ end -}}
 {{- end -}}
+{{- define "fetchpool.adminSecretName" -}}
+{{- default (printf "%s-admin" (include "fetchpool.fullname" .)) .Values.adminAuth.existingSecret -}}
+{{- end -}}
+{{- define "fetchpool.adminSecretKey" -}}
+{{- if .Values.adminAuth.existingSecret }}{{ .Values.adminAuth.existingSecretKey }}{{ else }}token{{ end -}}
+{{- end -}}
+
+{{/*
+The token the operator sends to the pods' PoolAdmin: the admin token, or without one the fetch
+token (the pods then let its holders change limits). JSON {"secret", "key"}, or "" for none.
+*/}}
+{{- define "fetchpool.operatorToken" -}}
+{{- if .Values.adminAuth.enabled -}}
+{{- toJson (dict "secret" (include "fetchpool.adminSecretName" .) "key" (include "fetchpool.adminSecretKey" .)) -}}
+{{- else if .Values.auth.enabled -}}
+{{- toJson (dict "secret" (include "fetchpool.authSecretName" .) "key" (include "fetchpool.authSecretKey" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+What the operator does with the defaults it is given, for NOTES.txt: the ceiling (the scaler's most
+replicas plus the Deployment's maxSurge, rounded up as Kubernetes does) and each replica's share at
+the smallest replica count. JSON {"ceiling", "replicas", "share", "scaler"}.
+*/}}
+{{- define "fetchpool.budgetPlan" -}}
+{{- $v := .Values -}}
+{{- $fp := $v.operator.fetchPool -}}
+{{- $most := int64 $v.replicaCount -}}
+{{- $least := int64 $v.replicaCount -}}
+{{- $scaler := "nothing scales it: its replicas (kubectl scale re-divides)" -}}
+{{- if $v.autoscaling.enabled -}}
+{{- $most = int64 $v.autoscaling.maxReplicas -}}{{- $least = int64 $v.autoscaling.minReplicas -}}
+{{- $scaler = printf "HorizontalPodAutoscaler %s" (include "fetchpool.hpaName" .) -}}
+{{- else if $v.keda.enabled -}}
+{{- $most = int64 $v.keda.maxReplicaCount -}}{{- $least = max 1 (int64 $v.keda.minReplicaCount) | int64 -}}
+{{- $scaler = printf "KEDA's HorizontalPodAutoscaler %s" (include "fetchpool.hpaName" .) -}}
+{{- end -}}
+{{- $surge := int64 0 -}}
+{{- if ne (($v.updateStrategy | default dict).type | default "RollingUpdate") "Recreate" -}}
+{{- $raw := ((($v.updateStrategy | default dict).rollingUpdate | default dict).maxSurge) | default "25%" | toString -}}
+{{- if hasSuffix "%" $raw -}}
+{{- $surge = div (add (mul $most (trimSuffix "%" $raw | int64)) 99) 100 -}}
+{{- else -}}
+{{- $surge = int64 $raw -}}
+{{- end -}}
+{{- end -}}
+{{- $ceiling := add $most $surge -}}
+{{- $share := div (sub (int64 $fp.connectionBudget) (mul (int64 $fp.minPerReplica) (sub $ceiling $least))) $least -}}
+{{- $share = min $share (int64 $fp.maxPerReplica) | int64 -}}
+{{- $share = max $share (int64 $fp.minPerReplica) | int64 -}}
+{{- toJson (dict "ceiling" $ceiling "replicas" $least "share" $share "scaler" $scaler) -}}
+{{- end -}}
+
 {{- define "fetchpool.tlsClientSecret" -}}
 {{- default .Values.tls.existingSecret .Values.tls.clientSecret -}}
 {{- end -}}
@@ -390,7 +443,8 @@ failureThreshold: {{ .probe.failureThreshold }}
 The operator's RBAC rules on namespaced resources (in each Role, or in the ClusterRole); the
 peering rules are added in templates/operator-rbac.yaml. Exactly what fetchpool.operator (k8s.py,
 handlers.py) and kopf 1.45 use:
-  fetchpools               get (reconciler), list/watch (kopf's watch and index). No patch: the
+  fetchpools               get and list (reconciler: its own, and others on the same Deployment),
+                           list/watch (kopf's watch and index). No patch: the
                            operator writes no finalizers, annotations or spec, only the status.
   fetchpools/status        patch
   hpas, deployments       get/list/watch (kopf's watches and indexes, the reconciler's reads)
@@ -425,7 +479,8 @@ handlers.py) and kopf 1.45 use:
 {{/*
 kopf peering rules (operator.peering.enabled): kopf watches the peering resource (list/watch, every
 object of the kind: kopf sets no field selector) and patches its own keep-alive into the status of
-the object NAME (get/patch, limited to that name). Namespaced peering (`kopfpeerings`) in a Role,
+the object NAME (get/patch, limited to that name; the operator's resync loop and retries also get
+it, to stop while another peer is in charge). Namespaced peering (`kopfpeerings`) in a Role,
 cluster-wide peering (`clusterkopfpeerings`) in the ClusterRole: kopf's peering follows the
 operator's scope. Argument: the resource (kopfpeerings or clusterkopfpeerings); uses $.ctx.
 */}}

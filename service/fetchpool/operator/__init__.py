@@ -1,16 +1,22 @@
-"""The fetchpool operator: per-replica pool limits that follow the HPA within a fleet connection budget.
+"""The fetchpool operator: per-replica pool limits that follow the scaler within a fleet connection budget.
 
 ``fetchpool operator`` (or ``python -m fetchpool.operator``) runs :func:`main`: a kopf operator that
-watches ``FetchPool`` resources (``fetchpool.io/v1alpha1``), the HPA and Deployment they target and
-that Deployment's pods, and keeps every ready pod's pool limits at ``connectionBudget / holders``
-(or the seed's formula, capped by that), where *holders* counts every pod that may hold connections.
-It writes the same limits to a ConfigMap (``<name>-limits``, key ``limits.json``) that the pods read
-at start-up (``--limits-file`` / ``FETCHPOOL_LIMITS_FILE``), so a new pod starts with them.
+watches ``FetchPool`` resources (``fetchpool.io/v1alpha1``), the Deployment they target, whatever
+scales it (an HPA, KEDA's HPA, or nobody: then the Deployment's replicas, so ``kubectl scale``
+re-divides too) and its pods. A pod starts with ``minPerReplica`` connections per pool from the
+ConfigMap ``<name>-limits`` (key ``limits.json``, read with ``--limits-file`` /
+``FETCHPOOL_LIMITS_FILE``); the operator keeps that much for every pod the scaler may still add and
+raises the ready pods to their share of the rest once it has confirmed what every pod holds. So the
+fleet stays within the budget at every moment, also while no operator runs (the rule and its limits:
+:mod:`~fetchpool.operator.budget`).
 
-Modules: :mod:`~fetchpool.operator.policy` (pure sizing), :mod:`~fetchpool.operator.resource` (the
-CR's shape), :mod:`~fetchpool.operator.reconciler` (one round), :mod:`~fetchpool.operator.handlers`
-(kopf), :mod:`~fetchpool.operator.k8s` (API I/O), :mod:`~fetchpool.operator.delivery` (gRPC to the
-pods), :mod:`~fetchpool.operator.health` (metrics). It never imports the server or the engine.
+Modules: :mod:`~fetchpool.operator.budget` (the ledger, pure), :mod:`~fetchpool.operator.policy`
+(per-replica sizing, pure), :mod:`~fetchpool.operator.resource` (the CR's shape),
+:mod:`~fetchpool.operator.status` (status and conditions), :mod:`~fetchpool.operator.reconciler`
+(one round), :mod:`~fetchpool.operator.handlers` (kopf), :mod:`~fetchpool.operator.k8s` (API I/O),
+:mod:`~fetchpool.operator.delivery` (gRPC to the pods), :mod:`~fetchpool.operator.peering` (is this
+peer in charge), :mod:`~fetchpool.operator.health` (liveness and metrics). It never imports the
+server or the engine.
 
 Scaling signal - avoid the feedback loop
     Do not let the HPA (or KEDA) scale on *pool utilization* (in use / per-replica limit): the
@@ -24,7 +30,8 @@ Scaling signal - avoid the feedback loop
 Single active operator
     Run one replica with ``strategy: Recreate``, and/or kopf peering (``--peering NAME`` with the
     ``KopfPeering``/``ClusterKopfPeering`` CRDs shipped in the chart's ``crds/``): only the peer
-    with the highest ``--priority`` acts, the others pause. ``--standalone`` disables peering.
+    with the highest ``--priority`` acts, the others pause - their resync loop and retries too
+    (:mod:`~fetchpool.operator.peering`). ``--standalone`` disables peering.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
+import uuid
 from collections.abc import Sequence
 
 __all__ = ["build_parser", "main"]
@@ -149,10 +158,11 @@ def build_parser(prog: str = "fetchpool operator") -> argparse.ArgumentParser:
         help="client key for mTLS (env FETCHPOOL_OPERATOR_TLS_KEY)",
     )
     tls.add_argument(
-        "--auth-token-file",
+        "--admin-token-file",
         metavar="PATH",
-        default=env("FETCHPOOL_AUTH_TOKEN_FILE"),
-        help="bearer token sent to the pods (env FETCHPOOL_AUTH_TOKEN_FILE)",
+        default=env("FETCHPOOL_ADMIN_TOKEN_FILE"),
+        help="the pods' admin bearer token (their --admin-token-file; its first line is sent), "
+        "re-read for every round (env FETCHPOOL_ADMIN_TOKEN_FILE)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--debug", action="store_true", help="log everything")
@@ -167,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fetchpool.operator.handlers import HandlerSettings, register
     from fetchpool.operator.health import Health
     from fetchpool.operator.k8s import KubeIO, load_api_client
+    from fetchpool.operator.peering import PeeringGate
     from fetchpool.operator.reconciler import Reconciler
 
     args = build_parser().parse_args(list(argv) if argv is not None else None)
@@ -184,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_name=args.tls_server_name or None,
         cert_file=args.tls_cert or None,
         key_file=args.tls_key or None,
-        token_file=args.auth_token_file or None,
+        token_file=args.admin_token_file or None,
     )
     for problem in security.problems():
         print(f"fetchpool operator: {problem}", file=sys.stderr)
@@ -199,11 +210,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = os.environ.get("FETCHPOOL_LOG_LEVEL", "").upper()  # the chart sets it for every component
     kopf.configure(verbose=args.verbose or level == "INFO", debug=args.debug or level == "DEBUG")
     health = Health(max_silence_seconds=args.max_silence)
+    clusterwide = args.all_namespaces or not args.namespace
+    kube = KubeIO(api_client)
+    identity = os.environ.get("POD_ID") or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+    gate = None
+    if args.peering and not args.standalone:
+        name = args.peering
+        gate = PeeringGate(
+            lambda namespace: kube.get_peering(namespace, name),
+            identity=identity,
+            priority=args.priority,
+            clusterwide=clusterwide,
+        )
     reconciler = Reconciler(
-        KubeIO(api_client),
+        kube,
         Delivery(timeout=args.delivery_timeout, security=security),
         health,
         retry_seconds=args.retry_interval,
+        active=gate,
     )
     registry = kopf.OperatorRegistry()
     register(
@@ -216,11 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_endpoint=args.metrics,
         ),
     )
-    clusterwide = args.all_namespaces or not args.namespace
     try:
         asyncio.run(
             kopf.operator(
                 registry=registry,
+                identity=identity,  # type: ignore[arg-type]  # kopf's NewType of str; the gate uses the same
                 standalone=args.standalone or None,
                 peering_name=args.peering,
                 priority=args.priority,

@@ -6,13 +6,16 @@ others; its failure is returned, not raised, and the reconciler reports and retr
 
 Security: with :class:`ChannelSecurity` the calls use TLS (pods are dialled by IP, so the name their
 certificates carry is given separately) with an optional client certificate (mTLS), and carry
-``authorization: Bearer <token>`` read from a file (re-read every round, so rotated secrets apply).
-The chart passes these as ``FETCHPOOL_OPERATOR_TLS_CA``, ``FETCHPOOL_OPERATOR_TLS_SERVER_NAME``,
-``FETCHPOOL_OPERATOR_TLS_CERT``, ``FETCHPOOL_OPERATOR_TLS_KEY`` and ``FETCHPOOL_AUTH_TOKEN_FILE``.
+``authorization: Bearer <token>`` with the first token of a file, re-read for every batch of calls,
+so a rotated Secret applies without a restart (the pods' admin token: ``--admin-token-file`` of
+``fetchpool serve``). The chart passes these as ``FETCHPOOL_OPERATOR_TLS_CA``,
+``FETCHPOOL_OPERATOR_TLS_SERVER_NAME``, ``FETCHPOOL_OPERATOR_TLS_CERT``, ``FETCHPOOL_OPERATOR_TLS_KEY``
+and ``FETCHPOOL_ADMIN_TOKEN_FILE``.
 
-One exchange per pod: ``GetPoolLimits`` (pool names and values in force), then ``SetPoolLimits``
-only where a value differs - one call for every pool when they all get the same limits, otherwise
-one call per pool, so no pool ever passes through a value above its own budget. The response of
+One exchange per pod (:class:`PodPlan`): ``GetPoolLimits`` (pool names and values in force), then
+``SetPoolLimits`` only where a value differs - one call for every pool when they all get the same
+limits, otherwise one call per pool, so no pool ever passes through a value above its own budget.
+A ``lower_only`` plan only ever lowers (a pool below the target keeps its value). The response of
 each ``SetPoolLimits`` is checked: the limits it reports in force must be the ones sent.
 """
 
@@ -31,7 +34,7 @@ from google.protobuf import duration_pb2
 from fetchpool.operator.policy import DEFAULT_POOL, Limits
 from fetchpool.v1 import fetch_pb2, fetch_pb2_grpc
 
-__all__ = ["ChannelSecurity", "Delivery", "PodOutcome", "PodTarget", "PoolExtras"]
+__all__ = ["ChannelSecurity", "Delivery", "PodOutcome", "PodPlan", "PodTarget", "PoolExtras"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -41,7 +44,8 @@ class ChannelSecurity:
     - ``ca_file``: CA bundle that signed the pods' server certificates (enables TLS).
     - ``server_name``: the name to verify in those certificates (pods are dialled by IP).
     - ``cert_file`` / ``key_file``: client certificate and key, for mTLS (both or neither).
-    - ``token_file``: a file holding the bearer token sent as ``authorization: Bearer``.
+    - ``token_file``: a file holding the bearer token sent as ``authorization: Bearer`` (its first
+      non-empty line: during a rotation the file may list the new token first, then the old one).
     """
 
     ca_file: str | None = None
@@ -52,13 +56,13 @@ class ChannelSecurity:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ChannelSecurity:
-        """From ``FETCHPOOL_OPERATOR_TLS_{CA,SERVER_NAME,CERT,KEY}`` and ``FETCHPOOL_AUTH_TOKEN_FILE``."""
+        """From ``FETCHPOOL_OPERATOR_TLS_{CA,SERVER_NAME,CERT,KEY}`` and ``FETCHPOOL_ADMIN_TOKEN_FILE``."""
         return cls(
             ca_file=env.get("FETCHPOOL_OPERATOR_TLS_CA") or None,
             server_name=env.get("FETCHPOOL_OPERATOR_TLS_SERVER_NAME") or None,
             cert_file=env.get("FETCHPOOL_OPERATOR_TLS_CERT") or None,
             key_file=env.get("FETCHPOOL_OPERATOR_TLS_KEY") or None,
-            token_file=env.get("FETCHPOOL_AUTH_TOKEN_FILE") or None,
+            token_file=env.get("FETCHPOOL_ADMIN_TOKEN_FILE") or None,
         )
 
     def problems(self) -> list[str]:
@@ -84,10 +88,14 @@ class ChannelSecurity:
         )
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Call metadata: the bearer token, read from its file now."""
+        """Call metadata: the bearer token, read from its file now. Raises OSError for an unreadable
+        file and ValueError for an empty one."""
         if not self.token_file:
             return ()
-        return (("authorization", f"Bearer {Path(self.token_file).read_text().strip()}"),)
+        lines = [line.strip() for line in Path(self.token_file).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"{self.token_file}: no token in the file")
+        return (("authorization", f"Bearer {lines[0]}"),)
 
     def channel(self, address: str, credentials: grpc.ChannelCredentials | None) -> grpc.aio.Channel:
         """A channel to one pod."""
@@ -103,6 +111,16 @@ class PodTarget:
 
     name: str
     address: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PodPlan:
+    """What to put in force on one pod: pool -> limits (:data:`DEFAULT_POOL` for every pool without
+    an entry); with ``lower_only`` a value is only ever lowered."""
+
+    target: PodTarget
+    limits: Mapping[str, Limits]
+    lower_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,6 +158,13 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _lowered(have: fetch_pb2.PoolLimits, want: Limits) -> Limits:
+    """``want``, but never above what ``have`` holds."""
+    conns = min(have.max_connections, want.max_connections)
+    keep = min(have.max_keepalive_connections, want.max_keepalive_connections, conns)
+    return Limits(max_connections=conns, max_keepalive_connections=keep)
+
+
 class Delivery:
     """gRPC calls to the pods; ``timeout`` is the per-pod deadline in seconds."""
 
@@ -147,27 +172,23 @@ class Delivery:
         self.timeout = timeout
         self.security = security or ChannelSecurity()
 
-    async def push(
-        self,
-        pods: Sequence[PodTarget],
-        limits: Mapping[str, Limits],
-        extras: PoolExtras = PoolExtras(),
-    ) -> list[PodOutcome]:
-        """Put ``limits`` (pool -> limits, :data:`DEFAULT_POOL` for the rest) in force on every pod."""
+    async def push(self, plans: Sequence[PodPlan], extras: PoolExtras = PoolExtras()) -> list[PodOutcome]:
+        """Carry out every plan concurrently (each pod under its own deadline); never raises."""
         try:
             credentials, metadata = self.security.credentials(), self.security.metadata()
-        except OSError as exc:  # unreadable certificate or token: every pod fails the same way
+        except (OSError, ValueError) as exc:  # unreadable certificate or token: every pod fails the same way
             return [
-                PodOutcome(name=p.name, address=p.address, ok=False, error=f"{type(exc).__name__}: {exc}") for p in pods
+                PodOutcome(name=p.target.name, address=p.target.address, ok=False, error=f"{type(exc).__name__}: {exc}")
+                for p in plans
             ]
-        return list(await asyncio.gather(*(self._push_one(pod, limits, extras, credentials, metadata) for pod in pods)))
+        return list(await asyncio.gather(*(self._push_one(plan, extras, credentials, metadata) for plan in plans)))
 
     async def demand(self, pods: Sequence[PodTarget]) -> dict[str, dict[str, float]]:
         """Pod name -> pool -> in-flight + queued requests (``GetPoolStats``); silent pods are left out."""
 
         try:
             credentials, metadata = self.security.credentials(), self.security.metadata()
-        except OSError:
+        except (OSError, ValueError):
             return {}
 
         async def one(pod: PodTarget) -> tuple[str, dict[str, float] | None]:
@@ -186,16 +207,16 @@ class Delivery:
 
     async def _push_one(
         self,
-        pod: PodTarget,
-        limits: Mapping[str, Limits],
+        plan: PodPlan,
         extras: PoolExtras,
         credentials: grpc.ChannelCredentials | None,
         metadata: tuple[tuple[str, str], ...],
     ) -> PodOutcome:
+        pod = plan.target
         start = time.monotonic()
         try:
             in_force, changed = await asyncio.wait_for(
-                self._exchange(pod, limits, extras, credentials, metadata), self.timeout
+                self._exchange(plan, extras, credentials, metadata), self.timeout
             )
         except (grpc.aio.AioRpcError, TimeoutError, OSError, ValueError) as exc:
             return PodOutcome(
@@ -216,14 +237,14 @@ class Delivery:
 
     async def _exchange(
         self,
-        pod: PodTarget,
-        limits: Mapping[str, Limits],
+        plan: PodPlan,
         extras: PoolExtras,
         credentials: grpc.ChannelCredentials | None,
         metadata: tuple[tuple[str, str], ...],
     ) -> tuple[dict[str, int], bool]:
         deadline = time.monotonic() + self.timeout
-        async with self.security.channel(pod.address, credentials) as channel:
+        limits = plan.limits
+        async with self.security.channel(plan.target.address, credentials) as channel:
             stub = fetch_pb2_grpc.PoolAdminStub(channel)
             current = await stub.GetPoolLimits(
                 fetch_pb2.GetPoolLimitsRequest(),
@@ -231,6 +252,8 @@ class Delivery:
                 metadata=metadata,
             )
             wanted = {name: limits.get(name, limits[DEFAULT_POOL]) for name in current.pools}
+            if plan.lower_only:
+                wanted = {name: _lowered(current.pools[name], want) for name, want in wanted.items()}
             requests: dict[str, fetch_pb2.PoolLimits] = {}
             for name, want in wanted.items():
                 have = current.pools[name]

@@ -13,12 +13,18 @@ What triggers a round (:meth:`fetchpool.operator.reconciler.Reconciler.trigger`)
 - FetchPool events whose spec differs from the last one seen (creation, spec changes, and every
   FetchPool once at start-up); status-only changes, including the operator's own, are ignored.
 - A resync loop every ``resync_seconds`` over every known FetchPool: the safety net for a missed
-  event; it also re-delivers to every ready pod (``full``), correcting limits changed behind the
+  event; it also re-reads every ready pod (``full``), correcting limits changed behind the
   operator's back. (Not ``@kopf.timer``, which would put a finalizer on every FetchPool.)
+- The reconciler's own schedules: retrying pods not at their limit, and applying a deferred change
+  when its stabilization window ends.
+- The deletion of a FetchPool: the others of its namespace on the same Deployment (one of them may
+  have been refused with ``Conflict`` and now divides the budget).
+
+While kopf peering has paused this operator (a peer with a higher priority runs), kopf delivers no
+events; the resync loop and the reconciler's schedules ask :mod:`fetchpool.operator.peering` and skip
+their rounds too, so a paused operator writes nothing.
 
 The operator writes nothing to a FetchPool but its status: no kopf finalizers or annotations.
-- The reconciler's own schedules: retrying unreachable pods, and applying a deferred change when
-  its stabilization window ends.
 
 Routing uses two kopf in-memory indexes, filled from the watches: FetchPools by namespace (with
 their target Deployment / HPA) and Deployment selectors (to recognise the target's pods).
@@ -158,8 +164,14 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, config: Ha
         """
         while True:
             await asyncio.sleep(config.resync_seconds)
+            pools = list(known.values())
+            active = [await reconciler.may_act(ns) for ns, _ in pools]
             await asyncio.gather(
-                *(reconciler.trigger(ns, name, reason="resync timer", full=True) for ns, name in list(known.values()))
+                *(
+                    reconciler.trigger(ns, name, reason="resync timer", full=True)
+                    for (ns, name), act in zip(pools, active, strict=True)
+                    if act
+                )
             )
 
     @kopf.on.event(group, version, plural, id="fetchpool_event", registry=registry)
@@ -183,6 +195,10 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, config: Ha
             seen_specs.pop(uid, None)
             known.pop(uid, None)
             reconciler.forget(namespace or "", name)
+            deployment = str((spec.get("target") or {}).get("name") or "")
+            for other, target, _hpa in _pools_in(fetchpools_by_namespace, namespace):
+                if other != name and target == deployment:
+                    await reconciler.trigger(namespace or "", other, reason=f"fetchpool {name} deleted")
             return
         known[uid] = (namespace or "", name)
         fingerprint = resource.dumps(dict(spec))

@@ -1,48 +1,120 @@
-"""Operator health: counters, the age of the last watch event, and a Prometheus ``/metrics`` endpoint.
+"""Operator health and metrics: the age of the last watch event (liveness) and Prometheus metrics per FetchPool.
 
-Exposed metrics (Prometheus text format 0.0.4, ``--metrics http://0.0.0.0:9090/metrics``):
+Metrics (prometheus-client, on ``--metrics http://0.0.0.0:9090/metrics``; Prometheus text or
+OpenMetrics as the scraper asks). Every series but the last is labelled ``namespace`` and
+``fetchpool`` (the FetchPool object's); the names are the contract of the chart's alerts and
+dashboard (``fetchpool_operator_`` prefix omitted):
 
-- ``fetchpool_operator_seconds_since_last_event`` (gauge, seconds): since the last watch event of
-  any watched kind (FetchPool, HPA, Deployment, Pod). kopf re-lists after every watch restart
-  (``server_timeout``, ``410 Gone``, inactivity), and every listed object counts as an event, so a
-  value far above the watch timeout means the watches are stuck; the liveness probe then fails.
-- ``fetchpool_operator_events_total`` (counter), ``fetchpool_operator_reconciles_total``,
-  ``fetchpool_operator_reconcile_errors_total``, ``fetchpool_operator_delivery_failures_total``
-  (counters), ``fetchpool_operator_last_reconcile_duration_seconds`` (gauge, seconds).
+========================================  =======  ==================================================
+``budget_connections``                    gauge    the FetchPool's ``spec.connectionBudget``
+``limit_sum_connections``                 gauge    sum over live pods of the ``max_connections`` each
+                                                   may hold now, as the operator counts it (a pod that
+                                                   did not confirm counts at the larger of its old and
+                                                   new limit); over budget = this > ``budget``
+``replicas``                              gauge    the ready replicas the last division used
+``per_replica_limit_connections``         gauge    the per-replica limit last decided
+``pods_unconfirmed``                      gauge    live pods that have not (yet) confirmed that limit
+``condition``                             gauge    1 per current condition, labels ``type``
+                                                   (Ready, Degraded, Conflict), ``status``, ``reason``
+``reconciles_total``                      counter  reconciliation rounds
+``reconcile_errors_total``                counter  rounds that failed (API errors)
+``delivery_failures_total``               counter  ``SetPoolLimits`` exchanges with a pod that failed
+``seconds_since_last_event``              gauge    (no labels) since the last watch event of any kind
+========================================  =======  ==================================================
 
-The liveness endpoint itself is kopf's (``--liveness``); :meth:`Health.probe` is its probe.
+``seconds_since_last_event``: kopf re-lists after every watch restart (``server_timeout``, ``410
+Gone``, inactivity) and every listed object counts as an event, so a value far above the watch
+timeout means the watches are stuck; the liveness probe (kopf's ``--liveness`` endpoint, with
+:meth:`Health.probe` as its probe) then fails. A FetchPool's series go away when it is deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import aiohttp.web
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.exposition import choose_encoder
 
-__all__ = ["Health", "serve_metrics"]
+__all__ = ["Health", "PoolReport", "serve_metrics"]
+
+PREFIX = "fetchpool_operator_"
+LABELS = ("namespace", "fetchpool")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PoolReport:
+    """One FetchPool after a round (connections, pods); ``None`` = not known this round."""
+
+    budget: int | None = None
+    limit_sum: int | None = None
+    replicas: int | None = None
+    per_replica: int | None = None
+    unconfirmed: int | None = None
+    conditions: Sequence[tuple[str, str, str]] = ()  # (type, status, reason)
 
 
 class Health:
-    """Counters and timestamps (monotonic seconds) shared by the handlers and the reconciler."""
+    """The liveness clock and the Prometheus registry shared by the handlers and the reconciler."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_silence_seconds: float = 600.0) -> None:
         self._clock = clock
         self.started = clock()
         self.last_event: float | None = None
         self.max_silence_seconds = max_silence_seconds
-        self.events_total = 0
-        self.reconciles_total = 0
-        self.reconcile_errors_total = 0
-        self.delivery_failures_total = 0
-        self.last_reconcile_duration = 0.0
         self.watched_pools = 0
+        self.registry = prometheus_client.CollectorRegistry()
+        r = self.registry
+        self._gauges = {
+            "budget": prometheus_client.Gauge(
+                PREFIX + "budget_connections", "The FetchPool's spec.connectionBudget.", LABELS, registry=r
+            ),
+            "limit_sum": prometheus_client.Gauge(
+                PREFIX + "limit_sum_connections",
+                "Sum over live pods of the max_connections each may hold now, as the operator counts it.",
+                LABELS,
+                registry=r,
+            ),
+            "replicas": prometheus_client.Gauge(
+                PREFIX + "replicas", "Ready replicas the last division of the budget used.", LABELS, registry=r
+            ),
+            "per_replica": prometheus_client.Gauge(
+                PREFIX + "per_replica_limit_connections", "The per-replica limit last decided.", LABELS, registry=r
+            ),
+            "unconfirmed": prometheus_client.Gauge(
+                PREFIX + "pods_unconfirmed", "Live pods that have not confirmed the current limit.", LABELS, registry=r
+            ),
+        }
+        self._condition = prometheus_client.Gauge(
+            PREFIX + "condition",
+            "1 per current condition of the FetchPool.",
+            (*LABELS, "type", "status", "reason"),
+            registry=r,
+        )
+        self._counters = _Counters(
+            {
+                "reconciles": "Reconciliation rounds.",
+                "reconcile_errors": "Reconciliation rounds that failed (API errors).",
+                "delivery_failures": "SetPoolLimits exchanges with a pod that failed.",
+            }
+        )
+        r.register(self._counters)
+        silence = prometheus_client.Gauge(
+            PREFIX + "seconds_since_last_event", "Seconds since the last watch event of any watched kind.", registry=r
+        )
+        silence.set_function(self.seconds_since_last_event)
+        self._conditions: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+
+    # --- liveness ----------------------------------------------------------------------------
 
     def event(self) -> None:
         """Record one watch event."""
-        self.events_total += 1
         self.last_event = self._clock()
 
     def seconds_since_last_event(self) -> float:
@@ -59,56 +131,82 @@ class Health:
             raise RuntimeError(f"no watch event for {age:.0f}s (limit {self.max_silence_seconds:.0f}s)")
         return round(age, 3)
 
-    def render(self) -> str:
-        """Prometheus text exposition."""
-        rows = [
-            (
-                "fetchpool_operator_seconds_since_last_event",
-                "gauge",
-                "Seconds since the last watch event of any watched kind.",
-                self.seconds_since_last_event(),
-            ),
-            ("fetchpool_operator_events_total", "counter", "Watch events seen.", self.events_total),
-            (
-                "fetchpool_operator_reconciles_total",
-                "counter",
-                "Reconciliation rounds run.",
-                self.reconciles_total,
-            ),
-            (
-                "fetchpool_operator_reconcile_errors_total",
-                "counter",
-                "Reconciliation rounds that failed (API errors).",
-                self.reconcile_errors_total,
-            ),
-            (
-                "fetchpool_operator_delivery_failures_total",
-                "counter",
-                "Pods that did not accept limits (per attempt).",
-                self.delivery_failures_total,
-            ),
-            (
-                "fetchpool_operator_last_reconcile_duration_seconds",
-                "gauge",
-                "Duration of the last reconciliation round, seconds.",
-                self.last_reconcile_duration,
-            ),
-            ("fetchpool_operator_fetchpools", "gauge", "FetchPool objects known.", self.watched_pools),
-        ]
-        out: list[str] = []
-        for name, kind, help_, value in rows:
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {float(value):.6g}"]
-        return "\n".join(out) + "\n"
+    # --- per FetchPool -----------------------------------------------------------------------
+
+    def reconciled(self, namespace: str, name: str) -> None:
+        """One round ran (counted whether it failed or not)."""
+        self._counters.inc("reconciles", namespace, name)
+
+    def reconcile_failed(self, namespace: str, name: str) -> None:
+        self._counters.inc("reconcile_errors", namespace, name)
+
+    def delivery_failed(self, namespace: str, name: str) -> None:
+        self._counters.inc("delivery_failures", namespace, name)
+
+    def report(self, namespace: str, name: str, report: PoolReport) -> None:
+        """Set the FetchPool's gauges from a round; a value not known this round is removed."""
+        for field, gauge in self._gauges.items():
+            value = getattr(report, field)
+            if value is None:
+                _remove(gauge, namespace, name)
+            else:
+                gauge.labels(namespace, name).set(value)
+        for labels in self._conditions.pop((namespace, name), []):
+            _remove(self._condition, namespace, name, *labels)
+        for labels in report.conditions:
+            self._condition.labels(namespace, name, *labels).set(1)
+        self._conditions[(namespace, name)] = list(report.conditions)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """A FetchPool is gone: remove its series."""
+        self.report(namespace, name, PoolReport())
+        self._counters.forget(namespace, name)
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The exposition (body, content type) the ``Accept`` header asks for."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class _Counters(prometheus_client.registry.Collector):
+    """The per-FetchPool counters, as a collector: prometheus-client's ``Counter`` would add a
+    ``_created`` series to each (prometheus-client offers only a process-wide switch for that)."""
+
+    def __init__(self, helps: dict[str, str]) -> None:
+        self._helps = helps
+        self._values: dict[tuple[str, str, str], float] = {}
+
+    def inc(self, name: str, namespace: str, fetchpool: str) -> None:
+        key = (name, namespace, fetchpool)
+        self._values[key] = self._values.get(key, 0.0) + 1.0
+
+    def forget(self, namespace: str, fetchpool: str) -> None:
+        for key in [k for k in self._values if k[1:] == (namespace, fetchpool)]:
+            del self._values[key]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for name, help_ in self._helps.items():
+            family = CounterMetricFamily(PREFIX + name, help_, labels=LABELS)
+            for (metric, namespace, fetchpool), value in sorted(self._values.items()):
+                if metric == name:
+                    family.add_metric([namespace, fetchpool], value)
+            yield family
+
+
+def _remove(metric: prometheus_client.metrics.MetricWrapperBase, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # never set
+        metric.remove(*labels)
 
 
 async def serve_metrics(health: Health, endpoint: str, *, ready: asyncio.Event | None = None) -> None:
-    """Serve ``health.render()`` at ``endpoint`` (``http://host:port/path``) until cancelled."""
+    """Serve ``health``'s registry at ``endpoint`` (``http://host:port/path``) until cancelled."""
     parts = urllib.parse.urlsplit(endpoint)
     if parts.scheme != "http" or parts.port is None:
         raise ValueError(f"metrics endpoint must look like http://host:port/path, got {endpoint!r}")
 
-    async def metrics(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        return aiohttp.web.Response(text=health.render(), content_type="text/plain", charset="utf-8")
+    async def metrics(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        body, content_type = health.render(request.headers.get("Accept"))
+        return aiohttp.web.Response(body=body, headers={"Content-Type": content_type})
 
     app = aiohttp.web.Application()
     app.add_routes([aiohttp.web.get(parts.path or "/metrics", metrics)])

@@ -8,7 +8,8 @@ retried on ``409 Conflict`` (:func:`retry_on_conflict`). Reads return ``None`` f
 
 RBAC this needs (namespaced or cluster-wide): ``get/list/watch`` on ``fetchpools``,
 ``horizontalpodautoscalers``, ``deployments`` and ``pods``; ``patch`` on ``fetchpools/status``;
-``get/create/patch`` on ``configmaps``; ``create`` on ``events`` (kopf posts events).
+``get/create/patch`` on ``configmaps``; ``create`` on ``events`` (kopf posts events); ``get`` on
+the kopf peering object when peering is on.
 """
 
 from __future__ import annotations
@@ -119,6 +120,13 @@ class KubeIO:
             name,
         )
 
+    async def list_fetchpools(self, namespace: str) -> list[dict[str, Any]]:
+        """Every ``FetchPool`` of ``namespace``."""
+        listing = await self._call(
+            self._custom.list_namespaced_custom_object, resource.GROUP, resource.VERSION, namespace, resource.PLURAL
+        )
+        return [dict(item) for item in listing.get("items") or []]
+
     async def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Deployment or ``None``."""
         return await self._get(self._apps.read_namespaced_deployment, name, namespace)
@@ -146,6 +154,17 @@ class KubeIO:
             for pod in listing.get("items") or []
             if resource.selector_matches(selector, (pod.get("metadata") or {}).get("labels"))
         ]
+
+    async def get_peering(self, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The kopf peering object ``name``: a ``KopfPeering`` of ``namespace``, or the
+        ``ClusterKopfPeering`` when ``namespace`` is ``None``; ``None`` when it does not exist."""
+        if namespace is None:
+            return await self._get(
+                self._custom.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", name
+            )
+        return await self._get(
+            self._custom.get_namespaced_custom_object, "kopf.dev", "v1", namespace, "kopfpeerings", name
+        )
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The ConfigMap or ``None``."""

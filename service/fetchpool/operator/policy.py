@@ -16,17 +16,15 @@ Pools
     its own budget (``spec.proxyBudgets``, e.g. one per proxy provider) is sized on its
     own.
 
-Holders (the divisor)
-    The pods that can hold connections: the largest of the HPA's ``status.currentReplicas`` and
-    ``status.desiredReplicas``, the Deployment's ``spec.replicas`` and ``status.replicas``, and the
-    pods not yet terminated (pending, running or terminating). Counting desired and pending pods
-    makes existing pods shrink before new ones start; counting terminating pods makes the survivors
-    grow only after those are gone. So ``limit * holders <= budget`` holds at every moment of a
-    scale-up or scale-down, not just before and after.
+The division
+    The ledger (:mod:`fetchpool.operator.budget`) says how many connections the ready pods may share
+    (``available``: the budget minus the connections kept for pods that may still start, and minus
+    what every other live pod may hold) and how many ready pods share them. This module only decides
+    what one ready replica should get from that: it never sees a pod.
 
 Modes
-    ``budget``: ``per_replica = floor(budget / holders)`` (floor, so the fleet never exceeds the
-    budget through rounding), clamped to ``[minPerReplica, maxPerReplica]``.
+    ``budget``: ``per_replica = floor(available / ready)`` (floor, so rounding never exceeds the
+    budget), clamped to ``[minPerReplica, maxPerReplica]``.
 
     ``formula``: the seed's pool-size formula ``pool_size = concurrency * (1 + latency /
     processing_time)`` (a worker that holds a connection ``latency`` seconds for every
@@ -37,20 +35,16 @@ Modes
     ``requests_active + requests_waiting`` of ``GetPoolStats``; the same quantity as the service's
     ``fetchpool_demand_requests`` metric).
 
-Over budget only when forced
-    When ``minPerReplica * holders > budget`` every replica still gets ``minPerReplica`` (the least
-    the spec allows, which exceeds the budget less than any other choice) and the decision carries a
-    :data:`BUDGET_BELOW_MINIMUM` problem, which the status reports as ``Degraded``. In every other
-    case ``max_connections * holders <= budget`` for every pool.
+    A share below ``minPerReplica`` is raised to it: whether the fleet then exceeds the budget is the
+    ledger's to count and report.
 
 Hysteresis
     A change the budget requires (the limit in force exceeds what the budget now allows) applies at
     once. Every other change - growth, or in ``formula`` mode a shrink because demand fell - waits
     until it has been pending for ``stabilization_seconds`` without being cancelled (like the HPA's
-    own scale-down stabilization window), and growth also waits until every ready pod confirmed the
-    limits in force (a pod that did not answer may still run with older, larger limits). A flapping
-    HPA (3 -> 6 -> 3 -> 6 ...) therefore shrinks once and never thrashes back up within the window.
-    A spec change (new ``metadata.generation``) skips the wait.
+    own scale-down stabilization window). A flapping HPA (3 -> 6 -> 3 -> 6 ...) therefore shrinks
+    once and never thrashes back up within the window. A spec change (new ``metadata.generation``)
+    skips the wait. Whether a due growth can be given to a pod now is again the ledger's question.
 """
 
 from __future__ import annotations
@@ -61,7 +55,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 __all__ = [
-    "BUDGET_BELOW_MINIMUM",
     "DEFAULT_POOL",
     "FORMULA_INPUTS_UNAVAILABLE",
     "MAX_CONNECTIONS_CEILING",
@@ -76,7 +69,6 @@ __all__ = [
     "SizingSpec",
     "decide",
     "formula_pool_size",
-    "holders",
     "per_replica_limit",
     "validate",
 ]
@@ -87,8 +79,7 @@ DEFAULT_POOL = "*"
 #: fetchpool refuses larger ``max_connections`` as a typo (``fetchpool.config.MAX_CONNECTIONS_CEILING``).
 MAX_CONNECTIONS_CEILING = 100_000
 
-#: Problem reasons (``Degraded`` condition reasons).
-BUDGET_BELOW_MINIMUM = "BudgetBelowMinimum"
+#: Problem reason (a ``Degraded`` condition reason).
 FORMULA_INPUTS_UNAVAILABLE = "FormulaInputsUnavailable"
 
 
@@ -148,21 +139,21 @@ class Limits:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FleetObservation:
-    """Replica counts observed in the cluster (``None`` when the object or field is absent).
+    """What the ready replicas share, from the ledger (:mod:`fetchpool.operator.budget`).
 
-    - ``hpa_current`` / ``hpa_desired``: the HPA's ``status.currentReplicas`` / ``desiredReplicas``.
-    - ``deployment_replicas`` / ``deployment_status_replicas``: ``spec.replicas`` / ``status.replicas``.
-    - ``live_pods``: pods of the Deployment not yet terminated (pending, running, terminating).
+    - ``available``: pool -> connections the ready replicas may share (may be negative).
+    - ``ready``: ready replicas sharing them (the divisor; at least 1 is used).
     - ``demand_per_replica``: pool -> mean in-flight + queued requests per replica (formula mode);
       :data:`DEFAULT_POOL` holds the mean over all pools of a replica.
     """
 
-    hpa_current: int | None = None
-    hpa_desired: int | None = None
-    deployment_replicas: int | None = None
-    deployment_status_replicas: int | None = None
-    live_pods: int = 0
+    available: Mapping[str, int]
+    ready: int = 1
     demand_per_replica: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def dividers(self) -> int:
+        return max(1, self.ready)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -177,15 +168,13 @@ class Pending:
 class InForce:
     """What the previous round left in force (read back from the ``FetchPool`` status).
 
-    - ``limits``: pool -> limits in force; empty when nothing was applied yet.
+    - ``limits``: pool -> per-replica limits decided last; empty when nothing was decided yet.
     - ``pending``: the deferred change, if any.
-    - ``all_confirmed``: every ready pod confirmed ``limits`` in the previous round.
     - ``spec_changed``: the spec changed since the previous round (skip the stabilization wait).
     """
 
     limits: Mapping[str, Limits] = field(default_factory=dict)
     pending: Pending | None = None
-    all_confirmed: bool = True
     spec_changed: bool = False
 
 
@@ -201,30 +190,16 @@ class Problem:
 class Decision:
     """The outcome of one round.
 
-    - ``holders``: the divisor (pods that can hold connections).
-    - ``target``: pool -> limits the spec and the observation ask for now (before hysteresis).
-    - ``limits``: pool -> limits to put in force now (deliver these).
+    - ``target``: pool -> per-replica limits the spec and the observation ask for now (before hysteresis).
+    - ``limits``: pool -> per-replica limits to put in force now (the ledger decides how far).
     - ``pending``: the change still deferred (``target`` differs from ``limits``), or ``None``.
     - ``problems``: reasons for ``Degraded``; empty when healthy.
     """
 
-    holders: int
     target: Mapping[str, Limits]
     limits: Mapping[str, Limits]
     pending: Pending | None
     problems: tuple[Problem, ...] = ()
-
-    def fleet_connections(self, pool: str = DEFAULT_POOL) -> int:
-        """The most connections the fleet may open on ``pool`` with ``limits`` in force."""
-        return self.limits[pool].max_connections * self.holders
-
-    def growth_blocked_by_unconfirmed(self, in_force: InForce) -> bool:
-        """Whether a due growth is held back only because some pod did not confirm."""
-        return (
-            self.pending is not None
-            and not in_force.all_confirmed
-            and any(self.target[p].max_connections > self.limits[p].max_connections for p in self.target)
-        )
 
 
 def validate(spec: SizingSpec) -> list[str]:
@@ -268,18 +243,6 @@ def validate(spec: SizingSpec) -> list[str]:
     return problems
 
 
-def holders(observed: FleetObservation) -> int:
-    """Pods that can hold connections: the largest replica count observed, at least 1."""
-    counts = (
-        observed.hpa_current,
-        observed.hpa_desired,
-        observed.deployment_replicas,
-        observed.deployment_status_replicas,
-        observed.live_pods,
-    )
-    return max([1, *(c for c in counts if c is not None)])
-
-
 def formula_pool_size(concurrency: float, latency_seconds: float, processing_time_seconds: float) -> int:
     """``ceil(concurrency * (1 + latency / processing_time))``: connections one replica needs."""
     if processing_time_seconds <= 0:
@@ -289,16 +252,16 @@ def formula_pool_size(concurrency: float, latency_seconds: float, processing_tim
 
 
 def per_replica_limit(
-    spec: SizingSpec, *, budget: int, holders: int, demand: float | None = None
+    spec: SizingSpec, *, available: int, ready: int, demand: float | None = None
 ) -> tuple[int, list[Problem]]:
-    """The per-replica ``max_connections`` of one pool with fleet ``budget``, before hysteresis.
+    """The per-replica ``max_connections`` of one pool, before hysteresis.
 
-    Returns the limit and the problems found (:data:`BUDGET_BELOW_MINIMUM` when ``minPerReplica``
-    forces the fleet over budget, :data:`FORMULA_INPUTS_UNAVAILABLE` when formula mode has no
-    concurrency and no measurement and falls back to the budget share).
+    ``available`` connections are shared by ``ready`` (>= 1) replicas. Returns the limit and the
+    problems found (:data:`FORMULA_INPUTS_UNAVAILABLE` when formula mode has no concurrency and no
+    measurement and falls back to the budget share).
     """
     problems: list[Problem] = []
-    share = budget // holders  # floor: share * holders <= budget
+    share = available // ready  # floor: share * ready <= available
     want = share
     if spec.mode is Mode.FORMULA and spec.formula is not None:
         concurrency = spec.formula.concurrency if spec.formula.concurrency is not None else demand
@@ -315,25 +278,13 @@ def per_replica_limit(
                 share,
                 formula_pool_size(concurrency, spec.formula.latency_seconds, spec.formula.processing_time_seconds),
             )
-    limit = want
+    return _clamp(spec, want), problems
+
+
+def _clamp(spec: SizingSpec, limit: int) -> int:
     if spec.max_per_replica is not None:
         limit = min(limit, spec.max_per_replica)
-    limit = min(limit, MAX_CONNECTIONS_CEILING)
-    if limit < spec.min_per_replica:
-        limit = spec.min_per_replica
-        if spec.min_per_replica > share:
-            fleet = spec.min_per_replica * holders
-            problems.append(
-                Problem(
-                    reason=BUDGET_BELOW_MINIMUM,
-                    message=(
-                        f"connection budget {budget} is below {holders} replicas x minPerReplica "
-                        f"{spec.min_per_replica} = {fleet}: each replica gets minPerReplica, "
-                        f"the fleet may open {fleet} connections ({fleet - budget} over budget)"
-                    ),
-                )
-            )
-    return limit, problems
+    return max(min(limit, MAX_CONNECTIONS_CEILING), spec.min_per_replica)
 
 
 def _limits(spec: SizingSpec, max_connections: int) -> Limits:
@@ -341,28 +292,25 @@ def _limits(spec: SizingSpec, max_connections: int) -> Limits:
     return Limits(max_connections=max_connections, max_keepalive_connections=keepalive)
 
 
-def _cap(spec: SizingSpec, budget: int, holders_: int) -> int:
+def _cap(spec: SizingSpec, available: int, ready: int) -> int:
     """The largest per-replica limit the budget and the clamps allow now."""
-    cap = budget // holders_
-    if spec.max_per_replica is not None:
-        cap = min(cap, spec.max_per_replica)
-    return max(min(cap, MAX_CONNECTIONS_CEILING), spec.min_per_replica)
+    return _clamp(spec, available // ready)
 
 
 def decide(spec: SizingSpec, observed: FleetObservation, in_force: InForce, *, now: float) -> Decision:
-    """One round of sizing: the target limits, what to put in force now, and what stays deferred.
+    """One round of sizing: the per-replica target, what to put in force now, and what stays deferred.
 
     ``spec`` must be valid (:func:`validate` returned nothing). See the module docstring for the
-    rules; in short: budget-required shrinks apply now, other changes wait ``stabilization_seconds``,
-    growth also waits for every ready pod to have confirmed the limits in force.
+    rules; in short: budget-required shrinks apply now, other changes wait ``stabilization_seconds``.
     """
-    n = holders(observed)
+    n = observed.dividers
     budgets = spec.budgets()
     target: dict[str, Limits] = {}
     problems: list[Problem] = []
-    for pool, budget in budgets.items():
+    for pool in budgets:
         demand = observed.demand_per_replica.get(pool, observed.demand_per_replica.get(DEFAULT_POOL))
-        limit, found = per_replica_limit(spec, budget=budget, holders=n, demand=demand)
+        available = observed.available.get(pool, budgets[pool])
+        limit, found = per_replica_limit(spec, available=available, ready=n, demand=demand)
         target[pool] = _limits(spec, limit)
         for problem in found:
             message = problem.message if pool == DEFAULT_POOL else f"pool {pool!r}: {problem.message}"
@@ -376,10 +324,10 @@ def decide(spec: SizingSpec, observed: FleetObservation, in_force: InForce, *, n
         if had is None or had.max_connections == want.max_connections:
             immediate[pool] = want  # first application, or only the keep-alive share changed
         elif want.max_connections < had.max_connections and (
-            had.max_connections > _cap(spec, budgets[pool], n) or spec.mode is Mode.BUDGET
+            had.max_connections > _cap(spec, observed.available.get(pool, budgets[pool]), n) or spec.mode is Mode.BUDGET
         ):
             immediate[pool] = want  # the budget (or a clamp) requires the shrink: now
-        elif in_force.spec_changed and (want.max_connections < had.max_connections or in_force.all_confirmed):
+        elif in_force.spec_changed:
             immediate[pool] = want  # a new spec is applied without the stabilization wait
         else:
             deferred[pool] = want
@@ -388,16 +336,9 @@ def decide(spec: SizingSpec, observed: FleetObservation, in_force: InForce, *, n
     limits = dict(immediate)
     if deferred:
         since = in_force.pending.since if in_force.pending is not None else now
-        due = now - since >= spec.stabilization_seconds
-        still_deferred: dict[str, Limits] = {}
-        for pool, want in deferred.items():
-            had = previous[pool]
-            growth = want.max_connections > had.max_connections
-            if due and (not growth or in_force.all_confirmed):
-                limits[pool] = want
-            else:
-                limits[pool] = had
-                still_deferred[pool] = want
-        if still_deferred:
-            pending = Pending(limits={**limits, **still_deferred}, since=since)
-    return Decision(holders=n, target=target, limits=limits, pending=pending, problems=tuple(problems))
+        if now - since >= spec.stabilization_seconds:
+            limits.update(deferred)
+        else:
+            limits.update({pool: previous[pool] for pool in deferred})
+            pending = Pending(limits={**limits, **deferred}, since=since)
+    return Decision(target=target, limits=limits, pending=pending, problems=tuple(problems))

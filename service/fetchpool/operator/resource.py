@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fetchpool.operator.budget import max_surge
 from fetchpool.operator.policy import (
     DEFAULT_POOL,
     FormulaInputs,
@@ -42,6 +43,7 @@ __all__ = [
     "Condition",
     "FetchPoolSpec",
     "PodView",
+    "claimant",
     "conditions_patch",
     "dumps",
     "format_time",
@@ -50,6 +52,8 @@ __all__ = [
     "limits_file",
     "limits_from_status",
     "limits_to_status",
+    "max_surge_of",
+    "offered_from_status",
     "parse_spec",
     "parse_time",
     "pod_address",
@@ -281,7 +285,7 @@ def limits_from_status(raw: Any) -> dict[str, Limits]:
 
 
 def in_force_from_status(status: Mapping[str, Any] | None, generation: Any) -> InForce:
-    """The previous round's state, read back from ``FetchPool.status`` (level-triggered memory)."""
+    """The previous round's decision, read back from ``FetchPool.status`` (level-triggered memory)."""
     status = status if isinstance(status, Mapping) else {}
     pending: Pending | None = None
     raw_pending = status.get("pending")
@@ -290,18 +294,49 @@ def in_force_from_status(status: Mapping[str, Any] | None, generation: Any) -> I
         limits = limits_from_status(raw_pending.get("limits"))
         if since is not None and limits:
             pending = Pending(limits=limits, since=since)
-    delivery = status.get("delivery")
-    all_confirmed = True
-    if isinstance(delivery, Mapping):
-        all_confirmed = not delivery.get("unreachable")
     observed = status.get("observedGeneration")
     spec_changed = generation is not None and observed is not None and observed != generation
-    return InForce(
-        limits=limits_from_status(status.get("limits")),
-        pending=pending,
-        all_confirmed=all_confirmed,
-        spec_changed=spec_changed,
-    )
+    return InForce(limits=limits_from_status(status.get("limits")), pending=pending, spec_changed=spec_changed)
+
+
+def offered_from_status(status: Mapping[str, Any] | None) -> dict[str, int]:
+    """Budget key -> the largest ``max_connections`` any operator may have sent a pod (``status.offered``)."""
+    raw = (status or {}).get("offered") if isinstance(status, Mapping) else None
+    return {key: lim.max_connections for key, lim in limits_from_status(raw).items()}
+
+
+def max_surge_of(deployment: Mapping[str, Any], replicas: int) -> int:
+    """Pods a rolling update of ``deployment`` may add above ``replicas`` (0 for ``Recreate``).
+
+    An unreadable ``maxSurge`` counts as the Kubernetes default, 25 %.
+    """
+    strategy = (deployment.get("spec") or {}).get("strategy") or {}
+    if strategy.get("type") == "Recreate":
+        return 0
+    raw = (strategy.get("rollingUpdate") or {}).get("maxSurge")
+    try:
+        return max_surge(raw, replicas)
+    except ValueError:
+        return max_surge(None, replicas)
+
+
+def claimant(fetchpools: Sequence[Mapping[str, Any]], deployment: str) -> str | None:
+    """The name of the FetchPool that divides ``deployment``'s budget: the oldest one naming it.
+
+    Oldest by ``metadata.creationTimestamp``, then by name (the API server sets the timestamp to the
+    second). Later FetchPools on the same Deployment get the ``Conflict`` condition and push nothing.
+    """
+    named = []
+    for fp in fetchpools:
+        target = (fp.get("spec") or {}).get("target")
+        meta = fp.get("metadata") or {}
+        if (
+            isinstance(target, Mapping)
+            and str(target.get("name") or "") == deployment
+            and not meta.get("deletionTimestamp")
+        ):
+            named.append((str(meta.get("creationTimestamp") or ""), str(meta.get("name") or "")))
+    return min(named)[1] if named else None
 
 
 def limits_file(
@@ -310,10 +345,10 @@ def limits_file(
     keepalive_expiry_seconds: float | None = None,
     pool_timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """The service's ``--limits-file`` JSON (applied to every pool at start-up).
+    """The service's ``--limits-file`` JSON: the start limit every pool of a new pod takes.
 
-    One object for all pools, so it holds the smallest per-pool limit: a new pod starts within
-    every pool's budget, and the operator raises the larger pools by RPC once the pod is ready.
+    One object for all pools, so it holds the smallest of ``limits``: a new pod starts within every
+    pool's budget (:mod:`fetchpool.operator.budget`), and the operator raises it by RPC once ready.
     """
     smallest = min(limits.values(), key=lambda lim: (lim.max_connections, lim.max_keepalive_connections))
     keepalive = min(lim.max_keepalive_connections for lim in limits.values())
@@ -463,7 +498,8 @@ def label_selector_string(selector: Mapping[str, Any] | None) -> str:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PodView:
-    """What the operator needs of one pod."""
+    """What the operator needs of one pod (``started``: past phase ``Pending``, its process may have
+    read the limits file and taken limits since)."""
 
     name: str
     uid: str
@@ -471,6 +507,7 @@ class PodView:
     live: bool
     ready: bool
     terminating: bool
+    started: bool = True
     restarts: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
 
@@ -486,6 +523,7 @@ def pod_view(pod: Mapping[str, Any], default_port: int) -> PodView:
         live=pod_is_live(pod),
         ready=pod_is_ready(pod),
         terminating=bool(meta.get("deletionTimestamp")),
+        started=(pod.get("status") or {}).get("phase", "Pending") != "Pending",
         restarts=sum(int(s.get("restartCount") or 0) for s in statuses if isinstance(s, Mapping)),
         labels=dict(meta.get("labels") or {}),
     )

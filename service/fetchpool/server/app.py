@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fetchpool.config import Settings, load_limits_file
+from fetchpool.config import PoolLimits, Settings, load_limits_file
 from fetchpool.engine import Engine, FetchObserver
 from fetchpool.errors import ConfigError
 from fetchpool.server.reflection import enable_reflection
-from fetchpool.server.security import BearerTokenInterceptor, load_token, server_credentials
+from fetchpool.server.security import AuthInterceptor, CallerAuth, server_credentials
 from fetchpool.server.servicer import FetchServicer, PoolAdminServicer
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 FETCH_SERVICE = pb.DESCRIPTOR.services_by_name["FetchService"].full_name
 ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["PoolAdmin"].full_name
+#: Listen hosts that only this machine reaches (no admin-token warning for them).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 #: Seconds between two checks of the limits file for changes.
 LIMITS_FILE_POLL = 5.0
 #: gRPC core's "never" for durations in milliseconds.
@@ -67,14 +69,36 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
-def _apply_limits_file(engine: Engine, path: str) -> None:
-    """Apply the limits file (if present) to every pool. Raises ConfigError."""
+def _apply_limits_file(engine: Engine, path: str) -> PoolLimits:
+    """Apply the limits file (if present) to every pool; returns what it gave them. Raises ConfigError."""
     limits = load_limits_file(path, engine.pools[0].limits)
     engine.set_limits(dataclasses.asdict(limits))
+    return limits
 
 
-async def _watch_limits_file(engine: Engine, path: str) -> None:
-    """Re-apply the limits file when it changes (a mounted ConfigMap is updated in place)."""
+def _lower_from_limits_file(engine: Engine, path: str, given: PoolLimits) -> PoolLimits:
+    """Apply a changed limits file to the pools still holding what the file ``given`` them, lowering only.
+
+    The file holds a pod's start limits (the operator's ConfigMap, see fetchpool.operator.budget): a
+    pool set since by ``SetPoolLimits`` belongs to the operator and is left alone, and the file never
+    raises a pool (a kubelet may project an older version of it after a newer one). Returns the
+    file's new limits. Raises ConfigError.
+    """
+    new = load_limits_file(path, given)
+    for pool in engine.pools:
+        if pool.limits != given:
+            continue
+        lowered = new.replace(
+            max_connections=min(new.max_connections, pool.limits.max_connections),
+            max_keepalive_connections=min(new.max_keepalive_connections, pool.limits.max_keepalive_connections),
+        )
+        if lowered != pool.limits:
+            engine.set_limits(dataclasses.asdict(lowered), pool.name)
+    return new
+
+
+async def _watch_limits_file(engine: Engine, path: str, given: PoolLimits) -> None:
+    """Follow changes of the limits file (a mounted ConfigMap is updated in place), lowering only."""
     seen = None
     while True:
         await asyncio.sleep(LIMITS_FILE_POLL)
@@ -82,7 +106,7 @@ async def _watch_limits_file(engine: Engine, path: str) -> None:
             stamp = os.stat(path).st_mtime_ns
             if seen is not None and stamp != seen:
                 try:
-                    _apply_limits_file(engine, path)
+                    given = _lower_from_limits_file(engine, path, given)
                 except ConfigError as exc:
                     logger.error("%s; keeping the limits in force", exc)
             seen = stamp
@@ -109,12 +133,14 @@ async def serve(
     engine = Engine(settings, observer=observer)
     if on_engine is not None:
         on_engine(engine)
-    if settings.limits_file:
-        _apply_limits_file(engine, settings.limits_file)
+    from_file = _apply_limits_file(engine, settings.limits_file) if settings.limits_file else None
     credentials = server_credentials(settings.server)
-    token = load_token(settings.server)
+    auth = CallerAuth.from_settings(settings.server)
+    if auth.admin is None and settings.server.listen.rsplit(":", 1)[0] not in LOOPBACK_HOSTS:
+        logger.warning("no --admin-token-file: PoolAdmin.SetPoolLimits is open to every caller%s",
+                       " holding the fetch token" if auth.fetch is not None else "")
     # The token check runs first, so a refused call never reaches telemetry or the engine.
-    checks = [BearerTokenInterceptor(token)] if token else []
+    checks = [AuthInterceptor(auth)] if auth.enabled else []
     server = grpc.aio.server(options=server_options(settings), interceptors=[*checks, *interceptors])
     fetch_servicer = FetchServicer(engine)
     pb_grpc.add_FetchServiceServicer_to_server(fetch_servicer, server)
@@ -142,8 +168,8 @@ async def serve(
         logger.info("fetchpool serving on %s:%d (pools: %s)", host, port, ", ".join(p.name for p in engine.pools))
         if on_started is not None:
             on_started(port)
-        watcher = asyncio.create_task(_watch_limits_file(engine, settings.limits_file)) if settings.limits_file \
-            else None
+        watcher = asyncio.create_task(_watch_limits_file(engine, settings.limits_file, from_file)) \
+            if settings.limits_file and from_file is not None else None
         try:
             await stop.wait()
         finally:

@@ -43,6 +43,10 @@ REASONS: Mapping[str, Reason] = {
     "POOL_NOT_FOUND": Reason(grpc.StatusCode.NOT_FOUND),
     # No bearer token, or a wrong one (--auth-token-file).
     "BAD_TOKEN": Reason(grpc.StatusCode.UNAUTHENTICATED),
+    # A state-changing admin method (SetPoolLimits) without the admin token (--admin-token-file).
+    "BAD_ADMIN_TOKEN": Reason(grpc.StatusCode.UNAUTHENTICATED),
+    # The same, called with a valid fetch token: that caller may fetch, not change the fleet.
+    "ADMIN_TOKEN_REQUIRED": Reason(grpc.StatusCode.PERMISSION_DENIED),
 }
 
 
