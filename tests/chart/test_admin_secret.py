@@ -48,6 +48,7 @@ async def helm_render(kmock: Any, tmp: Path, *args: str) -> dict[str, Any] | Non
         str(chartlib.CHART),
         "-n",
         chartlib.NAMESPACE,
+        *(f"--set=image.{key}={value}" for key, value in chartlib.IMAGE.items()),
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
