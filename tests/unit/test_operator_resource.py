@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetchpool.operator import resource
+from fetchpool.operator import pods, resource
 from fetchpool.operator.policy import DEFAULT_POOL, Limits, Mode, Pending
 from fetchpool.operator.status import merge_patch
 
@@ -186,24 +186,24 @@ class TestPods:
         return pod
 
     def test_address(self) -> None:
-        assert resource.pod_address(self.pod()) == "10.0.0.1:7000"
+        assert pods.pod_address(self.pod()) == "10.0.0.1:7000"
         assert (
-            resource.pod_address(self.pod(metadata={"annotations": {"fetchpool.io/grpc-port": "5001"}}))
+            pods.pod_address(self.pod(metadata={"annotations": {"fetchpool.io/grpc-port": "5001"}}))
             == "10.0.0.1:5001"
         )
-        assert resource.pod_address(self.pod(spec={"containers": []}), 50051) == "10.0.0.1:50051"
-        assert resource.pod_address(self.pod(status={"podIP": "fd00::1"})) == "[fd00::1]:7000"
-        assert resource.pod_address(self.pod(status={"podIP": None})) is None
+        assert pods.pod_address(self.pod(spec={"containers": []}), 50051) == "10.0.0.1:50051"
+        assert pods.pod_address(self.pod(status={"podIP": "fd00::1"})) == "[fd00::1]:7000"
+        assert pods.pod_address(self.pod(status={"podIP": None})) is None
 
     def test_liveness_and_readiness(self) -> None:
-        assert resource.pod_is_live(self.pod()) and resource.pod_is_ready(self.pod())
+        assert pods.pod_is_live(self.pod()) and pods.pod_is_ready(self.pod())
         pending = self.pod(status={"phase": "Pending", "podIP": None, "conditions": []})
-        assert resource.pod_is_live(pending) and not resource.pod_is_ready(pending)
-        assert not resource.pod_is_live(self.pod(status={"phase": "Succeeded"}))
-        assert not resource.pod_is_ready(self.pod(status={"conditions": [{"type": "Ready", "status": "False"}]}))
-        view = resource.pod_view(self.pod(metadata={"deletionTimestamp": "2026-01-01T00:00:00Z"}), 1)
+        assert pods.pod_is_live(pending) and not pods.pod_is_ready(pending)
+        assert not pods.pod_is_live(self.pod(status={"phase": "Succeeded"}))
+        assert not pods.pod_is_ready(self.pod(status={"conditions": [{"type": "Ready", "status": "False"}]}))
+        view = pods.pod_view(self.pod(metadata={"deletionTimestamp": "2026-01-01T00:00:00Z"}), 1)
         assert view.live and view.terminating and view.started
-        assert not resource.pod_view(pending, 1).started
+        assert not pods.pod_view(pending, 1).started
 
     def test_selectors(self) -> None:
         sel = {
@@ -213,11 +213,11 @@ class TestPods:
                 {"key": "canary", "operator": "DoesNotExist"},
             ],
         }
-        assert resource.selector_matches(sel, {"app": "web", "tier": "a"})
-        assert not resource.selector_matches(sel, {"app": "web", "tier": "c"})
-        assert not resource.selector_matches(sel, {"app": "web", "tier": "a", "canary": "1"})
-        assert not resource.selector_matches({}, {"app": "web"})  # an empty selector matches nothing
-        assert resource.label_selector_string(sel) == "app=web,tier in (a,b),!canary"
+        assert pods.selector_matches(sel, {"app": "web", "tier": "a"})
+        assert not pods.selector_matches(sel, {"app": "web", "tier": "c"})
+        assert not pods.selector_matches(sel, {"app": "web", "tier": "a", "canary": "1"})
+        assert not pods.selector_matches({}, {"app": "web"})  # an empty selector matches nothing
+        assert pods.label_selector_string(sel) == "app=web,tier in (a,b),!canary"
 
 
 def test_merge_patch_is_minimal() -> None:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fetchpool.operator import resource
+from fetchpool.operator import pods, resource
 from fetchpool.operator.budget import Ledger, ceiling, water_level
 from fetchpool.operator.delivery import Delivery, PodOutcome, PodPlan, PodTarget, PoolExtras
 from fetchpool.operator.health import Health
@@ -52,8 +52,8 @@ class Round:
     fetchpool: Mapping[str, Any]
     spec: resource.FetchPoolSpec
     now: float
-    live: list[resource.PodView]
-    ready: list[resource.PodView]
+    live: list[pods.PodView]
+    ready: list[pods.PodView]
     counts: dict[str, int | None]
     ledger: Ledger
     start_file: int
@@ -94,7 +94,7 @@ class Fleet:
         cm: Mapping[str, Any] | None,
         now: float,
     ) -> Round:
-        views = [resource.pod_view(p, spec.grpc_port) for p in raw_pods]
+        views = [pods.pod_view(p, spec.grpc_port) for p in raw_pods]
         live = [p for p in views if p.live]
         existing = [p for p in live if not p.terminating]
         hpa_spec, hpa_status = (hpa or {}).get("spec") or {}, (hpa or {}).get("status") or {}
@@ -135,7 +135,7 @@ class Fleet:
         self._count(work)
         return work
 
-    def _track(self, pod: resource.PodView) -> _Record:
+    def _track(self, pod: pods.PodView) -> _Record:
         record = self._records.get(pod.uid)
         if record is None:
             record = _Record(restarts=pod.restarts, fresh=not pod.started)
@@ -260,7 +260,7 @@ class Fleet:
                 log.warning("pod %s (%s) did not take limits: %s", outcome.name, outcome.address, outcome.error)
         self._count(work)
 
-    def at(self, pod: resource.PodView, limits: Mapping[str, Limits]) -> bool:
+    def at(self, pod: pods.PodView, limits: Mapping[str, Limits]) -> bool:
         """Whether ``pod`` confirmed exactly ``limits`` on every budget key it has a pool for."""
         record = self._records.get(pod.uid)
         if record is None or record.confirmed is None or record.offered:
@@ -278,7 +278,7 @@ class Fleet:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _target(pod: resource.PodView) -> PodTarget:
+def _target(pod: pods.PodView) -> PodTarget:
     return PodTarget(name=pod.name, address=pod.address or "")
 
 

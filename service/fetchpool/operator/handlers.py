@@ -47,7 +47,7 @@ from typing import Any
 
 import kopf
 
-from fetchpool.operator import resource
+from fetchpool.operator import pods, resource
 from fetchpool.operator.health import Health, serve_metrics
 from fetchpool.operator.reconciler import Reconciler
 
@@ -244,5 +244,5 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, config: Ha
         health.event()
         for pool, deployment, _hpa in _pools_in(fetchpools_by_namespace, namespace):
             selector = _first(deployment_selectors.get((namespace, deployment))) if deployment_selectors else None
-            if resource.selector_matches(selector, labels):
+            if pods.selector_matches(selector, labels):
                 await reconciler.trigger(namespace or "", pool, reason=f"pod {name}")

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from fetchpool.operator import resource
+from fetchpool.operator import pods, resource
 
 __all__ = ["ConflictError", "KubeIO", "load_api_client", "retry_on_conflict"]
 
@@ -147,12 +147,12 @@ class KubeIO:
         listing = await self._call(
             self._core.list_namespaced_pod,
             namespace,
-            label_selector=resource.label_selector_string(selector) or None,
+            label_selector=pods.label_selector_string(selector) or None,
         )
         return [
             dict(pod)
             for pod in listing.get("items") or []
-            if resource.selector_matches(selector, (pod.get("metadata") or {}).get("labels"))
+            if pods.selector_matches(selector, (pod.get("metadata") or {}).get("labels"))
         ]
 
     async def get_peering(self, namespace: str | None, name: str) -> dict[str, Any] | None:
