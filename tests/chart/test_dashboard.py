@@ -9,15 +9,16 @@ chart's rendered alert rules, and then:
   every rule evaluates without error;
 - the latency histogram's exemplars reach Prometheus and name traces the service exported.
 
-The operator's side: the exposition below serves exactly the metric names and labels of the
-contract between the operator and the monitoring work (notes/contract-operator-metrics.md),
-through prometheus-client, because the operator's own per-FetchPool metrics are not on this branch
-yet. After the merge, point ``operator_metrics`` at the operator's real `--metrics` endpoint
-(`fetchpool operator` against kmock, as tests/operator does) instead.
+The operator's side is the operator's own metrics code (``fetchpool.operator.health``: its
+``Health`` registry behind the same ``serve_metrics`` endpoint ``fetchpool operator --metrics``
+runs), fed the numbers a reconciliation round reports; the rounds themselves, against kmock, are
+tested in tests/unit/test_operator_metrics.py and tests/operator.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -30,9 +31,9 @@ import chartlib
 import grpc
 import pytest
 import yaml
+from fetchpool.operator.health import Health, PoolReport, serve_metrics
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from support import Nginx, free_port
 from support.fetchpool_service import FetchpoolService
 from support.otlp_receiver import OtlpReceiver
@@ -132,46 +133,43 @@ def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
 # --- against a real Prometheus -----------------------------------------------------------------------
 
 
-class OperatorContractMetrics:
-    """The operator's metrics as the contract names them, on a loopback port (see the module doc)."""
+class OperatorMetrics:
+    """The operator's metrics endpoint (``serve_metrics``) on a loopback port, in a thread with its
+    own event loop, reporting one divided FetchPool of 400 connections over 2 replicas."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        labels = ["namespace", "fetchpool"]
-
-        def gauge(name: str, help: str, extra: tuple[str, ...] = ()) -> Any:
-            return Gauge(name, help, [*labels, *extra], registry=self.registry)
-
-        self.budget = gauge("fetchpool_operator_budget_connections", "spec.connectionBudget")
-        self.limit_sum = gauge("fetchpool_operator_limit_sum_connections", "sum of the live pods' limits")
-        self.replicas = gauge("fetchpool_operator_replicas", "replicas of the last division")
-        self.per_replica = gauge("fetchpool_operator_per_replica_limit_connections", "per-replica limit")
-        self.unconfirmed = gauge("fetchpool_operator_pods_unconfirmed", "pods that did not confirm")
-        self.condition = gauge("fetchpool_operator_condition", "current conditions", ("type", "status", "reason"))
-        self.reconciles = Counter("fetchpool_operator_reconciles", "rounds", labels, registry=self.registry)
-        self.errors = Counter("fetchpool_operator_reconcile_errors", "failed rounds", labels, registry=self.registry)
-        self.delivery = Counter("fetchpool_operator_delivery_failures", "failed SetPoolLimits", labels,
-                                registry=self.registry)
-        self.since_event = Gauge("fetchpool_operator_seconds_since_last_event", "since the last watch event",
-                                 registry=self.registry)
-        pool = (NAMESPACE, FETCHPOOL)
-        self.budget.labels(*pool).set(400)
-        self.limit_sum.labels(*pool).set(400)
-        self.replicas.labels(*pool).set(2)
-        self.per_replica.labels(*pool).set(200)
-        self.unconfirmed.labels(*pool).set(0)
-        self.condition.labels(*pool, "Ready", "True", "Divided").set(1)
-        self.condition.labels(*pool, "Degraded", "False", "Divided").set(1)
-        self.reconciles.labels(*pool).inc(3)
-        self.errors.labels(*pool).inc(0)
-        self.delivery.labels(*pool).inc(0)
-        self.since_event.set(1.5)
+        self.health = Health()
+        self.set_limit_sum(400)
+        for _ in range(3):
+            self.health.reconciled(NAMESPACE, FETCHPOOL)
+        self.health.event()
         self.port = free_port()
-        self._server, self._thread = start_http_server(self.port, addr="127.0.0.1", registry=self.registry)
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        assert ready.wait(10), "the operator's metrics endpoint did not start"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        started = asyncio.Event()
+        self._server = self._loop.create_task(
+            serve_metrics(self.health, f"http://127.0.0.1:{self.port}/metrics", ready=started))
+        self._loop.run_until_complete(started.wait())
+        ready.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._server)
+
+    def set_limit_sum(self, connections: int) -> None:
+        """A round's report, with ``connections`` as the sum of the live pods' limits."""
+        self.health.report(NAMESPACE, FETCHPOOL, PoolReport(
+            budget=400, limit_sum=connections, replicas=2, per_replica=200, unconfirmed=0,
+            conditions=[("Ready", "True", "Divided"), ("Degraded", "False", "Divided")]))
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._loop.call_soon_threadsafe(self._server.cancel)
+        self._thread.join(10)
+        self._loop.close()
 
 
 class Traffic:
@@ -227,7 +225,7 @@ def rules_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(nginx: Nginx, certs: Any, rules_file: Path) -> Iterator[dict[str, Any]]:
     """The service (with traces), the operator's metrics, Prometheus scraping both, traffic."""
     receiver = OtlpReceiver().start()
-    operator = OperatorContractMetrics()
+    operator = OperatorMetrics()
     metrics_port = free_port()
     env = {
         "FETCHPOOL_METRICS_PORT": str(metrics_port),
@@ -341,19 +339,19 @@ def test_alert_selectors_match_the_live_series(stack: dict[str, Any], rules_file
 
 def test_over_budget_alert_on_the_live_operator_series(stack: dict[str, Any]) -> None:
     prometheus: Prometheus = stack["prometheus"]
-    operator: OperatorContractMetrics = stack["operator"]
+    operator: OperatorMetrics = stack["operator"]
 
     def over_budget() -> list[dict[str, Any]]:
         return [a for a in prometheus.api("alerts")["alerts"] if a["labels"]["alertname"] == "FetchpoolOverBudget"]
 
-    operator.limit_sum.labels(NAMESPACE, FETCHPOOL).set(450)
+    operator.set_limit_sum(450)
     try:
         alert = prometheus.wait_for(over_budget, timeout=20, what="FetchpoolOverBudget pending")
         assert alert[0]["state"] == "pending"  # for: 2m
         assert alert[0]["labels"]["namespace"] == NAMESPACE and alert[0]["labels"]["fetchpool"] == FETCHPOOL
         assert float(alert[0]["value"]) == 450
     finally:
-        operator.limit_sum.labels(NAMESPACE, FETCHPOOL).set(400)
+        operator.set_limit_sum(400)
     prometheus.wait_for(lambda: not over_budget(), timeout=20, what="FetchpoolOverBudget resolved")
 
 

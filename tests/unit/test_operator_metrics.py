@@ -75,7 +75,11 @@ def test_series_per_fetchpool() -> None:
     assert got[("fetchpool_operator_limit_sum_connections", two)] == 401  # over budget: an alert's input
     assert got[("fetchpool_operator_pods_unconfirmed", two)] == 3
     assert got[("fetchpool_operator_reconciles_total", two)] == 3
-    assert ("fetchpool_operator_reconciles_total", one) not in got
+    # A known FetchPool's counters are exported from the start, at 0 (rate() and increase() need
+    # the series before its first error, not only after).
+    assert got[("fetchpool_operator_reconciles_total", one)] == 0
+    assert got[("fetchpool_operator_reconcile_errors_total", two)] == 0
+    assert got[("fetchpool_operator_delivery_failures_total", one)] == 0
     assert got[("fetchpool_operator_seconds_since_last_event", ())] >= 0
 
 

@@ -145,6 +145,7 @@ class Health:
 
     def report(self, namespace: str, name: str, report: PoolReport) -> None:
         """Set the FetchPool's gauges from a round; a value not known this round is removed."""
+        self._counters.know(namespace, name)
         for field, gauge in self._gauges.items():
             value = getattr(report, field)
             if value is None:
@@ -177,8 +178,14 @@ class _Counters(prometheus_client.registry.Collector):
         self._values: dict[tuple[str, str, str], float] = {}
 
     def inc(self, name: str, namespace: str, fetchpool: str) -> None:
-        key = (name, namespace, fetchpool)
-        self._values[key] = self._values.get(key, 0.0) + 1.0
+        self.know(namespace, fetchpool)
+        self._values[(name, namespace, fetchpool)] += 1.0
+
+    def know(self, namespace: str, fetchpool: str) -> None:
+        """Export every counter of this FetchPool, at 0 until it counts something: a series that
+        appears only with its first error is missed by rate() and by alerts on increase()."""
+        for name in self._helps:
+            self._values.setdefault((name, namespace, fetchpool), 0.0)
 
     def forget(self, namespace: str, fetchpool: str) -> None:
         for key in [k for k in self._values if k[1:] == (namespace, fetchpool)]:
