@@ -392,3 +392,9 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
                 self._connection_error = True
                 if sending:
                     raise
+                # Our flow-control updates can no longer reach the peer: a stream that still needs
+                # data would wait for its read timeout. What already arrived is still read; a
+                # stream that must wait for more fails now, with this error.
+                if self._read_exception is None:
+                    self._read_exception = exc
+                    self._wake(self._waiters.keys())
