@@ -306,9 +306,10 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def corpus(certs: Certs, hostile: HostileServers) -> Iterator[Run]:
-    with running(certs, *SERVICES["main"]) as (main, main_caller), \
-            running(certs, *SERVICES["strict"], strict=True) as (strict, strict_caller):
+def corpus(certs: Certs, hostile: HostileServers, transport: str) -> Iterator[Run]:
+    chosen = ("--transport", transport)
+    with running(certs, *chosen, *SERVICES["main"]) as (main, main_caller), \
+            running(certs, *chosen, *SERVICES["strict"], strict=True) as (strict, strict_caller):
         services = {"main": main, "strict": strict}
         callers = {"main": main_caller, "strict": strict_caller}
         for caller in callers.values():

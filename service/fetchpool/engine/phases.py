@@ -150,15 +150,15 @@ class PhaseRecorder:
                 phase.attributes["tls.protocol.version"] = ssl_object.version() or ""
 
     def timed(self, queued_until: float, phases: list[Phase], *, connected: bool, responded: bool,
-              http2: bool) -> None:
+              http2: bool, sends: int = 1) -> None:
         """Phases a transport timed itself (libcurl reports them per transfer, after the fact):
         the pool wait ends at ``queued_until`` (monotonic), ``phases`` (connect, proxy.connect,
-        tls, request.send, response.headers) are added as they are; one request was sent,
-        ``connected`` on a new connection, ``responded`` with headers, over ``http2`` (a stream
+        tls, request.send, response.headers) are added as they are; the request was sent
+        ``sends`` times, ``connected`` on a new connection, ``responded`` with headers, over ``http2`` (a stream
         counted until the attempt ends). A failed phase names the step it failed at."""
         self._end_pool_wait(queued_until)
         self.phases.extend(phases)
-        self.sends += 1
+        self.sends += sends
         for phase in phases:
             if phase.failed:
                 self.failed_step = phase.name

@@ -74,6 +74,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
+        if url.scheme not in ("http", "https"):  # as httpx's own transport (libcurl speaks FTP, ...)
+            raise httpx.UnsupportedProtocol(f"request URL has an unsupported scheme {url.scheme!r}", request=request)
         host = url.raw_host.decode("ascii")
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses, resolve = await self._pin(host, port) if self._guard is not None else (None, "")
@@ -252,6 +254,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         s(pycurl.NOSIGNAL, 1)
         s(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
         s(pycurl.HTTP_CONTENT_DECODING, 0)  # fetchpool decodes within the body cap
+        s(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         s(pycurl.CAINFO, self._ca_bundle)
         if not self._verify:
             s(pycurl.SSL_VERIFYPEER, 0)

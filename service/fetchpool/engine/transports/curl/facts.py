@@ -29,7 +29,7 @@ _E_PROXY = 97
 _E_HTTP2_STREAM = 92
 _E_TOO_LARGE = 100
 # Failures that end a TLS handshake because the peer went away, not because of a certificate.
-_CUT = ("unexpected eof", "connection reset", "ssl_error_syscall", "connection was reset")
+_CUT = ("unexpected eof", "connection reset", "ssl_error_syscall", "connection was reset", "broken pipe")
 
 
 def report(ex: Exchange, failed: pycurl.error | None = None) -> None:
@@ -68,8 +68,10 @@ def report(ex: Exchange, failed: pycurl.error | None = None) -> None:
     for phase in phases:
         if phase.name == step:
             phase.failed = True
+    # libcurl sends a request again itself when a server's GOAWAY refused it or a reused
+    # connection died unanswered; it says so only when that took another new connection.
     recorder.timed(queued, phases, connected=ex.opened > 0, responded=ex.headers_ready.done() and failed is None,
-                   http2=ex.version == b"HTTP/2")
+                   http2=ex.version == b"HTTP/2", sends=max(1, g(pycurl.NUM_CONNECTS)))
 
 
 def _failed_step(ex: Exchange, failed: pycurl.error, connect_end: float, tls_end: float) -> str:
@@ -116,8 +118,6 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
         return _caused(httpx.ConnectError(text, request=request), cause)
     if code == _E_TOO_LARGE:
         return FetchFailed(ErrorKind.TOO_LARGE, f"response too large for libcurl: {text}")
-    if code == pycurl.E_UNSUPPORTED_PROTOCOL:
-        return httpx.UnsupportedProtocol(text, request=request)
     if code == pycurl.E_SEND_ERROR:
         return httpx.WriteError(text, request=request)
     if code == pycurl.E_RECV_ERROR and "reset" in message.lower():
