@@ -101,8 +101,8 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
         return FetchFailed(ErrorKind.FORBIDDEN_TARGET, f"{request.url.host} resolves to {ex.refused}, "
                                                         "which is not allowed")
     g = ex.easy.getinfo
-    if code == _E_PROXY or (code == pycurl.E_RECV_ERROR and "CONNECT" in message):
-        status = g(pycurl.HTTP_CONNECTCODE)
+    status = g(pycurl.HTTP_CONNECTCODE)  # the proxy's answer to CONNECT (0: none)
+    if code == _E_PROXY or status >= 300:
         return httpx.ProxyError(f"{status} {text}" if status else text, request=request)
     if code == pycurl.E_OPERATION_TIMEDOUT:
         connected = g(pycurl.CONNECT_TIME_T) > 0
