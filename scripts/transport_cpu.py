@@ -28,9 +28,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fetchpool.client import FetchClient, make_request  # noqa: E402
-from support import Certs, Nginx, write_site  # noqa: E402
-from support.fetchpool_service import FetchpoolService  # noqa: E402
+from fetchpool.client import FetchClient, make_request
+from support import Certs, Nginx, write_site
+from support.fetchpool_service import FetchpoolService
 
 SIZES = {"2KB": "small.html", "100KB": "large.html"}
 
