@@ -6,7 +6,8 @@ For each round and each transport (order alternating per round): start ``fetchpo
 keepalive_requests 1,000,000); every body's length is checked. CPU = the service process's
 user + system time over the timed batch (all its threads), divided by N. Prints one JSON line per
 run and the medians per (size, transport). Optional ``--py-spy DIR``: a ``py-spy record`` of the
-service during the timed batch of the first round (raw format, for ``py-spy``'s top entries).
+service during the timed batch of an extra first round (raw format, for ``py-spy``'s top
+entries), left out of the medians.
 
     .venv/bin/python scripts/transport_cpu.py --rounds 5 -n 5000 -c 100
 """
@@ -88,14 +89,16 @@ def main() -> None:
         root.mkdir()
         write_site(root)
         with Nginx(root, certs, keepalive_requests=1_000_000) as nginx:
-            for r in range(args.rounds):
+            profiled = args.py_spy is not None
+            for r in range(-1 if profiled else 0, args.rounds):
                 order = transports if r % 2 == 0 else transports[::-1]
                 for page in SIZES.values():
                     for transport in order:
-                        spy = args.py_spy if r == 0 else None
+                        spy = args.py_spy if r < 0 else None
                         result = run(certs, nginx, root, transport, page, args.n, args.c, f"r{r}", spy)
-                        results.append(result)
-                        print(json.dumps(result), flush=True)
+                        print(json.dumps({**result, "profiled": r < 0}), flush=True)
+                        if r >= 0:
+                            results.append(result)
     for label, page in SIZES.items():
         for transport in transports:
             runs = [x for x in results if x["transport"] == transport and x["page"] == page]
