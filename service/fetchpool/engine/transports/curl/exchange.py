@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -133,7 +134,9 @@ class Exchange:
         self.buffered = 0
         if self.paused and not self.done:
             self.paused = False
-            self.easy.pause(pycurl.PAUSE_CONT)
+            # Fails when libcurl already ended the transfer (its completion is queued and says why).
+            with contextlib.suppress(pycurl.error):
+                self.easy.pause(pycurl.PAUSE_CONT)
         return data
 
     async def more(self) -> None:
