@@ -33,6 +33,8 @@ __all__ = [
     "settings_from_args",
 ]
 
+#: The HTTP engines a pool can run on (``fetchpool.engine.transports``; README "Transports").
+TRANSPORTS = ("httpcore", "curl")
 #: Limits above these are refused as absurd (a typo, not a wish).
 MAX_CONNECTIONS_CEILING = 100_000
 MAX_SECONDS = 24 * 3600.0
@@ -142,8 +144,11 @@ class FetchSettings:
     max_header_bytes: int = 65_536
     max_header_count: int = 256
     max_fetches: int = 10_000
+    transport: str = "httpcore"
 
     def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"unknown transport {self.transport!r} ({', '.join(TRANSPORTS)})")
         if self.proxy_policy not in ("round_robin", "least_busy", "sticky"):
             raise ConfigError(f"unknown proxy policy {self.proxy_policy!r} (round_robin, least_busy, sticky)")
         if self.max_body_bytes < 1:
@@ -403,6 +408,8 @@ OPTIONS: tuple[Option, ...] = (
            "most response header fields; more gives TOO_LARGE"),
     Option("fetch.max_fetches", "--max-fetches", "FETCHPOOL_MAX_FETCHES", int,
            "fetches in flight or waiting in the whole process at most"),
+    Option("fetch.transport", "--transport", "FETCHPOOL_TRANSPORT", str,
+           "HTTP engine under every pool: httpcore (httpx's own) or curl (libcurl); see Transports"),
     Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", float,
            "seconds in-flight calls may run after SIGTERM before they are cancelled"),
     Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", float,

@@ -3,18 +3,28 @@ test's event loop against the session's real servers (tests/conftest.py), no fet
 
   make_engine   ``await make_engine(settings)`` -> an entered Engine, closed after the test
   proxy_url     {"direct": None, "squid": ..., "tinyproxy": ..., "socks5": ...}: the route's proxy URL
+  transport     every test here runs once per transport (httpcore, curl): enginekit.make_settings
+                gives engines the test's
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import enginekit
 import pytest
-from fetchpool.config import Settings
+from fetchpool.config import TRANSPORTS, Settings
 from fetchpool.engine import Engine
 from support import Microsocks, Squid, Tinyproxy
 
 MakeEngine = Callable[[Settings], Awaitable[Engine]]
+
+
+@pytest.fixture(params=TRANSPORTS, autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    enginekit.TRANSPORT[0] = request.param
+    yield request.param
+    enginekit.TRANSPORT[0] = "httpcore"
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from support import AppServer, Certs
 from support.sockets import BARRIER_S, Peer, Served, assert_invariant
 
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+#: The transport of the engines the current test makes (tests/engine/conftest.py sets it per test).
+TRANSPORT = ["httpcore"]
 #: How a pool reaches its targets: directly, or through the proxy fixture of that kind.
 ROUTES = ("direct", "squid", "tinyproxy", "socks5")
 
@@ -35,7 +37,8 @@ def make_settings(
     policy: PoolPolicy | None = None,
     **fetch: Any,
 ) -> Settings:
-    """Settings for an engine that trusts the tests' CA and may reach loopback.
+    """Settings for an engine that trusts the tests' CA and may reach loopback, on the current
+    test's transport (TRANSPORT).
 
     ``fetch`` overrides FetchSettings fields. The pool timeout defaults to 3 s (not 30) so a
     lost slot shows as POOL_TIMEOUT within a test's time.
@@ -49,7 +52,7 @@ def make_settings(
             proxies=(proxy,) if proxy else (),
             ca_bundle=str(certs.ca_pem),
             allow_targets=LOOPBACK,
-            **fetch,
+            **{"transport": TRANSPORT[0], **fetch},
         ),
     )
 

@@ -168,9 +168,11 @@ def runs(draw: st.DrawFn) -> Run:
     route = draw(st.sampled_from(ROUTES))
     protocol = draw(st.sampled_from(["h1", "h2"]))
     early = draw(st.booleans())
-    # Only stages the connection has (no proxy stage direct, no TLS over plain HTTP).
+    # Only stages the connection has: no proxy stage direct, nor for plain HTTP through an HTTP
+    # proxy (forwarded in absolute form, no CONNECT); no TLS over plain HTTP.
+    tunnel = route == "socks5" or (route != "direct" and protocol == "h2")
     usable = [s for s in (EARLY_STAGES if early else STAGES)
-              if not (s == "proxy" and route == "direct") and not (s == "tls" and protocol == "h1")]
+              if not (s == "proxy" and not tunnel) and not (s == "tls" and protocol == "h1")]
     stages = tuple(draw(st.sets(st.sampled_from(usable), min_size=1)))
     actions = tuple(draw(st.sets(st.sampled_from(["reset", "half_close"]), min_size=1)))
     rate = draw(st.sampled_from([0.3, 0.5, 0.7]))

@@ -57,6 +57,7 @@ def connection_problems(entries: list[dict[str, object]], pages: int, keepalive:
 async def test_a_site_in_one_batch_survives_every_goaway(
     route: str,
     origin: str,
+    transport: str,
     request: pytest.FixtureRequest,
     make_engine: ...,
     proxy_url: ...,
@@ -66,6 +67,12 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     doc_pages: list[str],
     app_server: AppServer,
 ) -> None:
+    if transport == "curl" and route != "direct":
+        # Known defect, README "Transports": through a proxy, libcurl 8.23 fails every stream of a
+        # connection whose peer closed after GOAWAY with "Send failure: Broken pipe" (its write
+        # meets the proxy's reset) though their answers had arrived, and resending them sends
+        # answered requests twice. Not strict: with one GOAWAY per batch it strikes only some runs.
+        request.applymarker(pytest.mark.xfail(reason="libcurl fails answered streams on EPIPE after GOAWAY"))
     nginx: Nginx = request.getfixturevalue(origin)
     engine = await make_engine(make_settings(certs, proxy=proxy_url(route)))
     run = uuid.uuid4().hex[:12]

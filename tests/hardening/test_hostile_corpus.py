@@ -288,8 +288,14 @@ CORPUS: list[Case] = [
 ]
 
 
-def _request(case: Case, hostile: HostileServers) -> pb.FetchRequest:
-    request = pb.FetchRequest(id=case.name, url=case.url(hostile, case.name), max_body_bytes=case.max_body_bytes)
+def _key(case: Case, transport: str) -> str:
+    """The case's key at the hostile servers (their records outlive one transport's run)."""
+    return f"{transport}-{case.name}"
+
+
+def _request(case: Case, hostile: HostileServers, transport: str) -> pb.FetchRequest:
+    request = pb.FetchRequest(id=case.name, url=case.url(hostile, _key(case, transport)),
+                              max_body_bytes=case.max_body_bytes)
     request.timeout.FromMilliseconds(int(case.timeout * 1000))
     if case.tweak is not None:
         case.tweak(request)
@@ -306,9 +312,10 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def corpus(certs: Certs, hostile: HostileServers) -> Iterator[Run]:
-    with running(certs, *SERVICES["main"]) as (main, main_caller), \
-            running(certs, *SERVICES["strict"], strict=True) as (strict, strict_caller):
+def corpus(certs: Certs, hostile: HostileServers, transport: str) -> Iterator[Run]:
+    chosen = ("--transport", transport)
+    with running(certs, *chosen, *SERVICES["main"]) as (main, main_caller), \
+            running(certs, *chosen, *SERVICES["strict"], strict=True) as (strict, strict_caller):
         services = {"main": main, "strict": strict}
         callers = {"main": main_caller, "strict": strict_caller}
         for caller in callers.values():
@@ -317,7 +324,7 @@ def corpus(certs: Certs, hostile: HostileServers) -> Iterator[Run]:
         batches: dict[str, list[pb.FetchResult]] = {}
         for name, caller in callers.items():
             cases = [case for case in CORPUS if case.service == name]
-            batches[name] = caller.fetch_many([_request(c, hostile) for c in cases], concurrency=len(cases),
+            batches[name] = caller.fetch_many([_request(c, hostile, transport) for c in cases], concurrency=len(cases),
                                               timeout=120)
         results: dict[str, list[pb.FetchResult]] = {}
         for batch in batches.values():
@@ -342,7 +349,7 @@ def test_every_request_gets_exactly_one_result(corpus: Run) -> None:
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[case.name for case in CORPUS])
-def test_case(case: Case, corpus: Run, hostile: HostileServers) -> None:
+def test_case(case: Case, corpus: Run, hostile: HostileServers, transport: str) -> None:
     [result] = corpus.results[case.name]
     got = f"{K.Kind.Name(result.error.kind)} ({result.error.message!r}), status {result.status_code}"
     wanted = "success" if case.kind == OK else " or ".join(K.Kind.Name(k) for k in case.kinds)
@@ -353,7 +360,7 @@ def test_case(case: Case, corpus: Run, hostile: HostileServers) -> None:
     if case.status and result.status_code != case.status:
         pytest.fail(f"{case.name}: wanted status {case.status}, got {got}", pytrace=False)
     if case.check is not None:
-        case.check(result, hostile, case.name)
+        case.check(result, hostile, _key(case, transport))
 
 
 def test_after_the_corpus_the_pools_are_clean_and_the_services_healthy(corpus: Run) -> None:

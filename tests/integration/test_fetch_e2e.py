@@ -13,6 +13,7 @@ from fetchpool.client import FetchClient, make_request
 from fetchpool.v1 import fetch_pb2 as pb
 from support import AppServer, Nginx, Tinyproxy
 from support.fetchpool_service import FetchpoolService
+from support.transports import every_transport  # noqa: F401  (every test here runs once per transport)
 
 Kind = pb.FetchError
 

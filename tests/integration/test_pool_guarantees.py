@@ -25,6 +25,7 @@ from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 from support import AppServer, Nginx, Squid
 from support.fetchpool_service import FetchpoolService
 from support.sockets import BARRIER_S, Peer, Served, assert_invariant
+from support.transports import every_transport  # noqa: F401  (every test here runs once per transport)
 
 Kind = pb.FetchError
 

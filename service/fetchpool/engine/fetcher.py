@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
@@ -14,9 +15,9 @@ import certifi
 import httpx
 
 from fetchpool.config import PoolLimits, Settings
-from fetchpool.engine import _httpcore as compat
+from fetchpool.engine._httpcore import OpenFailed
 from fetchpool.engine.body import ACCEPT_ENCODING, decodes, read_body
-from fetchpool.engine.guard import GuardedBackend, TargetGuard
+from fetchpool.engine.guard import TargetGuard
 from fetchpool.engine.hooks import FetchObserver
 from fetchpool.engine.model import FetchSpec, Headers, Outcome
 from fetchpool.engine.phases import PhaseRecorder
@@ -26,6 +27,7 @@ from fetchpool.engine.proxies import DIRECT, Selector, parse_proxy
 from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff, parse_retry_after, retryable
 from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, NoCookies, Router
 from fetchpool.engine.sessions import SessionCookies
+from fetchpool.engine.transports import RECORDER_EXTENSION, TransportConfig, make_transport
 from fetchpool.engine.validate import check
 from fetchpool.errors import ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
 from fetchpool.redact import redact_url
@@ -75,14 +77,18 @@ class Engine:
         self._drain_started = asyncio.Event()
         self._in_flight: set[asyncio.Task[Any]] = set()
         fetch = settings.fetch
-        compat.verify()
-        ssl_context = ssl.create_default_context(cafile=fetch.ca_bundle or certifi.where())
+        ca_bundle = fetch.ca_bundle or certifi.where()
         self.guard = TargetGuard(fetch.ssrf_guard, fetch.allow_targets, fetch.deny_targets)
         proxies = [parse_proxy(url) for url in fetch.proxies]
         # Proxies are the operator's choice (often private addresses): only direct pools
         # connect through the guard; proxied targets are checked before each request.
-        pools = [Pool(p.key, settings.limits, settings.pool, ssl_context, proxy_url=p.url) for p in proxies] or [
-            Pool(DIRECT, settings.limits, settings.pool, ssl_context, network_backend=GuardedBackend(self.guard))
+        config = TransportConfig(limits=settings.limits, policy=settings.pool, ca_bundle=ca_bundle,
+                                 ssl_context=ssl.create_default_context(cafile=ca_bundle),
+                                 max_header_bytes=fetch.max_header_bytes)
+        pools = [Pool(p.key, settings.limits, settings.pool, make_transport(
+            fetch.transport, dataclasses.replace(config, proxy_url=p.url)), proxy=True) for p in proxies] or [
+            Pool(DIRECT, settings.limits, settings.pool, make_transport(
+                fetch.transport, dataclasses.replace(config, guard=self.guard)))
         ]
         self._pools = {pool.name: pool for pool in pools}
         self._selector = Selector(settings.fetch.proxy_policy, pools)
@@ -243,7 +249,7 @@ class Engine:
     def _failure(self, exc: Exception, pool: Pool, recorder: PhaseRecorder) -> FetchFailed:
         """Classify an attempt's exception once, and count it against the proxy when it is the proxy's."""
         step = recorder.failed_step
-        if isinstance(exc.__cause__, compat.OpenFailed):  # it waited for a connection that failed to open
+        if isinstance(exc.__cause__, OpenFailed):  # it waited for a connection that failed to open
             step, exc = exc.__cause__.step, exc.__cause__.cause  # type: ignore[assignment]
         to_proxy = pool.proxy and step in ("connect", "proxy.connect")
         kind, message = classify(exc, via_proxy=pool.proxy, connecting_to_proxy=to_proxy)
@@ -345,7 +351,7 @@ class Engine:
             headers=spec.headers,
             content=spec.body or None,
             extensions={POOL_EXTENSION: pool.name, INSECURE_EXTENSION: spec.tls_insecure_skip_verify,
-                        "trace": recorder.trace},
+                        "trace": recorder.trace, RECORDER_EXTENSION: recorder},
         )
         seen = {str(url)}
         resends_left = RESENDS if method in IDEMPOTENT else 0

@@ -149,6 +149,28 @@ class PhaseRecorder:
                 phase.attributes["tls.alpn"] = ssl_object.selected_alpn_protocol() or ""
                 phase.attributes["tls.protocol.version"] = ssl_object.version() or ""
 
+    def timed(self, queued_until: float, phases: list[Phase], *, connected: bool, responded: bool,
+              http2: bool, sends: int = 1) -> None:
+        """Phases a transport timed itself (libcurl reports them per transfer, after the fact):
+        the pool wait ends at ``queued_until`` (monotonic), ``phases`` (connect, proxy.connect,
+        tls, request.send, response.headers) are added as they are; the request was sent
+        ``sends`` times, ``connected`` on a new connection, ``responded`` with headers, over ``http2`` (a stream
+        counted until the attempt ends). A failed phase names the step it failed at."""
+        self._end_pool_wait(queued_until)
+        self.phases.extend(phases)
+        self.sends += sends
+        for phase in phases:
+            if phase.failed:
+                self.failed_step = phase.name
+        if connected and not self.connected:
+            self.connected = True
+            self._counters.connections_created += 1
+        if responded:
+            self.responded = True
+            if http2 and not self._stream_open:
+                self._stream_open = True
+                self._counters.http2_streams += 1
+
     def _end(self, phase: Phase, now: float, *, failed: bool) -> None:
         del self._open[phase.name]
         phase.end = now

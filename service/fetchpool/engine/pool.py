@@ -6,22 +6,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import ssl
 import time
-import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 
-import httpcore
 import httpx
 
 from fetchpool.config import PoolLimits, PoolPolicy
-from fetchpool.engine import _httpcore as compat
 from fetchpool.engine._httpcore.shield import shielded
 from fetchpool.engine.admission import Admission, AdmissionTimeout
 from fetchpool.engine.phases import Phase, PhaseRecorder, PoolCounters
 from fetchpool.engine.proxies import ProxyHealth
 from fetchpool.engine.sizing import DynamicLimit
+from fetchpool.engine.transports import PoolTransport
 from fetchpool.errors import ErrorKind, FetchFailed
 
 logger = logging.getLogger(__name__)
@@ -74,22 +71,16 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 class Pool:
-    """A pool named ``name`` ("direct" or a proxy URL without credentials).
+    """A pool named ``name`` ("direct" or a proxy URL without credentials) on ``transport``;
+    ``proxy`` says it reaches its targets through a forward proxy."""
 
-    ``proxy_url`` may carry credentials; they go to httpx only.
-    """
-
-    def __init__(self, name: str, limits: PoolLimits, policy: PoolPolicy, ssl_context: ssl.SSLContext,
-                 proxy_url: str | None = None, network_backend: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(self, name: str, limits: PoolLimits, policy: PoolPolicy, transport: PoolTransport,
+                 *, proxy: bool = False) -> None:
         self.name = name
-        self.proxy = proxy_url is not None
-        self._proxy_url = proxy_url
-        self._backend = network_backend
+        self.proxy = proxy
         self._limits = limits
         self._policy = policy
-        self.transport = self._make_transport(ssl_context)
-        # Requests that skip certificate checks get connections of their own, made on demand.
-        self._insecure: httpx.AsyncHTTPTransport | None = None
+        self.transport = transport
         self.admission = Admission(limits.max_connections, limits.max_connections_per_host)
         self.health = ProxyHealth(policy.proxy_eject_failures if self.proxy else 0, policy.proxy_eject_seconds)
         self.dynamic = DynamicLimit(policy.dynamic_floor, limits.max_connections) if policy.dynamic else None
@@ -98,46 +89,16 @@ class Pool:
         self.reused_total = 0
         self.pool_timeouts_total = 0
         self.retries_total = 0
-        self.retired_total = 0
         self.latency_mean = 0.0
         self.concurrency_mean = 0.0
         self._peak_demand = 0
         self._waits: collections.deque[float] = collections.deque(maxlen=WAIT_SAMPLES)
-        # Per connection: when it was first seen (monotonic), for max_connection_age; weak, so
-        # closed ones vanish. (max_requests_per_connection is counted by the connection itself.)
-        self._seen: weakref.WeakKeyDictionary[httpcore.AsyncConnectionInterface, float] = weakref.WeakKeyDictionary()
-        self._hygiene = bool(policy.max_requests_per_connection or policy.max_connection_age)
-        # Open connections as the upkeep last saw them: id -> (connection, first seen, HTTP version).
-        self._lifetimes: dict[int, tuple[httpcore.AsyncConnectionInterface, float, str]] = {}
+        # Open connections as the upkeep last saw them: key -> (first seen, HTTP version).
+        self._lifetimes: dict[Hashable, tuple[float, str]] = {}
 
-    def _make_transport(self, ssl_context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
-        limits = self._limits
-        return compat.make_transport(
-            ssl_context=ssl_context,
-            limits=httpx.Limits(max_connections=limits.max_connections,
-                                max_keepalive_connections=limits.max_keepalive_connections,
-                                keepalive_expiry=limits.keepalive_expiry),
-            proxy=self._proxy_url,
-            network_backend=self._backend,
-            max_requests_per_connection=self._policy.max_requests_per_connection,
-        )
-
-    def transport_for(self, insecure: bool) -> httpx.AsyncHTTPTransport:
-        """The transport for verified requests, or the one for ``tls_insecure_skip_verify`` ones."""
-        if not insecure:
-            return self.transport
-        if self._insecure is None:
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            self._insecure = self._make_transport(context)
-        return self._insecure
-
-    def _transports(self) -> list[httpx.AsyncHTTPTransport]:
-        return [self.transport] if self._insecure is None else [self.transport, self._insecure]
-
-    def _connections(self) -> list[httpcore.AsyncConnectionInterface]:
-        return [c for t in self._transports() for c in compat.connections(t) if not c.is_closed()]
+    def transport_for(self, insecure: bool) -> httpx.AsyncBaseTransport:
+        """The httpx transport for verified requests, or the one for ``tls_insecure_skip_verify`` ones."""
+        return self.transport.for_request(insecure)
 
     @property
     def limits(self) -> PoolLimits:
@@ -185,19 +146,9 @@ class Pool:
             recorder.finish_attempt()
             try:
                 if lease.response is not None:
-                    await shielded(self._release(lease.response))
+                    await shielded(self.transport.release(lease.response))
             finally:
                 self.admission.release(host)
-
-    async def _release(self, response: httpx.Response) -> None:
-        """Close the response, then close its connection if it is retiring (max requests or age
-        reached) and now idle. A retiring connection takes no new request, so none can slip in."""
-        await response.aclose()
-        if self._hygiene:
-            connection = self._connection_of(response.extensions.get("network_stream"))
-            if connection is not None and compat.retiring(connection) and connection.is_idle():
-                self.retired_total += 1
-                await connection.aclose()
 
     def set_limits(self, limits: PoolLimits) -> None:
         """Apply ``limits`` live; in-flight requests are not touched.
@@ -209,13 +160,7 @@ class Pool:
         self._limits = limits
         if self.dynamic is not None:
             self.dynamic.set_ceiling(limits.max_connections)
-        for transport in self._transports():
-            compat.apply_limits(
-                transport,
-                max_connections=limits.max_connections,
-                max_keepalive_connections=limits.max_keepalive_connections,
-                keepalive_expiry=limits.keepalive_expiry,
-            )
+        self.transport.apply_limits(limits)
         self.admission.resize(self.working_limit, limits.max_connections_per_host)
 
     def _acquired(self, wait: float) -> None:
@@ -228,12 +173,6 @@ class Pool:
         self.requests_total += 1
         self.reused_total += reused
         self.latency_mean += EWMA_WEIGHT * (latency - self.latency_mean) if self.requests_total > 1 else latency
-
-    def _connection_of(self, network_stream: object | None) -> httpcore.AsyncConnectionInterface | None:
-        if network_stream is None:
-            return None
-        return next((c for t in self._transports() if (c := compat.connection_of(t, network_stream)) is not None),
-                    None)
 
     async def tend(self, now: float) -> list[tuple[float, str]]:
         """Once a second: follow demand (dynamic mode), retire aged connections, close
@@ -249,47 +188,27 @@ class Pool:
                 self.admission.resize(self.dynamic.current, self._limits.max_connections_per_host)
                 logger.info("pool %s: working limit %d -> %d (demand %d)", self.name, before, self.dynamic.current,
                             demand)
-        if self._policy.max_connection_age:
-            for connection in self._connections():
-                if now - self._seen.setdefault(connection, now) >= self._policy.max_connection_age:
-                    compat.stop_new_requests(connection)
-        for transport in self._transports():
-            await compat.sweep(transport)
-        connections = self._connections()
-        idle = [c for c in connections if c.is_idle()]
-        active = len(connections) - len(idle)
-        keep = max(0, min(self._limits.max_keepalive_connections, self.working_limit - active))
-        doomed = [c for c in idle if c.has_expired() or compat.retiring(c) or compat.peer_closed(c)]
-        doomed += [c for c in idle if c not in doomed][keep:]
-        for connection in doomed:
-            self.retired_total += 1
-            await connection.aclose()
+        await self.transport.tend(now, self.working_limit)
         return self._closed_since_last(now)
 
     def _closed_since_last(self, now: float) -> list[tuple[float, str]]:
-        open_now = {id(c): c for c in self._connections()}
-        closed = [(now - seen, version) for key, (c, seen, version) in self._lifetimes.items()
-                  if open_now.get(key) is not c]
-        self._lifetimes = {
-            key: self._lifetimes[key] if key in self._lifetimes and self._lifetimes[key][0] is c
-            else (c, now, "HTTP/2" if "HTTP/2" in c.info() else "HTTP/1.1")
-            for key, c in open_now.items()
-        }
+        open_now = self.transport.open_connections()
+        closed = [(now - seen, version) for key, (seen, version) in self._lifetimes.items() if key not in open_now]
+        self._lifetimes = {key: self._lifetimes.get(key) or (now, version) for key, version in open_now.items()}
         return closed
 
     def snapshot(self, processing_mean: float = 0.0) -> PoolSnapshot:
-        """Stats now; reads nothing private outside the compat module."""
-        connections = self._connections()
-        idle = sum(c.is_idle() for c in connections)
+        """Stats now (the connections as the transport counts them)."""
+        connections = self.transport.counts()
         waits = sorted(self._waits)
         now = time.monotonic()
         ejected = not self.health.available(now)
         return PoolSnapshot(
             pool=self.name,
             limits=self._limits,
-            connections_open=len(connections),
-            connections_idle=idle,
-            connections_active=len(connections) - idle,
+            connections_open=connections.open,
+            connections_idle=connections.idle,
+            connections_active=connections.active,
             http2_streams=self.counters.http2_streams,
             requests_active=self.admission.active,
             requests_waiting=self.admission.waiting,
@@ -308,13 +227,12 @@ class Pool:
             ejected_until=time.time() + (self.health.ejected_until - now) if ejected else 0.0,
             consecutive_failures=self.health.consecutive,
             retries_total=self.retries_total,
-            connections_retired_total=self.retired_total + sum(compat.orphans_closed(t) for t in self._transports()),
+            connections_retired_total=self.transport.retired_total,
         )
 
     async def aclose(self) -> None:
         """Close every connection of this pool."""
-        for transport in self._transports():
-            await transport.aclose()
+        await self.transport.aclose()
 
 
 class Lease:

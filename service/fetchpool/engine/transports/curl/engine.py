@@ -1,0 +1,336 @@
+"""One libcurl multi handle as an httpx transport: the curl transport's verified connections,
+or its ``tls_insecure_skip_verify`` ones.
+
+- Connections: at most ``max_connections`` sockets (``CURLMOPT_MAX_TOTAL_CONNECTIONS``; per
+  origin ``max_connections_per_host``), HTTP/2 multiplexed; ``PIPEWAIT`` makes a burst wait for
+  the one connection being opened instead of opening one per request, and the first request to
+  a cold origin goes alone (:meth:`CurlEngine._gate`): libcurl assumes 100 streams until the
+  server's SETTINGS arrive, so a burst on a new connection would overshoot a smaller limit and
+  nginx refuses the excess (and closes the connection past twice its limit). For an https origin
+  that answers HTTP/1.1 only, the first response is so waited for once per origin.
+- Idle connections: kept at most ``max_keepalive_connections`` (``CURLMOPT_MAXCONNECTS``), for
+  ``keepalive_expiry`` seconds (``MAXAGE_CONN``), retired at ``max_connection_age``
+  (``MAXLIFETIME_CONN``) or once a response made it reach ``max_requests_per_connection``
+  (``FORBID_REUSE`` on that transfer).
+- The SSRF guard (direct pools): the target's name is resolved here, every address checked
+  (``TargetGuard.resolve``), and libcurl is given those addresses (``CURLOPT_RESOLVE``), so it
+  never resolves a name itself; OPENSOCKETFUNCTION refuses any other address before a socket
+  exists, on every hop (redirects are separate requests).
+- Timeouts: connect (``CONNECTTIMEOUT_MS``); between reads, libcurl's low-speed limit (under
+  1 byte/s for ``read`` seconds, whole seconds); the fetch's total deadline is the engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pycurl
+
+from fetchpool.config import PoolLimits, PoolPolicy
+from fetchpool.engine.guard import VERDICT_TTL, TargetGuard
+from fetchpool.engine.transports.base import RECORDER_EXTENSION
+from fetchpool.engine.transports.curl import facts
+from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
+from fetchpool.engine.transports.curl.ledger import Ledger
+
+# Headers libcurl writes itself (Host from the URL, framing from the body): httpx's copies would
+# be sent twice (nginx answers an HTTP/2 request with two Host headers with 400).
+_OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+_COLD: Any = object()
+
+
+class CurlEngine(httpx.AsyncBaseTransport):
+    """See the module docstring. ``verify`` False skips certificate checks; ``proxy`` is a
+    proxy URL (credentials allowed); ``guard`` checks every target address (direct pools)."""
+
+    def __init__(self, *, ca_bundle: str, verify: bool, proxy: str | None, guard: TargetGuard | None,
+                 limits: PoolLimits, policy: PoolPolicy, max_header_bytes: int) -> None:
+        self._ca_bundle = ca_bundle
+        self._verify = verify
+        # socks5:// is resolved by the proxy, as httpx's SOCKS transport does.
+        self._proxy = "socks5h://" + proxy[len("socks5://"):] if proxy and proxy.startswith("socks5://") else proxy
+        self._tunnels = bool(proxy) and proxy.startswith(("http://", "https://"))  # type: ignore[union-attr]
+        self._guard = guard
+        self._limits = limits
+        self._policy = policy
+        self._max_header_bytes = max_header_bytes
+        self._multi: pycurl.AsyncCurlMulti | None = None
+        self._free: list[pycurl.Curl] = []
+        self._opening: dict[pycurl.Curl, Exchange] = {}  # easy -> the exchange it serves now
+        self.in_flight: set[Exchange] = set()
+        self.ledger = Ledger()
+        self.retired = 0
+        self._pins: dict[tuple[str, int], tuple[float, frozenset[str], str]] = {}
+        self._gates: dict[tuple[str, str, int], Any] = {}  # origin -> future while cold, None once warm
+
+    # -- the request --
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        if url.scheme not in ("http", "https"):  # as httpx's own transport (libcurl speaks FTP, ...)
+            raise httpx.UnsupportedProtocol(f"request URL has an unsupported scheme {url.scheme!r}", request=request)
+        host = url.raw_host.decode("ascii")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        addresses, resolve = await self._pin(host, port) if self._guard is not None else (None, "")
+        opener = await self._gate((url.scheme, host, port)) if url.scheme == "https" else None
+        loop = asyncio.get_running_loop()
+        if self._multi is None:
+            self._multi = self._new_multi()
+        easy = self._free.pop() if self._free else self._new_easy()
+        ex = Exchange(easy, request, loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
+                      max_header_bytes=self._max_header_bytes, release=self._release)
+        ex.recorder = request.extensions.get(RECORDER_EXTENSION)
+        self._prepare(ex, request, resolve)
+        self._opening[easy] = ex
+        try:
+            done = self._multi.add_handle(easy)
+        except BaseException:
+            self._opening.pop(easy, None)
+            self._free.append(easy)
+            raise
+        self.in_flight.add(ex)
+        done.add_done_callback(lambda future: self._finished(ex, future))
+        if opener is not None:
+            ex.headers_ready.add_done_callback(opener)
+        try:
+            await ex.headers_ready
+        except asyncio.CancelledError:
+            self.abort(ex)
+            raise
+        facts.report(ex)
+        self._count_use(ex)
+        return httpx.Response(ex.status, headers=ex.headers, stream=Body(ex, self.abort),
+                              extensions={"http_version": ex.version,
+                                          "network_stream": PeerInfo((easy.getinfo(pycurl.PRIMARY_IP),
+                                                                      easy.getinfo(pycurl.PRIMARY_PORT)))})
+
+    def _finished(self, ex: Exchange, future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or ex.done:
+            return  # stopped by abort() or aclose(), which released it
+        failed = future.exception()
+        error = None
+        if failed is not None:
+            assert isinstance(failed, pycurl.error), failed
+            if not ex.headers_ready.done():
+                facts.report(ex, failed)
+            error = facts.to_exception(failed, ex)
+        else:
+            facts.report(ex)
+        ex.finished(error)
+
+    def abort(self, ex: Exchange) -> None:
+        """Stop a transfer now (a cancellation, a body closed early): libcurl resets its HTTP/2
+        stream, or closes its HTTP/1.1 connection mid-response; the easy handle is reusable."""
+        if ex.done:
+            return
+        multi = self._multi
+        if multi is not None and not multi.closed:
+            with contextlib.suppress(RuntimeError):  # already completed: its completion is queued
+                multi.remove_handle(ex.easy)
+        ex.finished(httpx.ReadError("the transfer was stopped", request=ex.request))
+
+    def _release(self, ex: Exchange) -> None:
+        self.in_flight.discard(ex)
+        if self._opening.get(ex.easy) is ex:
+            del self._opening[ex.easy]
+            if self._multi is not None:
+                self._free.append(ex.easy)
+            else:
+                ex.easy.close()
+
+    def _count_use(self, ex: Exchange) -> None:
+        connection = self.ledger.get(ex.fd)
+        if connection is None:
+            return
+        connection.uses += 1
+        connection.last_used = time.monotonic()
+        connection.version = ex.version.decode("ascii")
+        most = self._policy.max_requests_per_connection
+        if most and connection.uses >= most:
+            ex.easy.setopt(pycurl.FORBID_REUSE, 1)  # closed when this transfer is done
+            self.retired += 1
+
+    # -- the guard --
+
+    async def _pin(self, host: str, port: int) -> tuple[frozenset[str], str]:
+        """The addresses ``host`` may be reached at, checked by the guard, and the
+        ``CURLOPT_RESOLVE`` entry that gives libcurl exactly those (cached VERDICT_TTL seconds).
+        Raises FetchFailed(FORBIDDEN_TARGET), or httpx.ConnectError from a socket.gaierror."""
+        assert self._guard is not None
+        now = time.monotonic()
+        cached = self._pins.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        literal = host.strip("[]")
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in literal else socket.AF_INET, literal)
+        except OSError:
+            try:
+                addresses = await self._guard.resolve(host, port)
+            except socket.gaierror as exc:
+                raise httpx.ConnectError(f"{host}: {exc.strerror or exc}") from exc
+            entry = f"{host}:{port}:" + ",".join(f"[{a}]" if ":" in a else a for a in addresses)
+        else:
+            await self._guard.resolve(literal, port)  # raises FORBIDDEN_TARGET
+            addresses, entry = [literal], ""
+        if len(self._pins) > 10_000:
+            self._pins.clear()
+        pinned = frozenset(addresses)
+        self._pins[(host, port)] = (now + VERDICT_TTL, pinned, entry)
+        return pinned, entry
+
+    def _open_socket(self, easy: pycurl.Curl, purpose: int, address: Any) -> Any:
+        ex = self._opening.get(easy)
+        ip = address.addr[0]
+        if ex is not None and ex.addresses is not None and ip not in ex.addresses:
+            ex.refused = ip
+            return pycurl.SOCKET_BAD
+        if ex is not None:
+            ex.opened += 1
+        return _Handed(socket.socket(address.family, address.socktype, address.protocol))
+
+    def _socket_made(self, easy: pycurl.Curl, fd: int, purpose: int) -> int:
+        self.ledger.opened(fd, time.monotonic())
+        ex = self._opening.get(easy)
+        if ex is not None:
+            ex.fd = fd
+        return 0
+
+    # -- cold origins --
+
+    async def _gate(self, key: tuple[str, str, int]) -> Callable[[asyncio.Future[None]], None] | None:
+        """Hold requests to an origin whose first request is still waiting for its response
+        (see the module docstring). Returns the first request's callback (run when its
+        headers arrive, or it fails), or None."""
+        gate = self._gates.get(key, _COLD)
+        if gate is None:
+            return None
+        if gate is not _COLD:
+            await asyncio.shield(gate)
+            return None
+        waiting = self._gates[key] = asyncio.get_running_loop().create_future()
+
+        def opened(headers: asyncio.Future[None]) -> None:
+            if self._gates.get(key) is waiting:
+                if not headers.cancelled() and headers.exception() is None:
+                    self._gates[key] = None
+                else:
+                    del self._gates[key]
+            if not waiting.done():
+                waiting.set_result(None)
+
+        return opened
+
+    # -- handles --
+
+    def _new_multi(self) -> pycurl.AsyncCurlMulti:
+        multi = pycurl.AsyncCurlMulti()
+        multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
+        self._apply(multi)
+        return multi
+
+    def _apply(self, multi: pycurl.AsyncCurlMulti) -> None:
+        limits = self._limits
+        multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, limits.max_connections)
+        multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, limits.max_connections_per_host)
+        multi.setopt(pycurl.M_MAXCONNECTS, max(1, limits.max_keepalive_connections))
+
+    def set_limits(self, limits: PoolLimits) -> None:
+        """New transfers obey ``limits``; open connections are not cut."""
+        self._limits = limits
+        if self._multi is not None:
+            self._apply(self._multi)
+
+    def _new_easy(self) -> pycurl.Curl:
+        easy = pycurl.Curl()
+        s = easy.setopt
+        s(pycurl.NOSIGNAL, 1)
+        s(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
+        s(pycurl.HTTP_CONTENT_DECODING, 0)  # fetchpool decodes within the body cap
+        s(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        s(pycurl.CAINFO, self._ca_bundle)
+        if not self._verify:
+            s(pycurl.SSL_VERIFYPEER, 0)
+            s(pycurl.SSL_VERIFYHOST, 0)
+        s(pycurl.OPENSOCKETFUNCTION, lambda purpose, address: self._open_socket(easy, purpose, address))
+        s(pycurl.SOCKOPTFUNCTION, lambda fd, purpose: self._socket_made(easy, fd, purpose))
+        if self._proxy:
+            s(pycurl.PROXY, self._proxy)
+        return easy
+
+    def _prepare(self, ex: Exchange, request: httpx.Request, resolve: str) -> None:
+        s = ex.easy.setopt
+        s(pycurl.URL, str(request.url))
+        # Only https can turn out HTTP/2; over plain HTTP/1.1 libcurl would wait for a first
+        # response before it opens a second connection to the origin.
+        s(pycurl.PIPEWAIT, request.url.scheme == "https")
+        headers = [b"%s: %s" % (k, v) for k, v in request.headers.raw if k.lower() not in _OWN]
+        headers.append(b"Expect:")  # no 100-continue round trip
+        s(pycurl.HTTPHEADER, headers)
+        method = request.method
+        body = request.content if method not in ("GET", "HEAD") else b""
+        if method == "HEAD":
+            s(pycurl.NOBODY, 1)
+        else:
+            s(pycurl.HTTPGET, 1)  # also clears NOBODY and a previous body
+        if body:
+            s(pycurl.POSTFIELDSIZE, len(body))
+            s(pycurl.COPYPOSTFIELDS, body)
+        s(pycurl.CUSTOMREQUEST, None if method in ("GET", "HEAD") or (method == "POST" and body) else method)
+        s(pycurl.HEADERFUNCTION, ex.on_header)
+        s(pycurl.WRITEFUNCTION, ex.on_body)
+        timeouts = request.extensions.get("timeout") or {}
+        connect, read = timeouts.get("connect"), timeouts.get("read")
+        s(pycurl.CONNECTTIMEOUT_MS, int(connect * 1000) if connect else 0)
+        s(pycurl.LOW_SPEED_LIMIT, 1 if read else 0)
+        s(pycurl.LOW_SPEED_TIME, max(1, math.ceil(read)) if read else 0)
+        s(pycurl.RESOLVE, [resolve] if resolve else [])
+        s(pycurl.MAXAGE_CONN, max(1, math.ceil(self._limits.keepalive_expiry)))
+        s(pycurl.MAXLIFETIME_CONN, math.ceil(self._policy.max_connection_age))
+        s(pycurl.FORBID_REUSE, 0 if self._limits.max_keepalive_connections else 1)
+
+    async def close_idle(self) -> int:
+        """Close every connection, when no request is in flight (libcurl has no call that
+        closes idle connections only); returns how many were open."""
+        if self.in_flight or self._multi is None:
+            return 0
+        count = len(self.ledger.alive())
+        await self.aclose()
+        return count
+
+    async def aclose(self) -> None:
+        multi, self._multi = self._multi, None
+        if multi is not None:
+            await multi.aclose()  # libcurl closes every connection it holds
+        for ex in list(self.in_flight):
+            ex.finished(httpx.ReadError("the pool was closed", request=ex.request))
+        for easy in self._free:
+            easy.close()
+        self._free.clear()
+        self._gates.clear()
+        self.ledger.forget()
+
+    async def __aexit__(self, *args: Any) -> None:
+        await self.aclose()
+
+
+class _Handed:
+    """A socket handed to libcurl: pycurl duplicates ``fileno()``; ours is closed once it has."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def __del__(self) -> None:
+        self.sock.close()
