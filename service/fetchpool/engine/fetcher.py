@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 import certifi
 import httpx
 
@@ -110,6 +111,9 @@ class Engine:
         self._tender: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Engine:
+        # httpcore's locks import anyio's asyncio backend on first use (~0.1 s, more on a busy
+        # machine); do it now rather than inside the first fetch's pool wait.
+        await anyio.sleep(0)
         self._tender = asyncio.create_task(self._tend(), name="fetchpool-tend")
         return self
 

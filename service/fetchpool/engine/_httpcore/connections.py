@@ -118,10 +118,14 @@ async def open_tunnel(request: Request, step: Step, *, proxy: Origin, proxy_head
                                alpn=["http/1.1"])
     step.name = "proxy.connect"
     authority = b"%b:%d" % (target.host, target.port)
+    # The CONNECT exchange is part of opening the connection: bounded by the connect timeout,
+    # not by the read timeout meant for the target's answers (httpcore used the latter).
+    timeouts = request.extensions.get("timeout", {})
+    connect_timeouts = {**timeouts, "read": timeouts.get("connect"), "write": timeouts.get("connect")}
     connect = Request(
         b"CONNECT", URL(scheme=proxy.scheme, host=proxy.host, port=proxy.port, target=authority),
         headers=merge_headers([(b"Host", authority), (b"Accept", b"*/*")], proxy_headers),
-        extensions=request.extensions,
+        extensions={**request.extensions, "timeout": connect_timeouts},
     )
     response = await _close_on_failure(stream, AsyncHTTP11Connection(proxy, stream).handle_async_request(connect))
     if not 200 <= response.status <= 299:
@@ -139,11 +143,15 @@ async def open_socks5(request: Request, step: Step, *, proxy: Origin, auth: tupl
                                ssl_context=ssl_context, alpn=alpn, logger=_SOCKS)
     step.name = "proxy.connect"
     kwargs = {"stream": stream, "host": target.host.decode("ascii"), "port": target.port, "auth": auth}
+    timeout = request.extensions.get("timeout", {}).get("connect")
     async with Trace("setup_socks5_connection", _SOCKS, request, kwargs) as trace:
-        try:
-            await _close_on_failure(stream, _init_socks5_connection(**kwargs))  # type: ignore[arg-type]
+        try:  # httpcore reads the proxy's replies with no timeout at all
+            async with asyncio.timeout(timeout):
+                await _close_on_failure(stream, _init_socks5_connection(**kwargs))  # type: ignore[arg-type]
         except socksio.ProtocolError as exc:  # a reply cut short or garbled: the proxy's failure
             raise httpcore.ProxyError(f"SOCKS5 handshake failed: {exc}") from exc
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"the SOCKS5 handshake took over {timeout:g} s") from None
         trace.return_value = stream
     if target.scheme != b"https":
         return stream

@@ -23,8 +23,8 @@ _DRAINING_INPUTS = frozenset({
 #: (httpcore advertises 16 MiB). See :func:`receive_window`.
 RECEIVE_WINDOW = 1 << 20
 #: Headroom over the window for frame and TLS record overheads and the response headers (which
-#: flow control does not count).
-_HEADROOM = 1.25
+#: flow control does not count), with room to spare: 1.25 left proxied GOAWAY tests flaky under load.
+_HEADROOM = 2.0
 #: Share of a socket's receive buffer, as getsockopt(SO_RCVBUF) reports it, that can hold data:
 #: the kernel doubles what it is asked for and keeps about half for its own accounting
 #: (net.ipv4.tcp_adv_win_scale = 1).

@@ -55,7 +55,8 @@ def report(ex: Exchange, failed: pycurl.error | None = None) -> None:
     phases: list[Phase] = []
     if ex.opened:
         phases.append(Phase("connect", queued, t0 + connect_end if connect_end else queued))
-        tunnel_end = ex.t_tunnel or (queued if step == "proxy.connect" else 0.0)
+        # A CONNECT that failed ends when the transfer did.
+        tunnel_end = ex.t_tunnel or (t0 + g(pycurl.TOTAL_TIME_T) * _US if step == "proxy.connect" else 0.0)
         if ex.tunnel and (tunnel_end or step == "proxy.connect"):
             phases.append(Phase("proxy.connect", t0 + connect_end, tunnel_end or t0 + connect_end))
         if tls_end or step == "tls":
