@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import certifi
 import httpx
 
@@ -113,7 +114,7 @@ class Engine:
     async def __aenter__(self) -> Engine:
         # httpcore's locks import anyio's asyncio backend on first use (~0.1 s, more on a busy
         # machine); do it now rather than inside the first fetch's pool wait.
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         self._tender = asyncio.create_task(self._tend(), name="fetchpool-tend")
         return self
 
