@@ -38,12 +38,9 @@ async def silent_proxy() -> AsyncIterator[int]:
 async def test_a_silent_proxy_fails_within_the_connect_timeout_and_is_ejected(
     make_engine, certs: Certs, app_server: AppServer, silent_proxy: int, scheme: str, transport: str
 ) -> None:
-    if transport == "curl" and scheme == "socks5":
-        # libcurl times the SOCKS5 handshake inside "connect" and cannot tell a silent SOCKS5
-        # proxy from a silent target's TLS: the README's transport table says so.
-        kind = ErrorKind.TIMEOUT
-    else:
-        kind = ErrorKind.PROXY
+    # libcurl times the SOCKS5 handshake inside "connect" and cannot tell a silent SOCKS5 proxy
+    # from a silent target's TLS: the README's transport table says so.
+    kind = ErrorKind.TIMEOUT if transport == "curl" and scheme == "socks5" else ErrorKind.PROXY
     settings = make_settings(
         certs, proxy=f"{scheme}://127.0.0.1:{silent_proxy}", timeouts=Timeouts(connect=1.0, read=20.0),
         retry=RetryPolicy(attempts=1), policy=PoolPolicy(proxy_eject_failures=2, proxy_eject_seconds=30.0),
