@@ -6,6 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test files run in parallel workers (pytest-xdist; a file's tests stay in one worker, so its
+# module-scoped servers start once). Most tests wait on real servers and sockets, not the CPU:
+# three workers on two cores bring make test from ~15 to ~5 minutes. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 3
 # The installer: this version bootstraps the venv, and the lock pins the same one
 # (tests/unit/test_contract.py checks they agree). Change both with `make lock-upgrade`.
 UV_VERSION := 0.13.9
@@ -43,7 +47,7 @@ run: install ## start the service on embedded defaults (127.0.0.1:50051, direct,
 	$(BIN)/fetchpool serve
 
 test: install system-deps ## run every test (unit, integration against real servers, chart, bench smoke)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install ## ruff, mypy and the import contract (lint-imports)
 	$(BIN)/ruff check service tests bench

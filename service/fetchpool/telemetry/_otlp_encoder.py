@@ -132,7 +132,7 @@ class SpanEncoder:
                 else:
                     encoded = _field(tag, self._key(key) + _field(b"\x12", _any_value(value)))
             except Exception as exc:  # as the SDK's encoder: leave the attribute out, keep the rest
-                logger.error("Failed to encode key %s: %s", key, exc)
+                logger.error("Failed to encode key %r: %s", key, exc)  # %r: a key may not be encodable text
                 continue
             if reusable:
                 if len(cache) >= CACHE_LIMIT:
