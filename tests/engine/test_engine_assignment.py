@@ -6,11 +6,22 @@ max_connections replaces an idle connection rather than making a request wait.""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
+import enginekit
+import pytest
 from enginekit import make_settings
 from fetchpool.config import PoolLimits
 from fetchpool.engine import FetchSpec
 from support import AppServer, Certs
+
+
+@pytest.fixture(autouse=True)
+def transport() -> Iterator[str]:
+    """The httpcore transport's pool only (overrides tests/engine/conftest.py's, which runs every
+    test once per transport): libcurl's connection cache follows its own rules (README)."""
+    enginekit.TRANSPORT[0] = "httpcore"
+    yield "httpcore"
 
 
 async def test_idle_connections_up_to_the_keepalive_limit_stay_while_others_are_busy(

@@ -21,6 +21,7 @@ import pytest
 from enginekit import ROUTES, assert_engine_invariant, make_settings, summary
 from fetchpool.engine import FetchSpec, Outcome
 from fetchpool.engine.batch import run_batch
+from fetchpool.errors import ErrorKind
 from support import AppServer, Certs, Nginx
 
 CONCURRENCY = 64
@@ -67,12 +68,12 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     doc_pages: list[str],
     app_server: AppServer,
 ) -> None:
-    if transport == "curl" and route != "direct":
-        # Known defect, README "Transports": through a proxy, libcurl 8.23 fails every stream of a
-        # connection whose peer closed after GOAWAY with "Send failure: Broken pipe" (its write
-        # meets the proxy's reset) though their answers had arrived, and resending them sends
-        # answered requests twice. Not strict: with one GOAWAY per batch it strikes only some runs.
-        request.applymarker(pytest.mark.xfail(reason="libcurl fails answered streams on EPIPE after GOAWAY"))
+    # Known defect, README "Transports": through a proxy, libcurl 8.23 fails every stream of a
+    # connection whose peer closed after GOAWAY with "Send failure: Broken pipe" (its write meets
+    # the proxy's reset) though their answers had arrived, and resending them sends answered
+    # requests twice. For curl through a proxy those two are what the test tolerates; one result
+    # per request, the bytes of every page that succeeded and the pool's invariant still hold.
+    curl_defect = transport == "curl" and route != "direct"
     nginx: Nginx = request.getfixturevalue(origin)
     engine = await make_engine(make_settings(certs, proxy=proxy_url(route)))
     run = uuid.uuid4().hex[:12]
@@ -95,6 +96,8 @@ async def test_a_site_in_one_batch_survives_every_goaway(
                         f"{sum(len(got) > 1 for got in outcomes.values())} more than one")
     results = {page: got[0] for page, got in outcomes.items()}
     failed = [o for o in results.values() if not o.ok or o.status_code != 200]
+    if curl_defect:
+        failed = [o for o in failed if o.error_kind not in (ErrorKind.NETWORK, ErrorKind.PROTOCOL)]
     if failed:
         problems.append(f"{len(failed)} of {len(specs)} pages failed: {summary(failed)}")
     wrong = [page for page, o in results.items() if o.ok and o.body != (doc_root / page).read_bytes()]
@@ -103,7 +106,11 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     if {o.http_version for o in results.values() if o.ok} != {"HTTP/2"}:
         problems.append(f"HTTP versions {sorted({o.http_version for o in results.values()})}, not only HTTP/2")
     entries = [e for e in nginx.access_log(since, min_entries=len(specs)) if f"run={run}" in e["request_uri"]]
-    problems += connection_problems(entries, len(specs), nginx.keepalive_requests)
+    if curl_defect:
+        problems += [p for p in connection_problems(entries, len(specs), nginx.keepalive_requests)
+                     if "more than once" not in p and "connections for" not in p]
+    else:
+        problems += connection_problems(entries, len(specs), nginx.keepalive_requests)
     stats = engine.snapshots()[0]  # the batch's, before the invariant's probe adds its own
     try:
         await assert_engine_invariant(engine, [nginx.https_url], app_server, f"the {route} batch")
