@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,9 @@ from fetchpool.errors import ConfigError
 from fetchpool.v1 import fetch_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+#: Exit status when the reader of stdout went away: 128 + SIGPIPE, what a shell reports for a
+#: command that SIGPIPE ended.
+BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def _tune_garbage_collector(port: int) -> None:
@@ -140,22 +144,61 @@ def _token(args: argparse.Namespace) -> str | None:
     return Path(args.token_file).read_text().strip() if args.token_file else None
 
 
+class _OutputFailed(Exception):
+    """Results could not be written (to stdout or to -o FILE); the message says where and why."""
+
+
+def _emit(text: str) -> None:
+    """Write ``text`` to stdout at once. A closed pipe raises BrokenPipeError (see :func:`main`);
+    any other write error (a full disk, ...) raises _OutputFailed."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputFailed(f"cannot write to stdout: {exc.strerror or exc}") from None
+
+
+def _output_problem(path: str) -> str | None:
+    """Why -o PATH cannot be written, found before anything is fetched; None when it can be."""
+    target = Path(path)
+    if target.is_dir():
+        return f"{path} is a directory"
+    if not target.parent.is_dir():
+        return f"the directory {target.parent} does not exist"
+    if not os.access(target.parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"{path} is not writable"
+    return None
+
+
+def _save(path: str, body: bytes) -> None:
+    """Write the body to -o PATH; raises _OutputFailed."""
+    try:
+        Path(path).write_bytes(body)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise _OutputFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) -> None:
-    """Print one result: the terminal view or a JSON line; its body to -o FILE when given."""
+    """Print one result: the terminal view or a JSON line; its body to -o FILE when given.
+    Raises _OutputFailed or BrokenPipeError when it cannot be written."""
     from fetchpool import render
 
     if args.output and not result.HasField("error"):
-        Path(args.output).write_bytes(result.body)
+        _save(args.output, result.body)
         print(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
     if not terminal:
-        print(json.dumps(render.result_json(result, "omit" if args.output else args.body or "base64"),
-                         ensure_ascii=False), flush=True)
+        _emit(json.dumps(render.result_json(result, "omit" if args.output else args.body or "base64"),
+                         ensure_ascii=False) + "\n")
         return
-    if several:
-        print(f"--- [{result.index}] {result.url}")
+    lines = [f"--- [{result.index}] {result.url}"] if several else []
     if args.verbose:
-        print("\n".join(render.verbose_lines(result)))
-    print(render.result_view(result, show_body=not args.output and args.body != "omit"), end="", flush=True)
+        lines += render.verbose_lines(result)
+    _emit("".join(line + "\n" for line in lines)
+          + render.result_view(result, show_body=not args.output and args.body != "omit"))
 
 
 def _exit_status(results: list[tuple[int, bool]], fail: bool) -> int:
@@ -176,6 +219,9 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
         return 2
     if args.output and len(urls) != 1:
         print(f"fetchpool fetch: -o takes one URL, got {len(urls)}", file=sys.stderr)
+        return 2
+    if args.output and (problem := _output_problem(args.output)):
+        print(f"fetchpool fetch: cannot write -o {args.output}: {problem}", file=sys.stderr)
         return 2
     headers = []
     for header in args.header:
@@ -248,9 +294,9 @@ async def _stats(args: argparse.Namespace) -> int:
             print(_call_error("stats", exc, args.target), file=sys.stderr)
             return 2
     if sys.stdout.isatty() and not args.json:
-        print(render.stats_table(stats.pools), end="")
+        _emit(render.stats_table(stats.pools))
     else:
-        print(json.dumps(render.to_json(stats), indent=2))
+        _emit(json.dumps(render.to_json(stats), indent=2) + "\n")
     return 0
 
 
@@ -274,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch URLs through a running service. At a terminal: status line, headers and body as text "
                     "(like httpie). Piped, or with --json: one JSON line per result, every field of FetchResult "
                     "(numbers as numbers, body base64 unless --body). Exit status: 0; 1 when a fetch failed; "
-                    "2 when the call could not be made; 22 with --fail when an HTTP status is 400 or more.")
+                    "2 when the call could not be made or the results could not be written; 22 with --fail when "
+                    "an HTTP status is 400 or more; 141 (128 + SIGPIPE) when the reader of stdout went away.")
     fetch.add_argument("urls", nargs="*", metavar="URL")
     fetch.add_argument("--file", help="file of URLs, one per line")
     _service_arguments(fetch)
@@ -321,6 +368,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`fetchpool fetch ... | head`): stop quietly, as Python's
+        # docs advise (signal module, "Note on SIGPIPE"), with the status a shell shows for a
+        # command that SIGPIPE ended, as curl's or cat's.
+        _detach_stdout()
+        return BROKEN_PIPE
+    except _OutputFailed as exc:
+        _detach_stdout()
+        print(f"fetchpool {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what stdout still
+    buffers cannot fail again (and print its own traceback) at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

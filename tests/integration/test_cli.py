@@ -6,46 +6,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pty
-import select
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from fetchpool.v1 import fetch_pb2 as pb
 from support import AppServer, Nginx, free_port
 from support.app import SAMPLE_TEXTS
+from support.cli import run_cli
 from support.fetchpool_service import FetchpoolService
 
 
 def _cli(*args: str, tty: bool = False, timeout: float = 60) -> tuple[int, str, str]:
     """Run `fetchpool ARGS`; stdout to a pseudo-terminal when ``tty``, else a pipe: (status, stdout, stderr)."""
-    command = [sys.executable, "-m", "fetchpool", *args]
-    if not tty:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-        return done.returncode, done.stdout, done.stderr
-    leader, follower = pty.openpty()
-    process = subprocess.Popen(command, stdout=follower, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    os.close(follower)
-    chunks, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.2)
-        if ready:
-            try:
-                data = os.read(leader, 65536)
-            except OSError:  # EIO: the process closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif process.poll() is not None:
-            break
-    os.close(leader)
-    status = process.wait(timeout=10)
-    assert process.stderr is not None
-    return status, b"".join(chunks).decode().replace("\r\n", "\n"), process.stderr.read().decode()
+    done = run_cli(*args, stdout="tty" if tty else "pipe", timeout=timeout)
+    return done.status, done.out, done.err
 
 
 def _text_url(app_server: AppServer, lang: str, encoding: str) -> str:

@@ -1,0 +1,42 @@
+"""Where `fetchpool fetch` writes, and what happens when it cannot: -o FILE, a pipe whose reader
+goes away, a full disk; the progress bar on a terminal's stderr. Real service, real nginx, real
+pipes and pseudo-terminals (tests/support/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from support import Nginx, free_port
+from support.cli import run_cli, run_shell
+from support.fetchpool_service import FetchpoolService
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_fetching(
+    service: FetchpoolService, nginx: Nginx, tmp_path: Path
+) -> None:
+    url = f"{nginx.http_url}/small.html"
+    nobody = f"127.0.0.1:{free_port()}"  # no service: a fetch would end in "cannot reach the service"
+    for path, why in [(tmp_path / "missing" / "x", f"the directory {tmp_path / 'missing'} does not exist"),
+                      (tmp_path, f"{tmp_path} is a directory")]:
+        done = run_cli("fetch", "--target", nobody, "-o", str(path), url)
+        assert done.status == 2 and done.err == f"fetchpool fetch: cannot write -o {path}: {why}\n", done.err
+    # A write that fails only when it happens (a full device) is said as clearly.
+    done = run_cli("fetch", "--target", service.target, "-o", "/dev/full", url)
+    assert done.status == 2 and done.err == "fetchpool fetch: cannot write /dev/full: No space left on device\n"
+    done = run_cli("fetch", "--target", service.target, "-o", str(tmp_path / "page.html"), url)
+    assert done.status == 0 and (tmp_path / "page.html").read_bytes() == (nginx.root / "small.html").read_bytes()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_sigpipe_s_status(
+    service: FetchpoolService, nginx: Nginx, tmp_path: Path
+) -> None:
+    # Each JSON line carries 100 KiB of body in base64: far more than a pipe holds.
+    (tmp_path / "urls.txt").write_text("".join(f"{nginx.http_url}/large.html?{i}\n" for i in range(20)))
+    done = run_shell(f"$FETCHPOOL fetch --target {service.target} --file {tmp_path}/urls.txt | head -c 100 "
+                     f"> {tmp_path}/head.out")
+    assert done.status == 141 and done.err == "", done.err  # 128 + SIGPIPE, as `curl ... | head`
+    assert (tmp_path / "head.out").read_text().startswith('{"id": ')
+    done = run_shell(f"$FETCHPOOL fetch --target {service.target} --file {tmp_path}/urls.txt > /dev/full")
+    assert done.status == 2 and done.err == "fetchpool fetch: cannot write to stdout: No space left on device\n"
+    done = run_shell(f"$FETCHPOOL stats --target {service.target} > /dev/full")
+    assert done.status == 2 and done.err == "fetchpool stats: cannot write to stdout: No space left on device\n"
