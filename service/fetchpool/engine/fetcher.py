@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, NoCooki
 from fetchpool.engine.sessions import SessionCookies
 from fetchpool.engine.transports import RECORDER_EXTENSION, TransportConfig, make_transport
 from fetchpool.engine.validate import check
-from fetchpool.errors import ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
+from fetchpool.errors import ConfigError, ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
 from fetchpool.redact import redact_url
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,18 @@ def _describe_peer(response: httpx.Response, outcome: Outcome) -> None:
     outcome.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
 
 
+def _trusting(ca_bundle: str) -> ssl.SSLContext:
+    """The TLS context of every pool: verifies targets against the CAs of ``ca_bundle`` (a PEM file).
+
+    Raises ConfigError when the file cannot be read or holds no certificate (ssl would raise SSLError).
+    """
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (ssl.SSLError, OSError) as exc:
+        detail = re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc.strerror or exc))
+        raise ConfigError(f"CA bundle {ca_bundle!r} is not a PEM file of CA certificates: {detail}") from None
+
+
 def _header(headers: Headers, name: str) -> str | None:
     return next((value for key, value in headers if key.lower() == name), None)
 
@@ -68,7 +81,8 @@ class Engine:
     """Fetches URLs through one pooled HTTP/2 ``httpx.AsyncClient``.
 
     Use as ``async with Engine(settings) as engine: outcome = await engine.fetch(spec)``.
-    Raises :class:`~fetchpool.errors.ConfigError` at construction for bad proxies.
+    Raises :class:`~fetchpool.errors.ConfigError` at construction for bad proxies, target rules or
+    CA bundle.
     """
 
     def __init__(self, settings: Settings, observer: FetchObserver | None = None) -> None:
@@ -85,8 +99,7 @@ class Engine:
         # Proxies are the operator's choice (often private addresses): only direct pools
         # connect through the guard; proxied targets are checked before each request.
         config = TransportConfig(limits=settings.limits, policy=settings.pool, ca_bundle=ca_bundle,
-                                 ssl_context=ssl.create_default_context(cafile=ca_bundle),
-                                 max_header_bytes=fetch.max_header_bytes)
+                                 ssl_context=_trusting(ca_bundle), max_header_bytes=fetch.max_header_bytes)
         pools = [Pool(p.key, settings.limits, settings.pool, make_transport(
             fetch.transport, dataclasses.replace(config, proxy_url=p.url)), proxy=True) for p in proxies] or [
             Pool(DIRECT, settings.limits, settings.pool, make_transport(

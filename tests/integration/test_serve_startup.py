@@ -1,0 +1,41 @@
+"""`fetchpool serve` refuses bad settings at start-up: one clear line on stderr and status 2, never
+a traceback and never a service that starts on something else than what was asked (real processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import free_port
+
+STARTUP = 60  # seconds: a refusal comes within a few; a service that starts instead runs until killed
+
+
+def _refused(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``fetchpool serve ARGS`` (on a free port unless ARGS say --listen) and return its stderr,
+    asserting that it exited with status 2 without a traceback."""
+    listen = [] if "--listen" in args or "FETCHPOOL_LISTEN" in (env or {}) else ["--listen",
+                                                                                 f"127.0.0.1:{free_port()}"]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHPOOL_", "OTEL_"))}
+    try:
+        done = subprocess.run([sys.executable, "-m", "fetchpool", "serve", *listen, *args],
+                              env={**environ, **(env or {})}, capture_output=True, text=True, timeout=STARTUP,
+                              check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"fetchpool serve {' '.join(args)} started instead of refusing: {exc.stderr!r}") from None
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize("content", ["root:x:0:0:root:/root:/bin/bash\n",
+                                     "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"])
+def test_a_ca_bundle_that_is_not_pem_is_a_config_error(tmp_path: Path, content: str) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text(content)
+    err = _refused("--ca-bundle", str(bundle))
+    assert err.startswith(f"fetchpool serve: CA bundle '{bundle}' is not a PEM file of CA certificates: "), err
+    err = _refused(env={"FETCHPOOL_CA_BUNDLE": str(bundle)})
+    assert f"CA bundle '{bundle}' is not a PEM file" in err
