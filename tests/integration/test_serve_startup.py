@@ -39,3 +39,13 @@ def test_a_ca_bundle_that_is_not_pem_is_a_config_error(tmp_path: Path, content: 
     assert err.startswith(f"fetchpool serve: CA bundle '{bundle}' is not a PEM file of CA certificates: "), err
     err = _refused(env={"FETCHPOOL_CA_BUNDLE": str(bundle)})
     assert f"CA bundle '{bundle}' is not a PEM file" in err
+
+
+@pytest.mark.parametrize(("flag", "variable", "what"), [("--deny-targets", "FETCHPOOL_DENY_TARGETS", "denied"),
+                                                        ("--allow-targets", "FETCHPOOL_ALLOW_TARGETS", "allowed")])
+def test_a_mistyped_target_rule_is_refused_by_flag_and_by_variable(flag: str, variable: str, what: str) -> None:
+    for rules, bad, why in [("10.0.0.0/8,127.0.0.1/33", "127.0.0.1/33", "not a valid address or CIDR"),
+                            ("300.1.1.1/8", "300.1.1.1/8", "not a valid address or CIDR"),
+                            ("*.corp.example,corp_intranet", "corp_intranet", "neither an address, a CIDR nor")]:
+        for err in (_refused(flag, rules), _refused(env={variable: rules})):
+            assert err.startswith(f"fetchpool serve: {what} target '{bad}' is {why}"), err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import ipaddress
+import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
@@ -31,16 +32,47 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 VERDICT_TTL = 30.0
 
 
-def _parse_rules(entries: Iterable[str]) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
+# A host pattern: dot-separated labels of letters, digits and hyphens (RFC 1123), any of which may
+# hold `*` wildcards; lower case (rules are lowered first), at most 253 characters.
+_HOST_PATTERN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9*](?:[a-z0-9*-]{0,61}[a-z0-9*])?\.)*"
+                           r"[a-z0-9*](?:[a-z0-9*-]{0,61}[a-z0-9*])?")
+# Labels that make a name an IPv4 address, after the WHATWG URL standard's "ends in a number":
+# decimal, or hexadecimal with 0x.
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+
+
+def _looks_like_address(rule: str) -> bool:
+    """Whether ``rule`` (lowered) is meant as an address or network: it has a "/" or a ":", its last
+    label is a number (no host name ends in one), or it is numbers and wildcards only ("10.0.*")."""
+    labels = rule.split(".")
+    return ("/" in rule or ":" in rule or bool(_NUMERIC_LABEL.fullmatch(labels[-1]))
+            or (any(c.isdigit() for c in rule) and all(label.isdigit() or label == "*" for label in labels)))
+
+
+def _parse_rules(entries: Iterable[str], what: str) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
+    """Split ``entries`` into networks (CIDRs and single addresses) and host patterns.
+
+    Raises ConfigError naming the entry for an address or CIDR that does not parse (a mistyped
+    "127.0.0.1/33" taken as a host pattern would never match: a deny rule silently off) and for
+    a host pattern with anything but letters, digits, hyphens, dots and ``*``.
+    """
     networks: list[IPNetwork] = []
     patterns: list[str] = []
     for entry in entries:
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
-        except ValueError:
-            if not entry or any(c.isspace() for c in entry):
-                raise ConfigError(f"target rule {entry!r} is neither a CIDR nor a host pattern") from None
-            patterns.append(entry.lower().rstrip("."))
+        rule = entry.lower().rstrip(".")
+        if _looks_like_address(rule):
+            network = ipaddress.IPv6Network if ":" in rule else ipaddress.IPv4Network
+            try:
+                networks.append(network(rule, strict=False))
+            except ValueError as exc:
+                tail = "; wildcards match host names only: write a CIDR (10.0.0.0/24)" if "*" in rule else ""
+                raise ConfigError(f"{what} target {entry!r} is not a valid address or CIDR: {exc}{tail}") from None
+        elif _HOST_PATTERN.fullmatch(rule):
+            patterns.append(rule)
+        else:
+            tail = "; write an internationalized name in its xn-- form" if not rule.isascii() else ""
+            raise ConfigError(f"{what} target {entry!r} is neither an address, a CIDR nor a host pattern "
+                              f"(letters, digits, hyphens and dots, with * wildcards){tail}")
     return tuple(networks), tuple(patterns)
 
 
@@ -53,7 +85,8 @@ class TargetGuard:
     unspecified, CGNAT, documentation or reserved ranges; IPv4-mapped IPv6 is judged by
     its IPv4 address). ``allow`` entries (CIDRs or host patterns such as
     ``*.corp.example``) are allowed anyway; ``deny`` entries are refused even then.
-    ``enabled=False`` allows everything except ``deny``. Raises ConfigError for a bad rule.
+    ``enabled=False`` allows everything except ``deny``. Raises ConfigError for a bad rule (see
+    :func:`_parse_rules`).
     """
 
     enabled: bool = True
@@ -64,8 +97,8 @@ class TargetGuard:
     _verdicts: dict[tuple[str, int], float] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_allow", _parse_rules(self.allow))
-        object.__setattr__(self, "_deny", _parse_rules(self.deny))
+        object.__setattr__(self, "_allow", _parse_rules(self.allow, "allowed"))
+        object.__setattr__(self, "_deny", _parse_rules(self.deny, "denied"))
 
     def _host_matches(self, host: str, patterns: tuple[str, ...]) -> bool:
         host = host.lower().rstrip(".")
