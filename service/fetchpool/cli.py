@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from fetchpool.addresses import check_target
 from fetchpool.config import add_arguments, settings_from_args
 from fetchpool.errors import ConfigError
 from fetchpool.v1 import fetch_pb2 as pb
@@ -300,8 +301,18 @@ async def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target(text: str) -> str:
+    """argparse type: a gRPC target (HOST:PORT, [IPv6]:PORT, dns:///HOST:PORT, unix:PATH, ...)."""
+    try:
+        return check_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"malformed target: {exc}") from None
+
+
 def _service_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"service address (default {DEFAULT_TARGET})")
+    parser.add_argument("--target", type=_target, default=DEFAULT_TARGET,
+                        help=f"service address: HOST:PORT, [IPv6]:PORT, dns:///HOST:PORT, unix:PATH "
+                             f"(default {DEFAULT_TARGET})")
     parser.add_argument("--token-file", default=os.environ.get("FETCHPOOL_AUTH_TOKEN_FILE") or None,
                         help="file holding the service's bearer token (env FETCHPOOL_AUTH_TOKEN_FILE)")
 

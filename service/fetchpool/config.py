@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fetchpool.addresses import split_host_port
 from fetchpool.errors import ConfigError, InvalidLimits
 
 __all__ = [
@@ -271,6 +272,10 @@ class ServerSettings:
     admin_token_file: str = ""
 
     def __post_init__(self) -> None:
+        try:
+            split_host_port(self.listen, ephemeral=True)
+        except ValueError as exc:
+            raise ConfigError(f"listen address: {exc}") from None
         if self.event_loop not in ("uvloop", "asyncio"):
             raise ConfigError(f"event loop must be uvloop or asyncio, got {self.event_loop!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -334,7 +339,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("server.listen", "--listen", "FETCHPOOL_LISTEN", str, "gRPC listen address, host:port"),
+    Option("server.listen", "--listen", "FETCHPOOL_LISTEN", str,
+           "gRPC listen address, host:port ([::]:port for IPv6; port 0 picks a free one)"),
     Option("limits.max_connections", "--max-connections", "FETCHPOOL_MAX_CONNECTIONS", int,
            "open connections per pool at most; also the requests in flight per pool"),
     Option("limits.max_keepalive_connections", "--max-keepalive-connections",

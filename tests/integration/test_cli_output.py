@@ -40,3 +40,13 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_sigpipe_s_status(
     assert done.status == 2 and done.err == "fetchpool fetch: cannot write to stdout: No space left on device\n"
     done = run_shell(f"$FETCHPOOL stats --target {service.target} > /dev/full")
     assert done.status == 2 and done.err == "fetchpool stats: cannot write to stdout: No space left on device\n"
+
+
+def test_a_malformed_target_is_said_to_be_malformed_not_down(nginx: Nginx) -> None:
+    for command in ("fetch", "stats"):
+        for target, why in [("127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is out of range (1-65535)"),
+                            ("nonsense::", "'nonsense::' is not HOST:PORT"),
+                            ("dns:///[::1:50051", "the IPv6 address in '[::1:50051' is not closed")]:
+            done = run_cli(command, "--target", target, *([f"{nginx.http_url}/"] if command == "fetch" else []))
+            assert done.status == 2 and f"argument --target: malformed target: {why}" in done.err, done.err
+            assert "Is it running?" not in done.err

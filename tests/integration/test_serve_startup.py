@@ -4,11 +4,14 @@ a traceback and never a service that starts on something else than what was aske
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import free_port
 
 STARTUP = 60  # seconds: a refusal comes within a few; a service that starts instead runs until killed
@@ -49,3 +52,28 @@ def test_a_mistyped_target_rule_is_refused_by_flag_and_by_variable(flag: str, va
                             ("*.corp.example,corp_intranet", "corp_intranet", "neither an address, a CIDR nor")]:
         for err in (_refused(flag, rules), _refused(env={variable: rules})):
             assert err.startswith(f"fetchpool serve: {what} target '{bad}' is {why}"), err
+
+
+def test_a_listen_address_grpc_would_wrap_or_misread_is_refused() -> None:
+    for listen, why in [("127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is out of range (0-65535"),
+                        ("::1:50051", "'::1:50051': an IPv6 address goes in brackets"),
+                        ("127.0.0.1", "'127.0.0.1' has no port")]:
+        for err in (_refused("--listen", listen), _refused(env={"FETCHPOOL_LISTEN": listen})):
+            assert err.startswith(f"fetchpool serve: listen address: {why}"), err
+
+
+def test_port_0_listens_on_a_free_port_and_says_which() -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHPOOL_", "OTEL_"))}
+    process = subprocess.Popen([sys.executable, "-m", "fetchpool", "serve", "--listen", "127.0.0.1:0"],
+                               env=environ, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        line = next((line for line in process.stderr if "serving on" in line or "Traceback" in line), "")
+        port = int(re.search(r"serving on 127\.0\.0\.1:(\d+) ", line).group(1))  # type: ignore[union-attr]
+        assert port > 0
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        process.terminate()
+        process.wait(30)

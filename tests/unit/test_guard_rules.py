@@ -29,7 +29,7 @@ def test_an_address_or_cidr_that_does_not_parse_is_refused_naming_it(rule: str) 
 
 @pytest.mark.parametrize("rule", NOT_HOSTS)
 def test_a_host_pattern_must_look_like_a_host_name(rule: str) -> None:
-    with pytest.raises(ConfigError, match="neither an address, a CIDR nor a host pattern|not a valid address"):
+    with pytest.raises(ConfigError, match=r"neither an address, a CIDR nor a host pattern|not a valid address"):
         TargetGuard(True, (), (rule,))
 
 
