@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -202,6 +203,20 @@ def _show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) 
           + render.result_view(result, show_body=not args.output and args.body != "omit"))
 
 
+def _bar_size() -> dict[str, int]:
+    """tqdm's ncols/nrows for the progress bar: none (tqdm follows the terminal on stderr), or for
+    a terminal that reports 0 columns and rows (a pty whose size was never set, where tqdm hides
+    the bar) the fallback of :func:`shutil.get_terminal_size` ($COLUMNS and $LINES, else 80x24)."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):  # not a terminal: no bar anyway
+        return {}
+    if size.columns and size.lines:
+        return {}
+    fallback = shutil.get_terminal_size()
+    return {"ncols": size.columns or fallback.columns, "nrows": size.lines or fallback.lines}
+
+
 def _exit_status(results: list[tuple[int, bool]], fail: bool) -> int:
     """0, 1 when an item failed, 22 (curl's) with --fail when an HTTP status is 400 or more."""
     if any(failed for _, failed in results):
@@ -246,7 +261,7 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
     async with FetchClient(args.target, timeout=args.deadline, token=token) as client:
         try:
             bar_off = len(requests) < 2 or terminal or None  # None: on when stderr is a terminal
-            with tqdm(total=len(requests), unit="url", file=sys.stderr, disable=bar_off) as bar:
+            with tqdm(total=len(requests), unit="url", file=sys.stderr, disable=bar_off, **_bar_size()) as bar:
                 if len(requests) == 1:
                     results: Any = [await client.fetch(requests[0])]
                 else:

@@ -4,8 +4,10 @@ pipes and pseudo-terminals (tests/support/cli.py)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 from support import Nginx, free_port
 from support.cli import run_cli, run_shell
 from support.fetchpool_service import FetchpoolService
@@ -50,3 +52,21 @@ def test_a_malformed_target_is_said_to_be_malformed_not_down(nginx: Nginx) -> No
             done = run_cli(command, "--target", target, *([f"{nginx.http_url}/"] if command == "fetch" else []))
             assert done.status == 2 and f"argument --target: malformed target: {why}" in done.err, done.err
             assert "Is it running?" not in done.err
+
+
+@pytest.mark.parametrize("columns", [0, 100])  # 0: a pty whose size was never set
+def test_results_to_a_file_show_a_progress_bar_on_a_terminal_s_stderr(
+    service: FetchpoolService, nginx: Nginx, tmp_path: Path, columns: int
+) -> None:
+    """The README's `fetchpool fetch --file urls.txt ... > results.jsonl`."""
+    (tmp_path / "urls.txt").write_text("".join(f"{nginx.http_url}/small.html?{i}\n" for i in range(3)))
+    results = tmp_path / "results.jsonl"
+    done = run_cli("fetch", "--target", service.target, "--file", str(tmp_path / "urls.txt"), stdout=results,
+                   stderr="tty", columns=columns)
+    assert done.status == 0 and len(results.read_text().splitlines()) == 3
+    final = done.err.split("\r")[-1]
+    assert re.fullmatch(r"100%\|█+\| 3/3 \[[0-9:]+<00:00, +[0-9.]+url/s\]\n", final), done.err
+    assert (columns or 80) - 1 <= len(final.rstrip("\n")) <= (columns or 80)  # the terminal's width, else 80
+    # Piped, stderr gets no bar: only what a script reads.
+    done = run_cli("fetch", "--target", service.target, "--file", str(tmp_path / "urls.txt"), stdout=results)
+    assert done.status == 0 and done.err == ""
