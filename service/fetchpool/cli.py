@@ -257,7 +257,7 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
         for i, url in enumerate(urls)
     ]
     seen: list[tuple[int, bool]] = []
-    failures: dict[str, int] = {}
+    failures: dict[tuple[str, str], int] = {}  # (kind, hint): count
     async with FetchClient(args.target, timeout=args.deadline, token=token) as client:
         try:
             bar_off = len(requests) < 2 or terminal or None  # None: on when stderr is a terminal
@@ -271,16 +271,17 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
                     seen.append((result.status_code, failed))
                     if failed:
                         kind = pb.FetchError.Kind.Name(result.error.kind)
-                        failures[kind] = failures.get(kind, 0) + 1
+                        key = (kind, render.hint(kind, result.error.message))
+                        failures[key] = failures.get(key, 0) + 1
                     _show(result, args, terminal, len(requests) > 1)
                     bar.update()
         except grpc.aio.AioRpcError as exc:
             print(_call_error("fetch", exc, args.target), file=sys.stderr)
             return 2
     if failures and not terminal:
-        for kind, count in sorted(failures.items()):
-            hint = f": {render.HINTS[kind]}" if kind in render.HINTS else ""
-            print(f"fetchpool fetch: {count} of {len(seen)} failed with {kind}{hint}", file=sys.stderr)
+        for (kind, hint), count in sorted(failures.items()):
+            print(f"fetchpool fetch: {count} of {len(seen)} failed with {kind}{f': {hint}' if hint else ''}",
+                  file=sys.stderr)
     return _exit_status(seen, args.fail)
 
 

@@ -9,7 +9,9 @@ The numeric values of :class:`ErrorKind` are those of ``fetchpool.v1.FetchError.
 
 from __future__ import annotations
 
+import ast
 import enum
+import re
 import socket
 import ssl
 
@@ -26,6 +28,7 @@ __all__ = [
     "InvalidLimits",
     "classify",
     "proxy_status",
+    "readable",
 ]
 
 
@@ -84,6 +87,27 @@ _HANDSHAKE_CUT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError, 
                   ssl.SSLWantWriteError)
 
 
+#: A peer's bytes quoted in an error message: this many at most.
+QUOTED_BYTES = 80
+# h11 quotes what it could not parse as a Python repr: "illegal status line: bytearray(b'...')".
+_BYTES_REPR = re.compile(r"""bytearray\((b'(?:[^'\\]|\\.)*'|b"(?:[^"\\]|\\.)*")\)|\bb'(?:[^'\\]|\\.)*'""")
+
+
+def _quoted(match: re.Match[str]) -> str:
+    try:
+        data = ast.literal_eval(match.group(1) or match.group(0))
+    except (ValueError, SyntaxError):
+        return match.group(0)
+    shown = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x22 else f"\\x{b:02x}" for b in data[:QUOTED_BYTES])
+    return f'"{shown}"' + (f" ... ({len(data)} bytes)" if len(data) > QUOTED_BYTES else "")
+
+
+def readable(text: str) -> str:
+    """``text`` with the Python reprs of bytes in it (``bytearray(b'...')``, ``b'...'``) shown as
+    quoted text: printable ASCII as is, other bytes as ``\\xNN``, at most QUOTED_BYTES of them."""
+    return _BYTES_REPR.sub(_quoted, text) if "b'" in text or 'b"' in text else text
+
+
 def _causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and its ``__cause__``/``__context__`` chain, bounded against cycles."""
     chain: list[BaseException] = []
@@ -117,7 +141,7 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
     if isinstance(exc, FetchFailed):
         return exc.kind, str(exc)
     chain = _causes(exc)
-    text = str(exc) or type(exc).__name__
+    text = readable(str(exc) or type(exc).__name__)
     if isinstance(exc, httpx.ProxyError | httpcore.ProxyError):
         if text.startswith(("407", "401")):  # tinyproxy answers a bad Proxy-Authorization with 401
             return ErrorKind.PROXY_AUTH, f"proxy refused the credentials: {text}"

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from fetchpool import charset
 from fetchpool.v1 import fetch_pb2 as pb
 
-__all__ = ["HINTS", "result_view", "stats_table", "to_json", "verbose_lines"]
+__all__ = ["HINTS", "TOO_LARGE_HINTS", "hint", "result_view", "stats_table", "to_json", "verbose_lines"]
 
 #: What to do about a failed fetch, by error kind (shown after the error at a terminal).
 HINTS = {
@@ -30,14 +30,40 @@ HINTS = {
     "CONNECT": "nothing accepted the connection at that address and port: is the target up?",
     "TIMEOUT": "give it more time: --timeout SECONDS for each fetch, --deadline SECONDS for the whole call",
     "POOL_TIMEOUT": "the pool was full for too long: lower --concurrency, or raise the service's --max-connections",
-    "TOO_LARGE": "the response exceeds the size limits: ask for a larger max_body_bytes, within the service's "
+    "TOO_LARGE": "the body exceeds the size limit: ask for a larger max_body_bytes, within the service's "
                  "--max-body-bytes",
+    "TOO_MANY_REDIRECTS": "the target redirects in a loop, or more often than the service follows "
+                          "(--max-redirects); -v lists the redirects followed",
+    "PROTOCOL": "the target's answer is not valid HTTP (a garbled response, a connection closed early, or "
+                "something else than HTTP on that port): check the URL's scheme and port",
+    "INVALID_ARGUMENT": "the request was refused before it was sent: check --method, the -H headers and --timeout "
+                        "(at most the service's --max-request-timeout)",
     "TLS": "the target's certificate is not trusted by the service (its --ca-bundle)",
     "PROXY": "the forward proxy failed: check the service's --proxy",
     "PROXY_AUTH": "the forward proxy refused the credentials in the service's --proxy URL",
     "UNAVAILABLE": "the service is shutting down: send the item again",
     "INVALID_URL": "give an absolute http:// or https:// URL",
 }
+
+
+#: TOO_LARGE is said of a body, a header block and a whole result message: the hint follows what
+#: the message names (the first that matches; otherwise HINTS["TOO_LARGE"], about the body).
+TOO_LARGE_HINTS = (
+    ("parser's limit", "the header block is larger than the HTTP client reads at all (100 KiB): no setting "
+                       "raises that"),
+    ("for libcurl", "the header block is larger than libcurl reads at all (100 KiB): no setting raises that"),
+    ("header", "the response headers exceed the service's limits: start it with a larger --max-header-bytes "
+               "or --max-header-count"),
+    ("one message", "the result exceeds the largest message the service sends: raise its --max-message-bytes"),
+)
+
+
+def hint(kind: str, message: str) -> str:
+    """What to do about a failed fetch of ``kind`` (a FetchError.Kind name) that says ``message``;
+    "" when there is nothing to add."""
+    if kind == "TOO_LARGE":
+        return next((text for key, text in TOO_LARGE_HINTS if key in message), HINTS[kind])
+    return HINTS.get(kind, "")
 
 
 def _value(field: Any, value: Any) -> Any:
@@ -106,8 +132,8 @@ def result_view(result: pb.FetchResult, *, show_body: bool = True) -> str:
     if result.HasField("error"):
         kind = pb.FetchError.Kind.Name(result.error.kind)
         lines = [f"{kind}: {result.error.message}"]
-        if kind in HINTS:
-            lines.append(f"  hint: {HINTS[kind]}")
+        if advice := hint(kind, result.error.message):
+            lines.append(f"  hint: {advice}")
         return "\n".join(lines) + "\n"
     lines = [f"{result.http_version or 'HTTP'} {result.status_code} {_reason(result.status_code)}".rstrip()]
     lines += [f"{h.name}: {h.value}" for h in result.headers]

@@ -25,7 +25,7 @@ HTTP/1.1 paths (query ``k`` names a record, see ``Recorder``):
   /continue-flood                          "100 Continue" responses forever
   /reset-mid-body /close-mid-body          Content-Length 100000, 10000 bytes, then RST / FIN
   /reset-before-response /close-before-response
-  /garbage-status /bad-header-line /bad-content-length /conflicting-content-length /bad-chunk
+  /garbage-status /garbage-status-long /bad-header-line /bad-content-length /conflicting-content-length /bad-chunk
   /headers-big?n=BYTES /headers-many?n=COUNT /headers-endless
   /body-endless (chunked) /body-endless-close (close-delimited) /body-declared-huge
   /gzip-bomb /deflate-bomb /gzip-garbage /gzip-ok
@@ -493,6 +493,7 @@ HTTP1_ROUTES: dict[str, Behaviour] = {
     "/reset-before-response": functools.partial(_cut_before_response, rst=True),
     "/close-before-response": functools.partial(_cut_before_response, rst=False),
     "/garbage-status": _raw(b"\x00\x01\x02 HELLO THERE\r\n\r\n"),
+    "/garbage-status-long": _raw(b"NOT HTTP " + b"x" * 4000 + b"\r\n\r\n"),
     "/bad-header-line": _raw(b"HTTP/1.1 200 OK\r\nthis line has no colon\r\nContent-Length: 2\r\n\r\nok"),
     "/bad-content-length": _raw(b"HTTP/1.1 200 OK\r\nContent-Length: twelve\r\n\r\nok"),
     "/conflicting-content-length": _raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!"),

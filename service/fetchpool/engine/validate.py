@@ -21,6 +21,16 @@ _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep
 _HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9]+)?)$")
 
 
+def _unclosed_ipv6(url: str) -> str | None:
+    """What is wrong with ``url`` when its host opens an IPv6 literal and never closes it (httpx
+    then reads the address's last colon as the port's: "Invalid port: ':1'"); None otherwise."""
+    authority = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    host = authority.rpartition("@")[2]
+    if host.startswith("[") and "]" not in host:
+        return f"the IPv6 address {host!r} is not closed with ']'"
+    return None
+
+
 def check(spec: FetchSpec, timeouts: Timeouts) -> tuple[str, httpx.URL, float]:
     """``(method, URL, total timeout in seconds)`` of a valid spec.
 
@@ -30,7 +40,7 @@ def check(spec: FetchSpec, timeouts: Timeouts) -> tuple[str, httpx.URL, float]:
     try:
         url = httpx.URL(spec.url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise FetchFailed(ErrorKind.INVALID_URL, f"invalid URL: {exc}") from None
+        raise FetchFailed(ErrorKind.INVALID_URL, f"invalid URL: {_unclosed_ipv6(spec.url) or exc}") from None
     if url.scheme not in ("http", "https"):
         raise FetchFailed(
             ErrorKind.INVALID_URL,

@@ -1,0 +1,55 @@
+"""What a person reads about a failed fetch: messages that quote a peer's bytes readably and
+briefly, and a hint for every kind that says what to do - the right one for each cause of
+TOO_LARGE. Through the real CLI against the hostile servers, once per transport."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from hostile import HostileServers
+from support.cli import run_cli
+
+HEADER_HINT = re.compile(r"--max-header-bytes or --max-header-count|no setting raises that")
+
+
+def test_each_failure_reads_clearly_and_says_what_to_do(start_service: ..., hostile: HostileServers,
+                                                        transport: str) -> None:
+    service = start_service()
+    expected = {  # URL: kind
+        hostile.http("/garbage-status"): "PROTOCOL",
+        hostile.http("/garbage-status-long"): "PROTOCOL",
+        hostile.http("/headers-many?n=1001"): "TOO_LARGE",
+        hostile.http("/headers-big?n=200000"): "TOO_LARGE",
+        hostile.http("/redirect-self?k=texts"): "TOO_MANY_REDIRECTS",
+        "http://[::1/": "INVALID_URL",
+    }
+    urls = list(expected)
+    done = run_cli("fetch", "--target", service.target, *urls, timeout=120)
+    results = {r["url"]: r for r in map(json.loads, done.out.splitlines())}
+    assert done.status == 1 and set(results) == set(urls)
+    for url, kind in expected.items():
+        error = results[url]["error"]
+        assert error["kind"] == kind, (url, error)
+        message = error["message"]
+        assert "bytearray(" not in message and "b'" not in message and len(message) < 300, message
+    if transport == "httpcore":  # h11 quotes the line it could not parse; libcurl says what it is not
+        assert results[urls[0]]["error"]["message"] == ('protocol error: illegal status line: '
+                                                        '"\\x00\\x01\\x02 HELLO THERE"')
+        assert results[urls[1]]["error"]["message"].endswith(' ... (4009 bytes)')
+    assert results["http://[::1/"]["error"]["message"] == "invalid URL: the IPv6 address '[::1' is not closed with ']'"
+    for url in urls[2:4]:
+        assert "header" in results[url]["error"]["message"] or "libcurl" in results[url]["error"]["message"]
+    summary = {line.split(" failed with ")[1].split(":")[0]: line for line in done.err.splitlines()}
+    assert set(summary) == {"PROTOCOL", "TOO_LARGE", "TOO_MANY_REDIRECTS", "INVALID_URL"}, done.err
+    assert all(": " in line.split(" failed with ")[1] for line in summary.values()), done.err  # a hint each
+    too_large = [line for line in done.err.splitlines() if "TOO_LARGE" in line]
+    assert too_large and all(HEADER_HINT.search(line) and "max_body_bytes" not in line for line in too_large)
+    assert "--max-redirects" in summary["TOO_MANY_REDIRECTS"] and "scheme and port" in summary["PROTOCOL"]
+
+
+def test_an_invalid_request_gets_a_hint_at_a_terminal_too(start_service: ..., hostile: HostileServers) -> None:
+    service = start_service()
+    done = run_cli("fetch", "--target", service.target, "--method", "NOT A METHOD", hostile.http("/ok"), stdout="tty")
+    assert done.status == 1 and done.out.startswith("INVALID_ARGUMENT: invalid method 'NOT A METHOD'\n  hint: ")
+    assert "--method" in done.out, done.out
