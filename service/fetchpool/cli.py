@@ -185,16 +185,24 @@ def _save(path: str, body: bytes) -> None:
 
 
 def _show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) -> None:
-    """Print one result: the terminal view or a JSON line; its body to -o FILE when given.
-    Raises _OutputFailed or BrokenPipeError when it cannot be written."""
+    """Print one result: the terminal view or a JSON line; its body to -o FILE when given. With
+    --fail, an HTTP status of 400 or more shows no body (nothing at a terminal, a JSON line with
+    a null body) and says so on stderr, as curl -f does. Raises _OutputFailed or BrokenPipeError
+    when it cannot be written."""
     from fetchpool import render
 
-    if args.output and not result.HasField("error"):
+    refused = args.fail and not result.HasField("error") and result.status_code >= 400
+    if refused:
+        print(f"fetchpool fetch: The requested URL returned error: {result.status_code}"
+              + (f" ({result.url})" if several else ""), file=sys.stderr)
+    elif args.output and not result.HasField("error"):
         _save(args.output, result.body)
         print(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
     if not terminal:
-        _emit(json.dumps(render.result_json(result, "omit" if args.output else args.body or "base64"),
-                         ensure_ascii=False) + "\n")
+        body = "omit" if args.output or refused else args.body or "base64"
+        _emit(json.dumps(render.result_json(result, body), ensure_ascii=False) + "\n")
+        return
+    if refused:
         return
     lines = [f"--- [{result.index}] {result.url}"] if several else []
     if args.verbose:
@@ -367,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("-o", "--output", metavar="FILE", help="write the body to FILE (one URL)")
     fetch.add_argument("-v", "--verbose", action="store_true",
                        help="at a terminal, also show peer, TLS, redirects, timings and attempts")
-    fetch.add_argument("--fail", action="store_true", help="exit with 22 when an HTTP status is 400 or more (curl's)")
+    fetch.add_argument("--fail", action="store_true",
+                       help="as curl -f: an HTTP status of 400 or more shows no body (a JSON line keeps its "
+                            "fields, body null), is said on stderr, and the exit status is 22")
     fetch.set_defaults(run=_fetch)
 
     stats = commands.add_parser("stats", help="print the pool stats of a running service",

@@ -87,6 +87,20 @@ def test_fail_turns_http_errors_into_curl_s_exit_status(service: FetchpoolServic
     assert _cli("fetch", "--target", service.target, "--fail", f"{app_server.http_url}/echo")[0] == 0
 
 
+def test_fail_shows_no_body_and_says_so_on_stderr_as_curl_f(service: FetchpoolService, app_server: AppServer,
+                                                              tmp_path: Path) -> None:
+    missing, ok = f"{app_server.http_url}/status/404", f"{app_server.http_url}/echo"
+    status, out, err = _cli("fetch", "--target", service.target, "--fail", missing, tty=True)
+    assert (status, out, err) == (22, "", "fetchpool fetch: The requested URL returned error: 404\n")
+    status, out, err = _cli("fetch", "--target", service.target, "--fail", "--body", "text", missing, ok)
+    results = {r["url"]: r for r in map(json.loads, out.splitlines())}  # still one line per URL
+    assert status == 22 and err == f"fetchpool fetch: The requested URL returned error: 404 ({missing})\n"
+    assert results[missing]["status_code"] == 404 and results[missing]["body"] is None
+    assert results[ok]["status_code"] == 200 and results[ok]["body"]
+    status, out, err = _cli("fetch", "--target", service.target, "--fail", "-o", str(tmp_path / "page"), missing)
+    assert status == 22 and not (tmp_path / "page").exists() and "saved" not in err
+
+
 def test_errors_name_the_next_step(start_service: ..., app_server: AppServer) -> None:
     guarded = start_service("--ssrf-guard", "true")
     local = f"{app_server.http_url}/echo"
