@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch", help="fetch URLs through a running service",
         description="Fetch URLs through a running service. At a terminal: status line, headers and body as text "
                     "(like httpie). Piped, or with --json: one JSON line per result, every field of FetchResult "
-                    "(numbers as numbers, body base64 unless --body). Exit status: 0; 1 when a fetch failed; "
+                    "(numbers as numbers, body base64 unless --body omit). Exit status: 0; 1 when a fetch failed; "
                     "2 when the call could not be made or the results could not be written; 22 with --fail when "
                     "an HTTP status is 400 or more; 141 (128 + SIGPIPE) when the reader of stdout went away.")
     fetch.add_argument("urls", nargs="*", metavar="URL")
@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fetches in flight (default: the server's; capped by its --max-batch-concurrency)")
     fetch.add_argument("--body", choices=("base64", "text", "omit"), default=None,
                        help="how to show bodies: text (decoded per the result's encoding; the default at a "
-                            "terminal), base64 (the default in JSON) or omit")
+                            "terminal; in JSON the decoded text goes into \"text\", null when the body is not "
+                            "text, and \"body\" stays base64), base64 (the default in JSON) or omit")
     fetch.add_argument("--json", action="store_true", help="JSON lines even at a terminal")
     fetch.add_argument("-o", "--output", metavar="FILE", help="write the body to FILE (one URL)")
     fetch.add_argument("-v", "--verbose", action="store_true",

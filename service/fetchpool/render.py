@@ -97,11 +97,12 @@ def to_json(message: Message) -> dict[str, Any]:
 
 
 def result_json(result: pb.FetchResult, body: str) -> dict[str, Any]:
-    """A result as JSON; ``body`` is ``base64`` (proto3 JSON), ``text`` (decoded per its
-    ``encoding``, else as UTF-8) or ``omit`` (null)."""
+    """A result as JSON. ``body``: ``base64`` (proto3 JSON: ``body`` base64, ``text`` as sent),
+    ``text`` (the same, and ``text`` holds the body decoded per ``encoding``, or null when the
+    body is not text: ``encoding`` empty) or ``omit`` (``body`` null)."""
     data = to_json(result)
     if body == "text":
-        data["body"] = text_of(result)
+        data["text"] = text_of(result) if result.text or result.encoding else None
     elif body == "omit":
         data["body"] = None
     return data

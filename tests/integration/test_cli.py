@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -43,8 +44,21 @@ def test_body_text_decodes_as_the_page_is_encoded(
     service: FetchpoolService, app_server: AppServer, lang: str, encoding: str
 ) -> None:
     status, out, _ = _cli("fetch", "--target", service.target, "--body", "text", _text_url(app_server, lang, encoding))
-    [line] = out.splitlines()
-    assert status == 0 and SAMPLE_TEXTS[lang] in json.loads(line)["body"]
+    [result] = map(json.loads, out.splitlines())
+    assert status == 0 and SAMPLE_TEXTS[lang] in result["text"] and result["encoding"]
+    assert base64.b64decode(result["body"]) == result["text"].encode(encoding)  # body as the API has it: base64
+
+
+def test_body_text_of_a_body_that_is_not_text_is_null_not_mojibake(
+    service: FetchpoolService, nginx: Nginx, site_root: Path
+) -> None:
+    data = bytes(range(256)) * 4
+    (site_root / "cli-binary.bin").write_bytes(data)
+    status, out, _ = _cli("fetch", "--target", service.target, "--body", "text", "--json",
+                          f"{nginx.http_url}/cli-binary.bin", tty=True)
+    result = json.loads(out)
+    assert status == 0 and result["encoding"] == "" and result["text"] is None
+    assert base64.b64decode(result["body"]) == data
 
 
 def test_piped_output_is_json_lines_with_every_field_and_numbers_as_numbers(

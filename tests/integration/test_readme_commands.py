@@ -68,7 +68,7 @@ def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> N
         [line] = fetch.stdout.splitlines()
         result = json.loads(line)
         assert result["status_code"] == 200 and result["url"] == url
-        assert result["body"] == (site_root / "small.html").read_text()
+        assert result["text"] == (site_root / "small.html").read_text()
     finally:
         os.killpg(make.pid, signal.SIGTERM)
         make.wait(30)
