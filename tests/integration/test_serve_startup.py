@@ -77,3 +77,11 @@ def test_port_0_listens_on_a_free_port_and_says_which() -> None:
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_a_listen_address_in_use_is_said_to_be_in_use(start_service: ...) -> None:
+    running = start_service()
+    for err in (_refused("--listen", running.target), _refused(env={"FETCHPOOL_LISTEN": running.target})):
+        assert err == (f"fetchpool serve: {running.target} is in use (another fetchpool?); set FETCHPOOL_LISTEN or "
+                       "--listen to another address\n"), err  # and nothing from gRPC core (add_port.cc, ...)
+    assert running.running

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fetchpool.addresses import split_host_port
 from fetchpool.config import PoolLimits, Settings, load_limits_file
 from fetchpool.engine import Engine, FetchObserver
 from fetchpool.errors import ConfigError
@@ -112,6 +115,29 @@ async def _watch_limits_file(engine: Engine, path: str, given: PoolLimits) -> No
             seen = stamp
 
 
+def _check_port_free(listen: str) -> None:
+    """Raise ConfigError when the port of ``listen`` is taken on one of its addresses, before gRPC
+    tries it: gRPC core would log an ``add_port.cc`` error and a bare "Failed to bind" instead.
+    Bound the way gRPC binds (SO_REUSEADDR, IPv6 sockets dual-stack), so what passes here binds."""
+    host, port = split_host_port(listen, ephemeral=True)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {listen}: {host} does not resolve ({exc.strerror})") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"{listen} is in use (another fetchpool?); set FETCHPOOL_LISTEN or --listen "
+                                      "to another address") from None
+                raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
 async def serve(
     settings: Settings,
     *,
@@ -127,9 +153,10 @@ async def serve(
     yet started return UNAVAILABLE results, in-flight calls get
     ``settings.server.grace_period`` seconds, then the HTTP client is closed.
     ``on_started`` receives the bound port; ``on_engine`` the engine, before serving starts
-    (telemetry reads its pools). Raises ConfigError for bad settings
-    and RuntimeError when the address cannot be bound.
+    (telemetry reads its pools). Raises ConfigError for bad settings or a listen address in use,
+    and RuntimeError when gRPC cannot bind it otherwise.
     """
+    _check_port_free(settings.server.listen)
     engine = Engine(settings, observer=observer)
     if on_engine is not None:
         on_engine(engine)
@@ -154,6 +181,7 @@ async def serve(
         else:
             port = server.add_secure_port(settings.server.listen, credentials)
     except RuntimeError as exc:
+        _check_port_free(settings.server.listen)  # taken since the first check: say so
         raise RuntimeError(f"cannot listen on {settings.server.listen}: {exc}") from None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
