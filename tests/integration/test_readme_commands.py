@@ -14,11 +14,10 @@ from pathlib import Path
 import grpc
 from fetchpool.config import option_table
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import Nginx
+from support import Nginx, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
-DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def test_readme_shows_the_two_commands_and_ci_runs_make_test() -> None:
@@ -43,22 +42,25 @@ def _serving(target: str) -> bool:
 
 
 def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> None:
-    assert not _serving(DEFAULT_TARGET), f"something already serves on {DEFAULT_TARGET}"
+    """The README's `make run` and `fetchpool fetch`, on a free port (FETCHPOOL_LISTEN, --target) so that
+    a developer's own `make run` or a second test run on this machine cannot collide with it."""
+    target = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FETCHPOOL_", "OTEL_"))}
     env["FETCHPOOL_ALLOW_TARGETS"] = "127.0.0.0/8"  # the test nginx is on loopback, which make run refuses
+    env["FETCHPOOL_LISTEN"] = target
     log = (tmp_path / "make-run.log").open("wb")
     make = subprocess.Popen(
         ["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         deadline = time.monotonic() + 300  # a first `make run` may still have to build the venv
-        while not _serving(DEFAULT_TARGET):
+        while not _serving(target):
             assert make.poll() is None, (tmp_path / "make-run.log").read_text()
             assert time.monotonic() < deadline, "make run never served"
             time.sleep(0.2)
         url = f"{nginx.http_url}/small.html?readme=1"
         fetch = subprocess.run(
-            [sys.executable, "-m", "fetchpool", "fetch", url, "--target", DEFAULT_TARGET, "--body", "text"],
+            [sys.executable, "-m", "fetchpool", "fetch", url, "--target", target, "--body", "text"],
             capture_output=True,
             text=True,
             timeout=60,
@@ -69,6 +71,12 @@ def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> N
         result = json.loads(line)
         assert result["status_code"] == 200 and result["url"] == url
         assert result["text"] == (site_root / "small.html").read_text()
+        # A second `make run` on the same address says what to do, and nothing of gRPC core's.
+        second = subprocess.run(["make", "run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                                check=False)
+        assert second.returncode != 0 and "add_port.cc" not in second.stderr, second.stderr
+        assert (f"fetchpool serve: {target} is in use (another fetchpool?); set FETCHPOOL_LISTEN or --listen"
+                in second.stderr), second.stderr
     finally:
         os.killpg(make.pid, signal.SIGTERM)
         make.wait(30)
