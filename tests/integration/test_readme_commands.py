@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 from fetchpool.config import option_table
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import Nginx, free_port
+from support import AppServer, Nginx, free_port
+from support.fetchpool_service import FetchpoolService
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -81,3 +82,26 @@ def test_make_run_then_fetch(nginx: Nginx, site_root: Path, tmp_path: Path) -> N
         os.killpg(make.pid, signal.SIGTERM)
         make.wait(30)
         log.close()
+
+
+def _python_example() -> str:
+    """The README's Python example (the ```python block after "<!-- python-client -->")."""
+    return re.search(r"```python\n(.*?)```", README.split("<!-- python-client -->")[1], re.S).group(1)  # type: ignore[union-attr]
+
+
+def test_the_python_example_runs_and_shows_errors_first(service: FetchpoolService, nginx: Nginx,
+                                                        app_server: AppServer, tmp_path: Path) -> None:
+    """Against a site that answers, and one whose redirects never end: such a result has a status
+    (302) and an error (TOO_MANY_REDIRECTS), and the example must show the error."""
+    for site, good in [(f"{nginx.http_url}/small.html", True), (f"{app_server.http_url}/redirect/30", False)]:
+        script = tmp_path / "example.py"
+        script.write_text(_python_example().replace("127.0.0.1:50051", service.target)
+                          .replace("http://127.0.0.1:8000/", site))
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == 101, done.stdout
+        if good:
+            assert all(" 200 " in line and "TOO_MANY_REDIRECTS" not in line for line in lines), done.stdout
+        else:
+            assert all("TOO_MANY_REDIRECTS" in line and " 302 " not in line for line in lines), done.stdout
