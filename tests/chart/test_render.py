@@ -1139,4 +1139,7 @@ def test_notes_tell_what_the_operator_will_do(value_set: str) -> None:
     assert f"with {least} replicas, {share} connections each" in notes
     if value_set == "default":
         assert (ceiling, least, share) == (3, 2, 195)  # the README's first-install numbers
+        readme = " ".join((chartlib.CHART / "README.md").read_text().split())
+        assert (f"each pod starts at {fp['minPerReplica']} connections per pool (`operator.fetchPool.minPerReplica`) "
+                f"and the operator raises it to its share of the budget, {share} with {least} replicas") in readme
         assert "nothing scales it: its replicas (kubectl scale re-divides)" in notes
