@@ -33,6 +33,16 @@ def test_readme_configuration_table_is_current() -> None:
     )
 
 
+def test_readme_names_what_make_test_installs_and_what_make_lint_runs() -> None:
+    script = (ROOT / "scripts/install-system-deps.sh").read_text()
+    packages = re.search(r"^readonly PACKAGES=\(([^)]*)\)", script, re.M).group(1).split()  # type: ignore[union-attr]
+    assert packages and [p for p in packages if p not in README] == []
+    recipe = re.search(r"^lint:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M).group(1)  # type: ignore[union-attr]
+    tools = re.findall(r"\$\(BIN\)/([\w-]+)", recipe)
+    [line] = [line for line in README.splitlines() if line.startswith("make lint")]
+    assert tools and [t for t in tools if t not in line] == [], line
+
+
 def _serving(target: str) -> bool:
     with grpc.insecure_channel(target) as channel:
         try:
