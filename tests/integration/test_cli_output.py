@@ -70,3 +70,15 @@ def test_results_to_a_file_show_a_progress_bar_on_a_terminal_s_stderr(
     # Piped, stderr gets no bar: only what a script reads.
     done = run_cli("fetch", "--target", service.target, "--file", str(tmp_path / "urls.txt"), stdout=results)
     assert done.status == 0 and done.err == ""
+
+
+def test_the_client_commands_import_no_http_library(service: FetchpoolService, nginx: Nginx) -> None:
+    """fetch and stats talk gRPC only: httpx, httpcore, h2 (and httpx's CLI extras, rich and click)
+    cost ~0.5 s of start-up when the exception tree pulled them in (fetchpool.errors)."""
+    heavy = ("httpx", "httpcore", "h2", "idna", "rich", "click")
+    for args in (["fetch", "--target", service.target, f"{nginx.http_url}/small.html", "http://[::1/"],
+                 ["stats", "--target", service.target], ["fetch", "--target", "nonsense::", "http://x/"]):
+        done = run_cli(*args, python_options=("-X", "importtime"))
+        imported = {line.split("|")[-1].strip() for line in done.err.splitlines() if line.startswith("import time:")}
+        assert imported and done.status in (0, 1, 2), done.err[-2000:]
+        assert sorted(imported & set(heavy)) == [], args

@@ -38,16 +38,16 @@ def _terminal(columns: int) -> tuple[int, int]:
 
 
 def run_cli(*args: str, stdout: str | Path = "pipe", stderr: str = "pipe", columns: int = 0,
-            timeout: float = 60) -> Done:
+            timeout: float = 60, python_options: tuple[str, ...] = ()) -> Done:
     """Run ``fetchpool ARGS``. ``stdout``: "pipe", "tty" or a file path; ``stderr``: "pipe" or
     "tty" (one terminal for both when both are "tty"); ``columns``: the terminal's width (0: never
-    set, as in a bare pty)."""
+    set, as in a bare pty); ``python_options`` go to the interpreter (``-X importtime``)."""
     leader = follower = None
     if "tty" in (stdout, stderr):
         leader, follower = _terminal(columns)
     out_file = open(stdout, "wb") if isinstance(stdout, Path) else None  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [*FETCHPOOL, *args],
+        [sys.executable, *python_options, *FETCHPOOL[1:], *args],
         stdin=subprocess.DEVNULL,
         stdout=follower if stdout == "tty" else out_file or subprocess.PIPE,
         stderr=follower if stderr == "tty" else subprocess.PIPE,
