@@ -60,3 +60,13 @@ def test_every_prefix_is_a_network_or_refused(address: ipaddress.IPv4Address | i
 def test_names_ending_in_a_label_with_a_letter_are_host_patterns(name: str) -> None:
     guard = TargetGuard(True, (), (name,))
     assert not guard.address_allowed("8.8.8.8", name.replace("*", "x"))
+
+
+def test_rules_in_ipv4_mapped_form_match_what_they_name() -> None:
+    # A mapped address is judged as its IPv4 address: a rule written in the mapped form must be too,
+    # and a deny network holds a mapped address in either form.
+    guard = TargetGuard(True, ("::ffff:10.0.0.0/104",), ("::ffff:127.0.0.0/104", "64:ff9b::/96"))
+    assert guard.address_allowed("10.1.2.3") and guard.address_allowed("::ffff:10.1.2.3")
+    assert not guard.address_allowed("127.0.0.1", "x.example") and not guard.address_allowed("::ffff:127.0.0.1")
+    everything_v6 = TargetGuard(False, (), ("::/0",))
+    assert not everything_v6.address_allowed("::ffff:8.8.8.8") and everything_v6.address_allowed("8.8.8.8")

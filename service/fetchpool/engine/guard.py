@@ -32,6 +32,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 VERDICT_TTL = 30.0
 
 
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 # A host pattern: dot-separated labels of letters, digits and hyphens (RFC 1123), any of which may
 # hold `*` wildcards; lower case (rules are lowered first), at most 253 characters.
 _HOST_PATTERN = re.compile(r"(?=.{1,253}$)(?:[a-z0-9*](?:[a-z0-9*-]{0,61}[a-z0-9*])?\.)*"
@@ -49,6 +50,17 @@ def _looks_like_address(rule: str) -> bool:
             or (any(c.isdigit() for c in rule) and all(label.isdigit() or label == "*" for label in labels)))
 
 
+def _network(rule: str) -> IPNetwork:
+    """The network of an address or CIDR rule; one inside ::ffff:0:0/96 as its IPv4 network, since
+    an IPv4-mapped address is judged as its IPv4 address. Raises ValueError."""
+    if ":" not in rule:
+        return ipaddress.IPv4Network(rule, strict=False)
+    network = ipaddress.IPv6Network(rule, strict=False)
+    if network.subnet_of(_MAPPED):
+        return ipaddress.IPv4Network((int(network.network_address) & 0xFFFF_FFFF, network.prefixlen - 96))
+    return network
+
+
 def _parse_rules(entries: Iterable[str], what: str) -> tuple[tuple[IPNetwork, ...], tuple[str, ...]]:
     """Split ``entries`` into networks (CIDRs and single addresses) and host patterns.
 
@@ -61,9 +73,8 @@ def _parse_rules(entries: Iterable[str], what: str) -> tuple[tuple[IPNetwork, ..
     for entry in entries:
         rule = entry.lower().rstrip(".")
         if _looks_like_address(rule):
-            network = ipaddress.IPv6Network if ":" in rule else ipaddress.IPv4Network
             try:
-                networks.append(network(rule, strict=False))
+                networks.append(_network(rule))
             except ValueError as exc:
                 tail = "; wildcards match host names only: write a CIDR (10.0.0.0/24)" if "*" in rule else ""
                 raise ConfigError(f"{what} target {entry!r} is not a valid address or CIDR: {exc}{tail}") from None
@@ -106,10 +117,10 @@ class TargetGuard:
 
     def address_allowed(self, address: str, host: str = "") -> bool:
         """Whether ``address`` (an IP literal) may be connected to for ``host``."""
-        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if any(ip in net for net in self._deny[0]) or self._host_matches(host, self._deny[1]):
+        given: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+        ip = given.ipv4_mapped if isinstance(given, ipaddress.IPv6Address) and given.ipv4_mapped else given
+        # A deny network holds a mapped address as either form (::/0 refuses ::ffff:10.0.0.1 too).
+        if any(ip in net or given in net for net in self._deny[0]) or self._host_matches(host, self._deny[1]):
             return False
         if not self.enabled or ip.is_global:
             return True
