@@ -131,6 +131,9 @@ def _call_error(command: str, exc: grpc.aio.AioRpcError, target: str) -> str:
             reason = info.reason
         elif detail.Unpack(delay):
             retry = delay.retry_delay.ToTimedelta().total_seconds()
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and "errors resolving" in text:
+        return (f"fetchpool {command}: the host of --target {target} does not resolve ({text}); give the "
+                "service's address with --target HOST:PORT")
     if code == grpc.StatusCode.UNAVAILABLE and not reason:
         return (f"fetchpool {command}: cannot reach the service at {target} ({text}). Is it running? Start it with "
                 "`fetchpool serve` (or `make run`), or give its address with --target HOST:PORT")

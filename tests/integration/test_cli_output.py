@@ -52,6 +52,11 @@ def test_a_malformed_target_is_said_to_be_malformed_not_down(nginx: Nginx) -> No
             done = run_cli(command, "--target", target, *([f"{nginx.http_url}/"] if command == "fetch" else []))
             assert done.status == 2 and f"argument --target: malformed target: {why}" in done.err, done.err
             assert "Is it running?" not in done.err
+        # Well formed, but a name that never resolves (RFC 2606 .invalid): not "Is it running?" either.
+        done = run_cli(command, "--target", "fetchpool.invalid:50051",
+                       *([f"{nginx.http_url}/"] if command == "fetch" else []))
+        assert done.status == 2 and done.err.startswith(f"fetchpool {command}: the host of --target "
+                                                        "fetchpool.invalid:50051 does not resolve"), done.err
 
 
 @pytest.mark.parametrize("columns", [0, 100])  # 0: a pty whose size was never set
