@@ -192,15 +192,17 @@ def _show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) 
     --fail, an HTTP status of 400 or more shows no body (nothing at a terminal, a JSON line with
     a null body) and says so on stderr, as curl -f does. Raises _OutputFailed or BrokenPipeError
     when it cannot be written."""
+    from tqdm import tqdm
+
     from fetchpool import render
 
     refused = args.fail and not result.HasField("error") and result.status_code >= 400
-    if refused:
-        print(f"fetchpool fetch: The requested URL returned error: {result.status_code}"
-              + (f" ({result.url})" if several else ""), file=sys.stderr)
+    if refused:  # tqdm.write: above the progress bar, when one is shown
+        tqdm.write(f"fetchpool fetch: The requested URL returned error: {result.status_code}"
+                   + (f" ({result.url})" if several else ""), file=sys.stderr)
     elif args.output and not result.HasField("error"):
         _save(args.output, result.body)
-        print(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
+        tqdm.write(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
     if not terminal:
         body = "omit" if args.output or refused else args.body or "base64"
         _emit(json.dumps(render.result_json(result, body), ensure_ascii=False) + "\n")
