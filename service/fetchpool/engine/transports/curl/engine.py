@@ -112,8 +112,23 @@ class CurlEngine(httpx.AsyncBaseTransport):
                                                                       easy.getinfo(pycurl.PRIMARY_PORT)))})
 
     def _finished(self, ex: Exchange, future: asyncio.Future[Any]) -> None:
+        """The multi's future of ``ex`` is done (completed, failed, or cancelled by abort() or
+        aclose()): report the outcome, and only now let the easy handle serve another request.
+
+        Why only now: pycurl 7.49's AsyncCurlMulti runs its own done-callback of that future
+        (registered before this one) to drop the handle, and it looks the handle up by the easy
+        handle alone; had the easy been reused by a new transfer in between, that stale callback
+        would remove the new transfer and leave its future pending for ever (seen as a request
+        that hangs until its total timeout, about 1 in 300 fetches when transfers end in errors
+        while others are aborted)."""
+        if self._opening.get(ex.easy) is ex:
+            del self._opening[ex.easy]
+            if self._multi is not None:
+                self._free.append(ex.easy)
+            else:
+                ex.easy.close()
         if future.cancelled() or ex.done:
-            return  # stopped by abort() or aclose(), which released it
+            return  # stopped by abort() or aclose(), which finished the exchange
         failed = future.exception()
         error = None
         if failed is not None:
@@ -138,12 +153,6 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     def _release(self, ex: Exchange) -> None:
         self.in_flight.discard(ex)
-        if self._opening.get(ex.easy) is ex:
-            del self._opening[ex.easy]
-            if self._multi is not None:
-                self._free.append(ex.easy)
-            else:
-                ex.easy.close()
 
     def _count_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)

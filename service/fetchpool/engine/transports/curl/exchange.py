@@ -26,8 +26,8 @@ BUFFER_BYTES = 256 * 1024
 
 
 class Exchange:
-    """State of one request (see the module docstring). ``release`` gives the easy handle back
-    to its engine once libcurl is done with it (completed or removed)."""
+    """State of one request (see the module docstring). ``release`` tells its engine the request
+    is no longer in flight, once libcurl is done with it (completed or removed)."""
 
     __slots__ = (
         "addresses", "buffered", "chunks", "done", "easy", "error", "fd", "header_bytes", "headers",
