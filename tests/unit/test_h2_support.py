@@ -9,9 +9,11 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import httpcore
 import hyperframe.frame
 import pytest
-from fetchpool.engine._httpcore.h2_support import DrainingStateMachine, StreamSlots
+import uvloop
+from fetchpool.engine._httpcore.h2_support import DrainingStateMachine, StreamSlots, stream_info
 
 REQUEST = [(":method", "GET"), (":authority", "example.test"), (":scheme", "https"), (":path", "/")]
 
@@ -111,3 +113,28 @@ async def test_the_peer_lowering_its_limit_below_the_open_streams_blocks_new_one
     assert not waiter.done()  # two streams closed; one is still open, at the new limit
     slots.release()
     await waiter
+
+
+def test_a_stream_whose_connection_is_gone_has_no_extra_info_rather_than_an_error() -> None:
+    """On uvloop (the service's loop) a closed transport's socket is None, and anyio then raises
+    AttributeError from any ``get_extra_info``: a fetch whose tunnel's proxy died as its TLS
+    handshake ended came back INTERNAL. A live stream's info is passed through."""
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        stream = await httpcore.AnyIOBackend().connect_tcp("127.0.0.1", port)
+        # Not asked for anything before: uvloop keeps the socket object once it has handed it out.
+        stream._stream._transport.close()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        with pytest.raises(AttributeError):
+            stream.get_extra_info("ssl_object")
+        assert stream_info(stream, "ssl_object") is None
+        assert stream_info(stream, "socket") is None
+        assert stream_info(None, "socket") is None
+        live = await httpcore.AnyIOBackend().connect_tcp("127.0.0.1", port)
+        assert stream_info(live, "server_addr") == ("127.0.0.1", port)
+        await live.aclose()
+        server.close()
+
+    uvloop.run(main())

@@ -18,7 +18,7 @@ import certifi
 import httpx
 
 from fetchpool.config import PoolLimits, Settings
-from fetchpool.engine._httpcore import OpenFailed
+from fetchpool.engine._httpcore import OpenFailed, stream_info
 from fetchpool.engine.body import ACCEPT_ENCODING, decodes, read_body
 from fetchpool.engine.guard import TargetGuard
 from fetchpool.engine.hooks import FetchObserver
@@ -51,13 +51,11 @@ def _describe_peer(response: httpx.Response, outcome: Outcome) -> None:
     """The peer the response came from ("ip:port": the target, or the proxy) and the TLS version
     of the connection to the target, from the response's network stream."""
     stream = response.extensions.get("network_stream")
-    if stream is None:
-        return
-    address = stream.get_extra_info("server_addr")
+    address = stream_info(stream, "server_addr")
     if isinstance(address, tuple) and len(address) >= 2:
         host = str(address[0])
         outcome.remote_address = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-    ssl_object = stream.get_extra_info("ssl_object")
+    ssl_object = stream_info(stream, "ssl_object")
     outcome.tls_version = (ssl_object.version() or "") if ssl_object is not None else ""
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fetchpool.engine._httpcore import stream_info
 from fetchpool.engine.model import Timings
 
 
@@ -144,7 +145,7 @@ class PhaseRecorder:
             self._counters.connections_created += 1
         elif name == "tls":
             stream = info.get("return_value")
-            ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+            ssl_object = stream_info(stream, "ssl_object")
             if ssl_object is not None:
                 phase.attributes["tls.alpn"] = ssl_object.selected_alpn_protocol() or ""
                 phase.attributes["tls.protocol.version"] = ssl_object.version() or ""

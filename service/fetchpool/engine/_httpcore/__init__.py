@@ -23,6 +23,7 @@ import httpx
 from fetchpool.engine._httpcore import pool as _pool_mixin
 from fetchpool.engine._httpcore.checks import verify
 from fetchpool.engine._httpcore.connections import ForwardConnection, OpenFailed, PoolConnection
+from fetchpool.engine._httpcore.h2_support import stream_info
 
 __all__ = [
     "OpenFailed",
@@ -34,6 +35,7 @@ __all__ = [
     "peer_closed",
     "retiring",
     "stop_new_requests",
+    "stream_info",
     "sweep",
     "verify",
 ]
@@ -129,7 +131,7 @@ def peer_closed(connection: httpcore.AsyncConnectionInterface) -> bool:
     """
     owner = _socket_owner(connection)
     stream = owner.network_stream if owner is not None else None
-    transport_socket = stream.get_extra_info("socket") if stream is not None else None
+    transport_socket = stream_info(stream, "socket")
     if transport_socket is None:
         return False
     # asyncio hands out a TransportSocket without recv(); peek through a duplicate descriptor.

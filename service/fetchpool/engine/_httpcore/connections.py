@@ -32,7 +32,7 @@ from httpcore._async.socks_proxy import _init_socks5_connection
 from httpcore._trace import Trace
 
 from fetchpool.engine._httpcore.h2 import GracefulHTTP2Connection
-from fetchpool.engine._httpcore.h2_support import reserve_receive_buffer
+from fetchpool.engine._httpcore.h2_support import reserve_receive_buffer, stream_info
 from fetchpool.engine._httpcore.shield import shielded
 
 # httpcore's loggers, so trace events keep httpcore's names ("connection.connect_tcp", ...).
@@ -217,7 +217,7 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
             if self._failure is not None:  # closed by the pool while it opened
                 await shielded(stream.aclose())
                 raise ConnectionNotAvailable()
-            ssl_object = stream.get_extra_info("ssl_object")
+            ssl_object = stream_info(stream, "ssl_object")
             http2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
             self._remember(http2)
             kind = GracefulHTTP2Connection if http2 else AsyncHTTP11Connection

@@ -88,10 +88,25 @@ class StreamSlots:
                 waiter.set_result(None)
 
 
+def stream_info(stream: Any, name: str) -> Any:
+    """``stream.get_extra_info(name)`` of an httpcore network stream, or None when ``stream`` is
+    None or its connection is gone.
+
+    anyio's socket stream raises AttributeError there instead of returning None: it calls
+    ``getpeername()`` on the socket of an asyncio transport already closed, which is None (seen
+    when a proxy dies just as a tunnel's TLS handshake ends)."""
+    if stream is None:
+        return None
+    try:
+        return stream.get_extra_info(name)
+    except AttributeError:
+        return None
+
+
 def peer_finished(stream: Any) -> bool:
     """Whether the peer of ``stream`` has sent its FIN or reset the connection (Linux:
     ``TCP_INFO``; elsewhere False, so a write is attempted as before)."""
-    sock = stream.get_extra_info("socket")
+    sock = stream_info(stream, "socket")
     if sock is None or not hasattr(socket, "TCP_INFO"):
         return False
     try:
@@ -103,7 +118,7 @@ def peer_finished(stream: Any) -> bool:
 def reserve_receive_buffer(stream: Any) -> None:
     """Ask the kernel for a receive buffer that holds a whole :data:`RECEIVE_WINDOW` (capped by
     ``net.core.rmem_max``; :func:`receive_window` adapts to what was granted)."""
-    sock = stream.get_extra_info("socket")
+    sock = stream_info(stream, "socket")
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(RECEIVE_WINDOW * _HEADROOM))
@@ -119,7 +134,7 @@ def receive_window(stream: Any) -> int:
     it held: measured with squid, tinyproxy and microsocks under CPU load, a 16 MiB window lost
     3-30 % of the responses in flight at every GOAWAY. HTTP/2's default is the floor (64 KiB).
     """
-    sock = stream.get_extra_info("socket")
+    sock = stream_info(stream, "socket")
     try:
         buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) if sock is not None else 0
     except (OSError, ValueError):
