@@ -39,13 +39,23 @@ TRANSPORTS = ("httpcore", "curl")
 #: Limits above these are refused as absurd (a typo, not a wish).
 MAX_CONNECTIONS_CEILING = 100_000
 MAX_SECONDS = 24 * 3600.0
+#: Requests in flight per connection that ``max_requests = 0`` allows: HTTP/2's usual
+#: SETTINGS_MAX_CONCURRENT_STREAMS (100 is what RFC 9113 recommends as the least, and what
+#: fetchpool's HTTP/2 client opens at most per connection).
+REQUESTS_PER_CONNECTION = 100
+MAX_REQUESTS_CEILING = MAX_CONNECTIONS_CEILING * REQUESTS_PER_CONNECTION
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PoolLimits:
-    """Limits of one connection pool; the words are httpx's (``httpx.Limits``, ``httpx.Timeout.pool``).
+    """Limits of one connection pool; the words are httpx's (``httpx.Limits``, ``httpx.Timeout.pool``)
+    and Envoy's (its circuit breaker's ``max_requests``).
 
-    - ``max_connections``: open connections at most, and requests in flight through the pool at most.
+    - ``max_connections``: open connections at most (sockets: what a proxy provider sells and the
+      operator divides). Over HTTP/1.1 each request in flight holds one; over HTTP/2 a connection
+      carries as many as the server's SETTINGS_MAX_CONCURRENT_STREAMS allows.
+    - ``max_requests``: requests in flight through the pool at most, whatever connections carry
+      them; 0 = ``max_connections`` x :data:`REQUESTS_PER_CONNECTION`, following it when it changes.
     - ``max_keepalive_connections``: idle connections kept open at most (<= ``max_connections``).
     - ``keepalive_expiry``: seconds an idle connection is kept.
     - ``pool_timeout``: seconds a request may wait for a connection before POOL_TIMEOUT.
@@ -60,6 +70,7 @@ class PoolLimits:
     keepalive_expiry: float = 5.0
     pool_timeout: float = 30.0
     max_connections_per_host: int = 0
+    max_requests: int = 0
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []
@@ -70,6 +81,10 @@ class PoolLimits:
             problems.append(("max_keepalive_connections",
                              "max_keepalive_connections must be in 0..max_connections "
                              f"({self.max_connections}), got {self.max_keepalive_connections}"))
+        if not 0 <= self.max_requests <= MAX_REQUESTS_CEILING:
+            problems.append(("max_requests",
+                             f"max_requests must be in 0..{MAX_REQUESTS_CEILING} (0: max_connections x "
+                             f"{REQUESTS_PER_CONNECTION}), got {self.max_requests}"))
         if not 0 <= self.max_connections_per_host <= self.max_connections:
             problems.append(("max_connections_per_host",
                              "max_connections_per_host must be in 0..max_connections "
@@ -80,6 +95,11 @@ class PoolLimits:
                 problems.append((name, f"{name} must be in (0, {MAX_SECONDS:.0f}] seconds, got {value}"))
         if problems:
             raise InvalidLimits("; ".join(text for _, text in problems), fields=tuple(problems))
+
+    @property
+    def requests_cap(self) -> int:
+        """Requests in flight through the pool at most: ``max_requests``, or what 0 stands for."""
+        return self.max_requests or self.max_connections * REQUESTS_PER_CONNECTION
 
     def replace(self, **changes: Any) -> PoolLimits:
         """A copy with ``changes`` applied; raises InvalidLimits if the result is invalid.
@@ -211,8 +231,8 @@ class PoolPolicy:
       times the number of its ejections, at most 10 times (Envoy outlier detection:
       ``consecutive_gateway_failure``, ``base_ejection_time``). 0 failures = never eject.
     - ``host_rate``: requests per second per origin at most (0 = no limit).
-    - ``dynamic``: each pool's working limit follows demand between ``dynamic_floor`` and
-      ``max_connections`` (see ``fetchpool.engine.sizing``).
+    - ``dynamic``: each pool's working limit (requests admitted) follows demand between
+      ``dynamic_floor`` and ``PoolLimits.max_requests`` (see ``fetchpool.engine.sizing``).
     """
 
     max_requests_per_connection: int = 0
@@ -342,7 +362,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.listen", "--listen", "FETCHPOOL_LISTEN", str,
            "gRPC listen address, host:port ([::]:port for IPv6; port 0 picks a free one)"),
     Option("limits.max_connections", "--max-connections", "FETCHPOOL_MAX_CONNECTIONS", int,
-           "open connections per pool at most; also the requests in flight per pool"),
+           "open connections per pool at most (over HTTP/2 each carries many requests)"),
+    Option("limits.max_requests", "--max-requests", "FETCHPOOL_MAX_REQUESTS", int,
+           "requests in flight per pool at most; 0 = max_connections x 100"),
     Option("limits.max_keepalive_connections", "--max-keepalive-connections",
            "FETCHPOOL_MAX_KEEPALIVE_CONNECTIONS", int, "idle connections kept per pool at most"),
     Option("limits.keepalive_expiry", "--keepalive-expiry", "FETCHPOOL_KEEPALIVE_EXPIRY", float,
@@ -399,7 +421,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("pool.host_rate", "--host-rate", "FETCHPOOL_HOST_RATE", float,
            "requests per second per origin at most; 0 = no limit"),
     Option("pool.dynamic", "--dynamic-limits", "FETCHPOOL_DYNAMIC_LIMITS", _bool,
-           "let each pool's working limit follow demand between the floor and max_connections"),
+           "let each pool's working limit (requests admitted) follow demand between the floor and max_requests"),
     Option("pool.dynamic_floor", "--dynamic-floor", "FETCHPOOL_DYNAMIC_FLOOR", int,
            "the lowest working limit in dynamic mode"),
     Option("fetch.ssrf_guard", "--ssrf-guard", "FETCHPOOL_SSRF_GUARD", _bool,

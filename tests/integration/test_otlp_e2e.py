@@ -111,7 +111,7 @@ def test_the_pool_wait_span_is_longer_when_the_pool_is_too_small(
     urls = [f"{app_server.https_url}/delay?s=0.25&w={i}" for i in range(4)]
     waits = {}
     for name, connections in (("small", "1"), ("roomy", "10")):
-        service = start_service("--max-connections", connections,
+        service = start_service("--max-connections", connections, "--max-requests", connections,
                                 env=_env(receiver, OTEL_SERVICE_NAME=name, FETCHPOOL_TRACE_PHASES=phases))
         assert all(r.status_code == 200 for r in _fetch_many(service, urls, concurrency=4))
         spans = receiver.wait_for_spans(lambda got, name=name: sum(
@@ -195,8 +195,8 @@ def test_the_prometheus_endpoint_serves_the_demand_even_with_the_sdk_disabled(
     start_service: Any, app_server: AppServer
 ) -> None:
     port = free_port()
-    service = start_service("--max-connections", "1", env={"FETCHPOOL_METRICS_PORT": str(port),
-                                                           "OTEL_SDK_DISABLED": "true"})
+    service = start_service("--max-connections", "1", "--max-requests", "1",
+                            env={"FETCHPOOL_METRICS_PORT": str(port), "OTEL_SDK_DISABLED": "true"})
     with grpc.insecure_channel(service.target) as channel:
         stub = pb_grpc.FetchServiceStub(channel)
         request = pb.FetchManyRequest(requests=[pb.FetchRequest(url=f"{app_server.https_url}/delay?s=1.5&p={i}")

@@ -225,7 +225,8 @@ async def test_socks5_proxy(start_service: ..., nginx: Nginx, site_root: Path) -
 
 async def test_per_host_cap_and_dynamic_limits(start_service: ..., app_server: AppServer) -> None:
     service = start_service(
-        "--max-connections", "40", "--max-connections-per-host", "3", "--dynamic-limits", "--dynamic-floor", "2"
+        "--max-connections", "40", "--max-requests", "40", "--max-connections-per-host", "3", "--dynamic-limits",
+        "--dynamic-floor", "2",
     )
     async with FetchClient(service.target) as client:
         requests = [make_request(f"{app_server.http_url}/delay?s=0.2&c={i}") for i in range(30)]
@@ -237,7 +238,8 @@ async def test_per_host_cap_and_dynamic_limits(start_service: ..., app_server: A
         assert all(r.status_code == 200 for r in batch.result())
         assert 1 <= peak <= 3
         shrunk = await _eventually(lambda: _pool(client), lambda s: s.working_limit < 40, timeout=20)
-        assert shrunk.limits.max_connections == 40  # the ceiling stays; the working limit follows demand
+        assert shrunk.limits.max_requests == 40  # the ceiling stays; the working limit follows demand
+        assert shrunk.limits.max_connections == 40
 
 
 async def test_bad_limits_are_refused_and_the_old_ones_kept(service: FetchpoolService) -> None:

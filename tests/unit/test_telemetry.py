@@ -264,7 +264,7 @@ async def test_a_small_pool_shows_as_demand_pending_requests_and_long_pool_waits
     telemetry: Telemetry, spans: InMemorySpanExporter, reader: InMemoryMetricReader, app_server: AppServer,
     certs: Certs
 ) -> None:
-    async with _engine(telemetry, _settings(certs, max_connections=1)) as engine:
+    async with _engine(telemetry, _settings(certs, max_connections=1, max_requests=1)) as engine:
         fetches = [asyncio.create_task(engine.fetch(FetchSpec(url=f"{app_server.https_url}/delay?s=0.3&i={i}")))
                    for i in range(3)]
         await asyncio.sleep(0.15)
@@ -282,7 +282,7 @@ async def test_a_small_pool_shows_as_demand_pending_requests_and_long_pool_waits
 async def test_pool_timeouts_are_counted(
     telemetry: Telemetry, reader: InMemoryMetricReader, app_server: AppServer, certs: Certs
 ) -> None:
-    async with _engine(telemetry, _settings(certs, max_connections=1, pool_timeout=0.1)) as engine:
+    async with _engine(telemetry, _settings(certs, max_connections=1, max_requests=1, pool_timeout=0.1)) as engine:
         slow = asyncio.create_task(engine.fetch(FetchSpec(url=f"{app_server.https_url}/delay?s=0.5")))
         await asyncio.sleep(0.05)
         starved = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/delay?s=0"))

@@ -81,9 +81,9 @@ class Pool:
         self._limits = limits
         self._policy = policy
         self.transport = transport
-        self.admission = Admission(limits.max_connections, limits.max_connections_per_host)
+        self.admission = Admission(limits.requests_cap, limits.max_connections_per_host)
         self.health = ProxyHealth(policy.proxy_eject_failures if self.proxy else 0, policy.proxy_eject_seconds)
-        self.dynamic = DynamicLimit(policy.dynamic_floor, limits.max_connections) if policy.dynamic else None
+        self.dynamic = DynamicLimit(policy.dynamic_floor, limits.requests_cap) if policy.dynamic else None
         self.counters = PoolCounters()
         self.requests_total = 0
         self.reused_total = 0
@@ -107,8 +107,9 @@ class Pool:
 
     @property
     def working_limit(self) -> int:
-        """Requests admitted at most right now."""
-        return self.dynamic.current if self.dynamic is not None else self._limits.max_connections
+        """Requests admitted at most right now: ``max_requests`` (what 0 stands for), or less when
+        dynamic sizing follows a lower demand. ``max_connections`` caps the sockets that carry them."""
+        return self.dynamic.current if self.dynamic is not None else self._limits.requests_cap
 
     @property
     def load(self) -> int:
@@ -159,7 +160,7 @@ class Pool:
         """
         self._limits = limits
         if self.dynamic is not None:
-            self.dynamic.set_ceiling(limits.max_connections)
+            self.dynamic.set_ceiling(limits.requests_cap)
         self.transport.apply_limits(limits)
         self.admission.resize(self.working_limit, limits.max_connections_per_host)
 
@@ -188,7 +189,8 @@ class Pool:
                 self.admission.resize(self.dynamic.current, self._limits.max_connections_per_host)
                 logger.info("pool %s: working limit %d -> %d (demand %d)", self.name, before, self.dynamic.current,
                             demand)
-        await self.transport.tend(now, self.working_limit)
+        # Idle connections are kept up to what the sockets' cap leaves (working_limit counts requests).
+        await self.transport.tend(now, self._limits.max_connections)
         return self._closed_since_last(now)
 
     def _closed_since_last(self, now: float) -> list[tuple[float, str]]:
@@ -250,9 +252,20 @@ class Lease:
 
     async def send(self, client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through ``client`` (its transport routes it to this pool); the
-        response's body is still to be read. Raises what httpx raises."""
-        self.response = await client.send(request, stream=True)
-        self._pool._acquired(self._wait.end - self._wait.start)
+        response's body is still to be read. Raises what httpx raises.
+
+        Admitted, a request may still wait in the transport for a connection or an HTTP/2 stream
+        (every one taken): that wait gets what is left of ``pool_timeout`` after admission's."""
+        pool = self._pool
+        waited = time.monotonic() - self._wait.start
+        request.extensions["timeout"] = {**request.extensions.get("timeout", {}),
+                                         "pool": max(0.001, pool.limits.pool_timeout - waited)}
+        try:
+            self.response = await client.send(request, stream=True)
+        except httpx.PoolTimeout:
+            pool.pool_timeouts_total += 1
+            raise
+        pool._acquired(self._wait.end - self._wait.start)
         return self.response
 
     @property

@@ -8,7 +8,9 @@ ConfigMap ``<name>-limits`` (key ``limits.json``, read with ``--limits-file`` /
 ``FETCHPOOL_LIMITS_FILE``); the operator keeps that much for every pod the scaler may still add and
 raises the ready pods to their share of the rest once it has confirmed what every pod holds. So the
 fleet stays within the budget at every moment, also while no operator runs (the rule and its limits:
-:mod:`~fetchpool.operator.budget`).
+:mod:`~fetchpool.operator.budget`). It divides connections (sockets: each CONNECT tunnel is one
+connection to the proxy), not requests: over HTTP/2 a connection carries many requests, which each
+pod caps on its own (``max_requests``, by default 100 per connection it holds).
 
 Modules: :mod:`~fetchpool.operator.budget` (the ledger, pure), :mod:`~fetchpool.operator.policy`
 (per-replica sizing, pure), :mod:`~fetchpool.operator.resource` (the CR's shape),

@@ -6,9 +6,11 @@ passes ``now``. The handlers (:mod:`fetchpool.operator.reconciler`) observe the 
 recomputed from observed state (level-triggered) and is the same however often it is repeated.
 
 Units
-    *connections* are open connections of one pod's pool (httpx ``Limits.max_connections``, which
-    fetchpool also uses as the cap on requests in flight through the pool); *seconds* are float
-    seconds; ``now`` and ``since`` are POSIX timestamps in float seconds.
+    *connections* are open connections of one pod's pool (``max_connections``: its sockets, what a
+    proxy provider sells). The operator divides connections, not requests: over HTTP/2 one
+    connection carries up to the server's max concurrent streams, and a pod caps its requests in
+    flight with its own ``max_requests`` (by default 100 per connection, following the share given
+    here). *seconds* are float seconds; ``now`` and ``since`` are POSIX timestamps in float seconds.
 
 Pools
     A pod has one pool per route: ``"direct"`` and one per proxy (named as ``GetPoolLimits`` names

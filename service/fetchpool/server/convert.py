@@ -81,6 +81,7 @@ def limits_to_proto(limits: PoolLimits) -> pb.PoolLimits:
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         max_connections_per_host=limits.max_connections_per_host,
+        max_requests=limits.max_requests,
     )
     message.keepalive_expiry.FromNanoseconds(round(limits.keepalive_expiry * 1e9))
     message.pool_timeout.FromNanoseconds(round(limits.pool_timeout * 1e9))
@@ -90,7 +91,7 @@ def limits_to_proto(limits: PoolLimits) -> pb.PoolLimits:
 def limit_changes(message: pb.PoolLimits) -> dict[str, float | int]:
     """The fields set in a SetPoolLimits message, as PoolLimits keyword arguments."""
     changes: dict[str, float | int] = {}
-    for name in ("max_connections", "max_keepalive_connections", "max_connections_per_host"):
+    for name in ("max_connections", "max_keepalive_connections", "max_connections_per_host", "max_requests"):
         if message.HasField(name):
             changes[name] = getattr(message, name)
     for name in ("keepalive_expiry", "pool_timeout"):

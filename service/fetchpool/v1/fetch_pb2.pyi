@@ -178,18 +178,20 @@ class FetchResult(_message.Message):
     def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., url: _Optional[str] = ..., final_url: _Optional[str] = ..., status_code: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., http_version: _Optional[str] = ..., connection_reused: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[FetchError, _Mapping]] = ..., pool: _Optional[str] = ..., attempts: _Optional[int] = ..., body_size: _Optional[int] = ..., part: _Optional[int] = ..., more_parts: _Optional[bool] = ..., encoding: _Optional[str] = ..., text: _Optional[str] = ..., redirects: _Optional[_Iterable[_Union[Redirect, _Mapping]]] = ..., remote_address: _Optional[str] = ..., tls_version: _Optional[str] = ..., content_decoded: _Optional[bool] = ...) -> None: ...
 
 class PoolLimits(_message.Message):
-    __slots__ = ("max_connections", "max_keepalive_connections", "keepalive_expiry", "pool_timeout", "max_connections_per_host")
+    __slots__ = ("max_connections", "max_keepalive_connections", "keepalive_expiry", "pool_timeout", "max_connections_per_host", "max_requests")
     MAX_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_KEEPALIVE_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     KEEPALIVE_EXPIRY_FIELD_NUMBER: _ClassVar[int]
     POOL_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONNECTIONS_PER_HOST_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     max_connections: int
     max_keepalive_connections: int
     keepalive_expiry: _duration_pb2.Duration
     pool_timeout: _duration_pb2.Duration
     max_connections_per_host: int
-    def __init__(self, max_connections: _Optional[int] = ..., max_keepalive_connections: _Optional[int] = ..., keepalive_expiry: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pool_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_host: _Optional[int] = ...) -> None: ...
+    max_requests: int
+    def __init__(self, max_connections: _Optional[int] = ..., max_keepalive_connections: _Optional[int] = ..., keepalive_expiry: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pool_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_connections_per_host: _Optional[int] = ..., max_requests: _Optional[int] = ...) -> None: ...
 
 class GetPoolLimitsRequest(_message.Message):
     __slots__ = ()

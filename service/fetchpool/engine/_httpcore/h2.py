@@ -25,6 +25,13 @@ The causes, each fixed here:
   cancelled before its stream opened no longer leaves the connection ACTIVE for good.
 - The receive window is sized to the socket's receive buffer (1 MiB at most, httpcore's is 16):
   see ``h2_support.receive_window``.
+- httpcore keeps one stream per connection until the server's SETTINGS name a limit, and for ever
+  when they name none; here the limit is the server's (``MAX_STREAMS`` at most) from its first
+  SETTINGS on, and :attr:`~GracefulHTTP2Connection.stream_capacity` tells the pool how many
+  requests a connection can carry at once, so that it sends the next one elsewhere (``pool.py``).
+  Requests it sent before the SETTINGS arrived and that the server's limit leaves without a
+  stream go back to the pool for another connection (``ConnectionNotAvailable``) instead of
+  waiting behind the others.
 - A stream given up before its end (cancelled, or a body over the cap) is reset
   (RST_STREAM CANCEL) so the server stops sending, and DATA still arriving for it is
   acknowledged at the connection level so it cannot exhaust the connection's window.
@@ -75,6 +82,9 @@ _FLOW = 0  # the waiters' key of requests waiting for send window (stream ids ar
 #: Seconds a write made while receiving (an acknowledgement, a reset) may take: it has no
 #: request timeout of its own, and a peer that stopped reading must not hold it for ever.
 RECEIVE_SIDE_WRITE_TIMEOUT = 5.0
+#: Streams open at most on one connection, whatever the server allows (httpcore's cap too; RFC
+#: 9113 §6.5.2 recommends servers allow at least 100). Also advertised as our own limit.
+MAX_STREAMS = 100
 
 
 class GracefulHTTP2Connection(AsyncHTTP2Connection):
@@ -93,6 +103,7 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
         super().__init__(*args, **kwargs)
         self._h2_state.state_machine = DrainingStateMachine()
         self._slots = StreamSlots(0)
+        self._settings_seen = False  # the server's first SETTINGS arrived (its stream limit is known)
         self._sending: set[int] = set()  # id() of the requests being written (a failed write fails them)
         self._reader: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -114,6 +125,10 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
                 self._slots.release()
                 raise ConnectionNotAvailable()
             stream_id = self._h2_state.get_next_available_stream_id()
+            # The streams it waited behind may all have ended meanwhile, leaving the connection
+            # IDLE: it is busy again, or the pool's upkeep would close it under this stream.
+            self._state = HTTPConnectionState.ACTIVE
+            self._expire_at = None
         except h2.exceptions.NoAvailableStreamIDError:
             self._sending.discard(id(request))
             self._used_all_stream_ids = True
@@ -160,7 +175,7 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
         window = receive_window(self._network_stream)
         self._h2_state.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 65536,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window,
         })
@@ -196,6 +211,10 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
                 self._max_streams = 1
                 self._slots.release(1)
                 self._start_reader()
+        if self._settings_seen and self._slots.available <= 0:
+            # The pool sent it before the server's SETTINGS said how many streams there are:
+            # another connection takes it (see _settings_changed).
+            raise ConnectionNotAvailable()
         await self._slots.acquire()
 
     def _unstarted(self) -> None:
@@ -321,14 +340,23 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
             raise ConnectionNotAvailable()
         raise RemoteProtocolError(terminated)
 
+    @property
+    def stream_capacity(self) -> int | None:
+        """Requests this connection carries at once: the server's SETTINGS_MAX_CONCURRENT_STREAMS
+        (at most ``MAX_STREAMS``); None until its first SETTINGS arrive."""
+        return self._max_streams if self._settings_seen else None
+
     def _settings_changed(self, event: h2.events.RemoteSettingsChanged) -> None:
-        changed = event.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
-        if not changed:
-            return
-        wanted = min(changed.new_value, self._h2_state.local_settings.max_concurrent_streams)
-        if wanted and wanted != self._max_streams:
-            self._slots.release(wanted - self._max_streams)
-            self._max_streams = wanted
+        # Every SETTINGS frame gives one event; a limit the server never names is unlimited.
+        if not self._settings_seen or h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS in event.changed_settings:
+            self._settings_seen = True
+            wanted = min(self._h2_state.remote_settings.max_concurrent_streams, MAX_STREAMS)
+            if wanted != self._max_streams:
+                self._slots.release(wanted - self._max_streams)
+                self._max_streams = wanted
+            # Requests the pool sent before it knew the limit, for which no stream is free now,
+            # go back to it for another connection (it sends no more than the limit from now on).
+            self._slots.shed(ConnectionNotAvailable)
 
     async def _response_closed(self, stream_id: int) -> None:
         self._slots.release()

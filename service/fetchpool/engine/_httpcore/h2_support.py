@@ -72,11 +72,21 @@ class StreamSlots:
         try:
             await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release()  # handed a slot just as we gave up
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
             raise
+
+    def shed(self, error: type[BaseException]) -> int:
+        """Fail every waiter (with ``error()``): they get no slot here. Returns how many."""
+        shed = 0
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error())
+                shed += 1
+        return shed
 
     def release(self, count: int = 1) -> None:
         """Give back ``count`` slots (or add them, when the peer raises its limit)."""

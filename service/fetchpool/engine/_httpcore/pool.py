@@ -13,12 +13,21 @@ made (direct, HTTP proxy or SOCKS5), so httpx's own transport keeps working unch
   connection has lost its request to a cancellation at an unlucky moment (a stream whose
   clean-up was cut short, an opening abandoned before it began); nothing would ever use or
   close it, and it would hold a place under ``max_connections`` for good;
+- it gives a connection no more requests than it can carry at once, counting those assigned
+  to it and not yet finished (Go's transport counts its streams and reservations the same way):
+  one for HTTP/1.1, and for HTTP/2 the server's SETTINGS_MAX_CONCURRENT_STREAMS (at most
+  ``h2.MAX_STREAMS``; before a connection's SETTINGS arrive, the last limit its origin's server
+  gave, else ``h2.MAX_STREAMS``). The next request gets another connection, up to
+  ``max_connections``, instead of queueing behind a full one (Go's
+  ``StrictMaxConcurrentStreams = false``); beyond that it waits here, in order. httpcore 1.0.9
+  sends every request to an HTTP/2 connection that is not closing, where it waits for a stream;
 - ``_close_connections`` cannot be stopped half-way by a cancellation (see ``shield.py``), so
   a connection removed from the pool always has its socket closed.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any
 
@@ -26,6 +35,7 @@ import httpcore
 from httpcore import AsyncConnectionInterface, Origin
 
 from fetchpool.engine._httpcore import connections as conn
+from fetchpool.engine._httpcore.h2 import MAX_STREAMS, GracefulHTTP2Connection
 from fetchpool.engine._httpcore.shield import shielded
 
 
@@ -41,6 +51,7 @@ class PoolMixin:
     _ssl_context: Any
     _network_backend: httpcore.AsyncNetworkBackend
     _protocols: dict[conn.OriginKey, bool]
+    _stream_limits: dict[conn.OriginKey, int]  # the last SETTINGS_MAX_CONCURRENT_STREAMS per origin
     orphans_closed: int  # public: the engine counts them among the connections it retired
     max_requests_per_connection: int  # 0: no limit
     # AsyncHTTPProxy's and AsyncSOCKSProxy's settings (read only on those pools).
@@ -76,10 +87,12 @@ class PoolMixin:
 
     def _assign_requests_to_connections(self) -> list[AsyncConnectionInterface]:
         """httpcore's rules (reuse an available connection, else open one under
-        ``max_connections``, else replace an idle one), each connection looked at once; only
-        the connection about to be reused is polled for expiry (the engine's upkeep closes
-        the other expired ones), and orphans are closed (see the module docstring)."""
-        assigned = {id(request.connection) for request in self._requests if request.connection is not None}
+        ``max_connections``, else replace an idle one), each connection looked at once and
+        given at most what it can carry (see the module docstring); only the connection about
+        to be reused is polled for expiry (the engine's upkeep closes the other expired ones),
+        and orphans are closed."""
+        load = collections.Counter(id(request.connection) for request in self._requests
+                                   if request.connection is not None)
         closing: list[AsyncConnectionInterface] = []
         kept: list[AsyncConnectionInterface] = []
         idle = 0
@@ -91,38 +104,72 @@ class PoolMixin:
                     closing.append(connection)
                     continue
                 idle += 1
-            elif id(connection) not in assigned:
+            elif id(connection) not in load:
                 closing.append(connection)  # an orphan
                 self.orphans_closed += 1
                 continue
             kept.append(connection)
         self._connections = kept
+        queued = [request for request in self._requests if request.is_queued()]
+        if not queued:
+            return closing
 
-        for pool_request in [request for request in self._requests if request.is_queued()]:
+        # Connections that can take more requests now -> how many more (in the pool's order).
+        room = {c: spare for c in kept if c.is_available() and (spare := self._capacity(c) - load[id(c)]) > 0}
+        blocked: set[conn.OriginKey] = set()  # origins no connection can take more of in this pass
+        for pool_request in queued:
             origin = pool_request.request.url.origin
+            key = (origin.scheme, origin.host, origin.port)
+            if key in blocked:
+                continue
             chosen: AsyncConnectionInterface | None = None
-            expired: list[AsyncConnectionInterface] = []
-            for candidate in self._connections:
-                if candidate.can_handle_request(origin) and candidate.is_available():
-                    if candidate.is_idle() and candidate.has_expired():
-                        expired.append(candidate)  # the server closed it, or keep-alive expired
-                        continue
-                    chosen = candidate
-                    break
-            if expired:
-                closing += expired
-                self._connections = [c for c in self._connections if c not in expired]
+            for candidate in [c for c in room if c.can_handle_request(origin)]:
+                if candidate.is_idle() and candidate.has_expired():
+                    del room[candidate]  # the server closed it, or keep-alive expired
+                    self._connections.remove(candidate)
+                    closing.append(candidate)
+                    continue
+                chosen = candidate
+                break
             if chosen is None and len(self._connections) >= self._max_connections:
-                replaced = next((c for c in self._connections if c.is_idle()), None)
-                if replaced is None:
-                    continue  # stays queued until a connection frees up
+                replaced = next((c for c in self._connections if c.is_idle() and not load[id(c)]), None)
+                if replaced is None:  # stays queued until a connection frees up
+                    if not room:
+                        break  # and so do all the others
+                    blocked.add(key)
+                    continue
+                room.pop(replaced, None)
                 self._connections.remove(replaced)
                 closing.append(replaced)
             if chosen is None:
                 chosen = self.create_connection(origin)
                 self._connections.append(chosen)
+                room[chosen] = self._capacity(chosen) if chosen.is_available() else 1
+            load[id(chosen)] += 1
+            room[chosen] -= 1
+            if not room[chosen]:
+                del room[chosen]
             pool_request.assign_to_connection(chosen)
         return closing
+
+    def _capacity(self, connection: AsyncConnectionInterface) -> int:
+        """Requests ``connection`` can carry at once (see the module docstring)."""
+        if not isinstance(connection, conn.PoolConnection):
+            return 1  # plain HTTP forwarded through a proxy: HTTP/1.1
+        inner = connection.connection
+        key: conn.OriginKey = connection._key  # this package's own class
+        if isinstance(inner, GracefulHTTP2Connection):
+            streams = inner.stream_capacity
+            if streams is not None:
+                if self._stream_limits.get(key) != streams:
+                    if len(self._stream_limits) >= conn.PROTOCOL_MEMORY:
+                        self._stream_limits.pop(next(iter(self._stream_limits)))
+                    self._stream_limits[key] = streams
+                return streams
+        elif inner is not None:
+            return 1  # HTTP/1.1
+        # Still opening (an https origin that may answer HTTP/2), or HTTP/2 before the server's SETTINGS.
+        return self._stream_limits.get(key, MAX_STREAMS)
 
     async def _close_connections(self, closing: list[AsyncConnectionInterface]) -> None:
         if closing:
@@ -136,5 +183,6 @@ def install(pool: httpcore.AsyncConnectionPool, max_requests_per_connection: int
     if not issubclass(cls, PoolMixin):
         pool.__class__ = type(f"Fetchpool{cls.__name__}", (PoolMixin, cls), {})
     pool._protocols = {}  # type: ignore[attr-defined]
+    pool._stream_limits = {}  # type: ignore[attr-defined]
     pool.orphans_closed = 0  # type: ignore[attr-defined]
     pool.max_requests_per_connection = max_requests_per_connection  # type: ignore[attr-defined]

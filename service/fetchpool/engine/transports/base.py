@@ -102,10 +102,10 @@ class PoolTransport(abc.ABC):
         retiring and now idle. Called once per response, shielded from cancellation."""
 
     @abc.abstractmethod
-    async def tend(self, now: float, working_limit: int) -> None:
+    async def tend(self, now: float, max_connections: int) -> None:
         """Once a second: retire connections older than the policy's max age, close idle ones
         that expired, retired or whose peer closed, and idle ones beyond
-        ``min(max_keepalive_connections, working_limit - active)``. ``now`` is monotonic seconds."""
+        ``min(max_keepalive_connections, max_connections - active)``. ``now`` is monotonic seconds."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:

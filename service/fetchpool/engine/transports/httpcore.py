@@ -101,7 +101,7 @@ class HttpcoreTransport(PoolTransport):
             self._retired += 1
             await connection.aclose()
 
-    async def tend(self, now: float, working_limit: int) -> None:
+    async def tend(self, now: float, max_connections: int) -> None:
         # httpcore closes expired idle connections only when a request comes; this does it anyway.
         max_age = self._config.policy.max_connection_age
         if max_age:
@@ -113,7 +113,7 @@ class HttpcoreTransport(PoolTransport):
         connections = self._connections()
         idle = [c for c in connections if c.is_idle()]
         active = len(connections) - len(idle)
-        keep = max(0, min(self._limits.max_keepalive_connections, working_limit - active))
+        keep = max(0, min(self._limits.max_keepalive_connections, max_connections - active))
         doomed = [c for c in idle if c.has_expired() or compat.retiring(c) or compat.peer_closed(c)]
         doomed += [c for c in idle if c not in doomed][keep:]
         for connection in doomed:

@@ -72,7 +72,7 @@ class CurlTransport(PoolTransport):
         # libcurl closes it as that transfer ends.
         await response.aclose()
 
-    async def tend(self, now: float, working_limit: int) -> None:
+    async def tend(self, now: float, max_connections: int) -> None:
         # libcurl applies keep-alive expiry, max age and the idle cap itself, but only while it
         # works (when it looks for a connection to reuse). With nothing in flight, connections
         # due to close are closed here: all of them, as libcurl cannot close one idle connection.
@@ -82,7 +82,7 @@ class CurlTransport(PoolTransport):
             if engine.in_flight:
                 continue
             alive = engine.ledger.alive()
-            keep = max(0, min(limits.max_keepalive_connections, working_limit))
+            keep = max(0, min(limits.max_keepalive_connections, max_connections))
             due = len(alive) > keep or any(
                 now - c.last_used >= limits.keepalive_expiry
                 or (policy.max_connection_age and now - c.opened >= policy.max_connection_age)
