@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import httpx
 import pytest
 from enginekit import make_settings
 from fetchpool.engine import FetchSpec
@@ -83,6 +84,29 @@ async def test_cookies_are_kept_per_session_and_only_when_asked(make_engine, cer
     await engine.fetch(FetchSpec(url=f"{base}/set-cookie?name=cart&value=gone&max_age=0", session_key="bob",
                                  keep_cookies=True))
     assert await _cookies_sent(engine, base, "bob") == []
+
+
+async def test_a_fetch_without_session_cookies_runs_no_cookie_code(make_engine, certs: Certs, app_server: AppServer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # httpx's cookie code wraps a request for http.cookiejar (Cookies._CookieCompatRequest) on
+    # every response; the shared client skips all of it, and keeps nothing it could send later.
+    engine = await make_engine(make_settings(certs))
+    built: list[str] = []
+    original = httpx.Cookies._CookieCompatRequest.__init__
+
+    def counting(self: object, request: httpx.Request) -> None:
+        built.append(str(request.url))
+        original(self, request)
+
+    monkeypatch.setattr(httpx.Cookies._CookieCompatRequest, "__init__", counting)
+    base = app_server.https_url
+    cookie = await engine.fetch(FetchSpec(url=f"{base}/set-cookie?name=left&value=behind"))
+    hop = await engine.fetch(FetchSpec(url=f"{base}/redirect-to?to=/set-cookie%3Fname%3Dhop%26value%3D1"))
+    sent = await _cookies_sent(engine, base, "", keep=False)
+    assert cookie.status_code == hop.status_code == 200 and sent == []
+    assert built == []
+    await _cookies_sent(engine, base, "erin")  # a session's cookies do go through httpx's cookie code
+    assert built
 
 
 async def test_keep_cookies_without_a_session_key_is_an_invalid_argument(make_engine, certs: Certs,

@@ -18,6 +18,7 @@ import certifi
 import httpx
 
 from fetchpool.config import PoolLimits, Settings
+from fetchpool.engine._client import PoolClient
 from fetchpool.engine._httpcore import OpenFailed, stream_info
 from fetchpool.engine.body import ACCEPT_ENCODING, decodes, read_body
 from fetchpool.engine.guard import TargetGuard
@@ -28,7 +29,7 @@ from fetchpool.engine.politeness import HostRate
 from fetchpool.engine.pool import EWMA_WEIGHT, Pool, PoolSnapshot
 from fetchpool.engine.proxies import DIRECT, Selector, parse_proxy
 from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff, parse_retry_after, retryable
-from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, NoCookies, Router
+from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, Router
 from fetchpool.engine.sessions import SessionCookies
 from fetchpool.engine.transports import RECORDER_EXTENSION, TransportConfig, make_transport
 from fetchpool.engine.validate import check
@@ -109,12 +110,11 @@ class Engine:
         self._host_rate = HostRate(settings.pool.host_rate) if settings.pool.host_rate else None
         self._cookies = SessionCookies()
         t = settings.timeouts
-        self.client = httpx.AsyncClient(
+        self.client = PoolClient(
             transport=Router(self._pools),
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=settings.limits.pool_timeout),
             follow_redirects=False,
             trust_env=False,
-            cookies=NoCookies(),
             headers={"Accept-Encoding": ACCEPT_ENCODING},
         )
         self._fetch_slots = asyncio.Semaphore(fetch.max_fetches)

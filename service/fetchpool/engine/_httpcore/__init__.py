@@ -1,4 +1,5 @@
-"""The only package that reaches into httpx's, httpcore's and h2's internals.
+"""The only package that reaches into httpx's transport's, httpcore's and h2's internals (httpx's
+client's: ``engine/_client.py``, checked here too).
 
 httpx has no public way to resize a live pool or list its connections (``httpx.Limits`` is
 construction-only), and httpcore 1.0.9 (its newest release) loses results and pool places on

@@ -37,6 +37,14 @@ SOURCES = {
     "h2.connection:H2ConnectionStateMachine": "b1e149376a19400c",
     "httpx._transports.default:AsyncHTTPTransport.__init__": "433c33239d86ec87",
 }
+#: The same for the httpx method ``engine._client.PoolClient`` replaces (``_send_single_request``,
+#: with the ``request_context`` it keeps) and the one that calls it: checked by
+#: :func:`verify_client`, whatever the transport (the client is the same on every one).
+CLIENT_SOURCES = {
+    "httpx._client:AsyncClient._send_single_request": "339c8a224990002f",
+    "httpx._client:AsyncClient._send_handling_redirects": "88dba22b42995950",
+    "httpx._models:request_context": "e8b21fd7b402c1aa",
+}
 
 _POOL_ATTRIBUTES = ("_connections", "_requests", "_max_connections", "_max_keepalive_connections",
                     "_keepalive_expiry", "_http2", "_ssl_context", "_network_backend")
@@ -104,6 +112,19 @@ def verify() -> None:
         )
 
 
+@functools.cache
+def verify_client() -> None:
+    """Raise ConfigError unless the httpx client methods ``engine._client.PoolClient`` replaces or
+    keeps are those of httpx 0.28.1 (checked once per process)."""
+    changed = [path for path, want in CLIENT_SOURCES.items() if digest(path) != want]
+    if changed:
+        raise ConfigError(
+            f"httpx {httpx.__version__} differs from httpx 0.28.1, which fetchpool.engine._client was written "
+            f"against: {', '.join(changed)} changed. Install the locked versions (make install), or re-read those "
+            "methods and update fetchpool/engine/_client.py."
+        )
+
+
 if __name__ == "__main__":
-    for name in SOURCES:
+    for name in (*SOURCES, *CLIENT_SOURCES):
         print(f'    "{name}": "{digest(name)}",')
