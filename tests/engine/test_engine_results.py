@@ -109,6 +109,27 @@ async def test_a_fetch_without_session_cookies_runs_no_cookie_code(make_engine, 
     assert built
 
 
+async def test_a_fetch_parses_its_url_once(make_engine, certs: Certs, app_server: AppServer,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = await make_engine(make_settings(certs))
+    parsed: list[str] = []
+    original = httpx._urls.urlparse
+
+    def counting(url: str = "", **kwargs: object) -> object:
+        parsed.append(url)
+        return original(url, **kwargs)
+
+    monkeypatch.setattr(httpx._urls, "urlparse", counting)
+    url = f"{app_server.https_url}/echo?once=1"
+    outcome = await engine.fetch(FetchSpec(url=url))
+    assert outcome.status_code == 200 and parsed == [url]
+    parsed.clear()
+    first = f"{app_server.https_url}/redirect-to?to=/echo"
+    hop = await engine.fetch(FetchSpec(url=first))
+    # Once too when redirected; httpx parses the Location and the URL it resolves to.
+    assert hop.status_code == 200 and parsed.count(first) == 1, parsed
+
+
 async def test_keep_cookies_without_a_session_key_is_an_invalid_argument(make_engine, certs: Certs,
                                                                          app_server: AppServer) -> None:
     engine = await make_engine(make_settings(certs))
