@@ -70,7 +70,13 @@ from httpcore._async.http2 import (
 )
 from httpcore._trace import Trace
 
-from fetchpool.engine._httpcore.h2_support import DrainingStateMachine, StreamSlots, peer_finished, receive_window
+from fetchpool.engine._httpcore.h2_support import (
+    DrainingStateMachine,
+    StreamSlots,
+    peer_finished,
+    receive_window,
+    stream_info,
+)
 from fetchpool.engine._httpcore.shield import shielded
 
 logger = logging.getLogger("httpcore.http2")  # httpcore's: trace events keep their "http2." names
@@ -104,6 +110,9 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
         self._h2_state.state_machine = DrainingStateMachine()
         self._slots = StreamSlots(0)
         self._settings_seen = False  # the server's first SETTINGS arrived (its stream limit is known)
+        # Looked up once: get_extra_info builds anyio's whole attribute table per call, and every
+        # write asks for the socket (peer_finished).
+        self._socket = stream_info(self._network_stream, "socket")
         self._sending: set[int] = set()  # id() of the requests being written (a failed write fails them)
         self._reader: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -398,7 +407,7 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
         if not self._h2_state._data_to_send:
             return
         sending = request is not None and id(request) in self._sending
-        if peer_finished(self._network_stream):
+        if peer_finished(self._socket):
             # Writing now would fail, and the failed write would close the socket under the
             # streams whose responses are still unread in its receive buffer.
             self._h2_state.data_to_send()  # the peer reads nothing more

@@ -113,10 +113,10 @@ def stream_info(stream: Any, name: str) -> Any:
         return None
 
 
-def peer_finished(stream: Any) -> bool:
-    """Whether the peer of ``stream`` has sent its FIN or reset the connection (Linux:
-    ``TCP_INFO``; elsewhere False, so a write is attempted as before)."""
-    sock = stream_info(stream, "socket")
+def peer_finished(sock: Any) -> bool:
+    """Whether the peer of socket ``sock`` (a stream's ``get_extra_info("socket")``) has sent its
+    FIN or reset the connection (Linux: ``TCP_INFO``; elsewhere, or None, False, so a write is
+    attempted as before)."""
     if sock is None or not hasattr(socket, "TCP_INFO"):
         return False
     try:
