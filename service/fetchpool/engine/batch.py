@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from typing import Any, TypeVar
@@ -67,6 +68,56 @@ async def fetch_within(engine: Engine, spec: FetchSpec, cutoff: float | None) ->
     return outcome
 
 
+class _Slots:
+    """A batch's places for items in flight or unsent: a semaphore whose waiters can also all be
+    turned away at once (the engine drains, the call's cutoff passes), with no task per waiter.
+
+    Waiting through ``asyncio.wait`` on the semaphore and on the drain event took two tasks per
+    item of a large batch (each waits for a place), and their scheduling."""
+
+    __slots__ = ("_closed", "_free", "_waiters")
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
+        self._closed = False
+
+    async def take(self) -> bool:
+        """True once a place is held; False when turned away (:meth:`close`) without one."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        if self._closed:
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.release()  # handed a place just as we gave up
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a place back: to the first waiter, if any."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+        self._free += 1
+
+    def close(self) -> None:
+        """Turn every waiter away, now and from now on (a free place is still taken)."""
+        self._closed = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(False)
+
+
 async def run_batch(
     engine: Engine, items: AsyncIterable[tuple[K, FetchSpec]], concurrency: int, cutoff: float | None = None
 ) -> AsyncIterator[tuple[K, Outcome]]:
@@ -86,9 +137,14 @@ async def run_batch(
     (TIMEOUT outcomes), and items not started by then yield TIMEOUT outcomes at once.
     """
     results: asyncio.Queue[Any] = asyncio.Queue()  # (key, outcome, holds a slot) or _END / an exception
-    slots = asyncio.Semaphore(concurrency)
+    slots = _Slots(concurrency)
     tasks: set[asyncio.Task[None]] = set()
     counts = {"accepted": 0}
+    loop = asyncio.get_running_loop()
+    # Waiting items are turned away when the engine drains or the cutoff passes.
+    drain = asyncio.ensure_future(engine.drained())
+    drain.add_done_callback(lambda _: slots.close())
+    deadline = loop.call_at(cutoff, slots.close) if cutoff is not None else None
 
     async def fetch_one(key: K, spec: FetchSpec) -> None:
         try:
@@ -102,19 +158,7 @@ async def run_batch(
         engine drains (UNAVAILABLE) or the cutoff passes first (TIMEOUT)."""
         if engine.draining:
             return unavailable(spec)
-        if not slots.locked():
-            await slots.acquire()
-            return None
-        acquire = asyncio.ensure_future(slots.acquire())
-        drained = asyncio.ensure_future(engine.drained())
-        wait = None if cutoff is None else max(0.0, cutoff - asyncio.get_running_loop().time())
-        try:
-            await asyncio.wait((acquire, drained), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            drained.cancel()
-            if not acquire.done():
-                acquire.cancel()
-        if acquire.done() and not acquire.cancelled():
+        if await slots.take():
             if not engine.draining:
                 return None
             slots.release()
@@ -152,6 +196,9 @@ async def run_batch(
             if held:
                 slots.release()
     finally:
+        drain.cancel()
+        if deadline is not None:
+            deadline.cancel()
         feeder.cancel()
         pending = [feeder, *tasks]
         for task in pending:
