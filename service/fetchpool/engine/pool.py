@@ -146,8 +146,11 @@ class Pool:
         finally:
             recorder.finish_attempt()
             try:
-                if lease.response is not None:
-                    await shielded(self.transport.release(lease.response))
+                # A body read to its end closed its response already (httpx does, at the end of
+                # aiter_raw): then there is often nothing to release, and no task to shield it in.
+                response = lease.response
+                if response is not None and self.transport.needs_release(response):
+                    await shielded(self.transport.release(response))
             finally:
                 self.admission.release(host)
 

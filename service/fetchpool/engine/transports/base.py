@@ -99,7 +99,13 @@ class PoolTransport(abc.ABC):
     @abc.abstractmethod
     async def release(self, response: httpx.Response) -> None:
         """Close ``response`` (its body read or not), then close its connection if it is
-        retiring and now idle. Called once per response, shielded from cancellation."""
+        retiring and now idle. Called once per response, shielded from cancellation, unless
+        :meth:`needs_release` says it has nothing to do."""
+
+    def needs_release(self, response: httpx.Response) -> bool:
+        """Whether :meth:`release` has anything to do for ``response``: here, whether it is still
+        open (closing it is all ``release`` does once the connection cannot be retiring)."""
+        return not response.is_closed
 
     @abc.abstractmethod
     async def tend(self, now: float, max_connections: int) -> None:

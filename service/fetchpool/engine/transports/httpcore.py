@@ -88,6 +88,10 @@ class HttpcoreTransport(PoolTransport):
     def retired_total(self) -> int:
         return self._retired + sum(compat.orphans_closed(t) for t in self._transports())
 
+    def needs_release(self, response: httpx.Response) -> bool:
+        # With connection hygiene, the connection of a closed response may be due to retire.
+        return self._hygiene or not response.is_closed
+
     async def release(self, response: httpx.Response) -> None:
         # A retiring connection takes no new request, so none can slip in between these steps.
         await response.aclose()
