@@ -29,17 +29,23 @@ from bench.matrix import (
     CLIENT_LABELS,
     FETCHPOOL,
     LATENCY,
+    REFERENCE_TRANSPORT,
     SCENARIOS,
     Cell,
     Runner,
+    default_transport,
     ensure_httpx2,
     python_for,
     run_cells,
+    run_keys,
+    split_key,
+    transport_flags,
 )
 from bench.netns import run_phase
-from bench.report import chart, goals, render, summarize
+from bench.render import chart, render
+from bench.report import goals, summarize
 
-SMOKE_CELLS = "h1/2KB,h2/100KB,proxy/2KB,lat-h2/2KB"
+SMOKE_CELLS = "h1/2KB,h2/100KB,proxy/2KB,lat-h2/2KB,lat500-h2/2KB"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +60,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--latency-sizes", default="2KB", help="page sizes of the latency scenarios")
     ap.add_argument("--cells", default="", help="explicit scenario/size list (overrides the three above)")
     ap.add_argument("--clients", default=",".join(CLIENT_LABELS), help="subset of the clients")
+    ap.add_argument("--transports", default=None,
+                    help=f"fetchpool serve transports to run, each on every cell (default: {default_transport()}, "
+                         f"fetchpool's default; the CPU goals compare with {REFERENCE_TRANSPORT}, run too if absent)")
+    ap.add_argument("--wide-n", type=int, default=None, help="URLs per run on lat500-h2 (3000; smoke 150)")
+    ap.add_argument("--wide-c", type=int, default=None, help="requests in flight on lat500-h2 (500; smoke 100)")
     ap.add_argument("--ns-n", type=int, default=None, help="URLs per run in the latency scenarios (= N)")
     ap.add_argument("--rtt-ms", type=float, default=50.0, help="emulated round-trip time (50)")
     ap.add_argument("--wrk-secs", type=float, default=None, help="wrk duration (3; smoke 1)")
@@ -83,6 +94,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     a.wrk_secs = a.wrk_secs or (1.0 if smoke else 3.0)
     a.mem_n = a.mem_n or (2000 if smoke else 100_000)
     a.resize_secs = a.resize_secs or (3.0 if smoke else 20.0)
+    a.wide_n = a.wide_n or (150 if smoke else 3000)
+    a.wide_c = a.wide_c or (100 if smoke else 500)
+    a.default_transport = default_transport()
+    a.transport_list = [t for t in (a.transports or a.default_transport).split(",") if t]
+    if REFERENCE_TRANSPORT not in a.transport_list:  # the CPU goals are ratios to it, in the same run
+        a.transport_list.append(REFERENCE_TRANSPORT)
     if smoke and a.profile == "auto":
         a.profile = "never"
     if smoke and not a.cells:
@@ -97,6 +114,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     bad += [c for c in a.client_list if c not in CLIENT_LABELS]
     if bad:
         ap.error(f"unknown cells or clients: {bad}")
+    for transport in a.transport_list:
+        try:
+            transport_flags(transport)
+        except ValueError as exc:
+            ap.error(str(exc))
     return a
 
 
@@ -148,19 +170,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def pick_profile_cells(summary: dict[str, Any], cells: list[Cell], wanted: str) -> list[Cell]:
+def pick_profile_cells(summary: dict[str, Any], cells: list[Cell], wanted: str, transport: str) -> list[Cell]:
     if wanted:
         return [Cell(*w.split("/")) for w in wanted.split(",") if w]
-    worst = _worst_cell(summary, cells)
+    worst = _worst_cell(summary, cells, transport)
     picks = [Cell("h2", "2KB")] + ([worst] if worst and worst != Cell("h2", "2KB") else [])
     return [c for c in picks if not c.latency]
 
 
-def _worst_cell(summary: dict[str, Any], cells: list[Cell]) -> Cell | None:
+def _worst_cell(summary: dict[str, Any], cells: list[Cell], transport: str) -> Cell | None:
     host = [c for c in cells if not c.latency]
     worst, worst_ratio = None, None
     for c in host:
-        r = summary.get(c.key, {}).get("ratios", {})
+        r = summary.get(c.key, {}).get("ratios", {}).get(transport, {})
         vals = [v for v in (r.get("FM/httpx"), r.get("FS/httpx")) if v]
         cpu = [v for v in (r.get("FM cpu/httpx cpu"), r.get("FS cpu/httpx cpu")) if v]
         score = min(vals + [1 / v for v in cpu]) if vals or cpu else None
@@ -194,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
     log(f"fetchpool bench: {os.cpu_count()} cores, N={a.n}, C={a.c}, rounds={a.rounds}, "
-        f"cells={','.join(c.key for c in a.cell_list)}, clients={','.join(a.client_list)}")
+        f"cells={','.join(c.key for c in a.cell_list)}, clients={','.join(a.client_list)}, "
+        f"transports={','.join(a.transport_list)} (default {a.default_transport})")
 
     httpx2_note = "httpx2 not used"
     if "httpx2" in a.client_list:
@@ -210,39 +233,46 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace.create()
     env = Env(ws, proxy_kind=a.proxy_server, batch_concurrency=a.c)
     results: list[dict[str, Any]] = []
-    memory = resize = None
+    memory: dict[str, Any] = {}  # per transport
+    resize: dict[str, Any] = {}
     profiles: list[dict[str, Any]] = []
     latency: dict[str, Any] = {}
     loads: list[float] = []
     try:
         env.start()
         runner = Runner(env, ws, n=a.n, c=a.c, wrk_secs=a.wrk_secs, req_timeout=a.req_timeout,
-                        proc_timeout=a.proc_timeout)
+                        proc_timeout=a.proc_timeout, wide=(a.wide_n, a.wide_c))
         host_cells = [c for c in a.cell_list if not c.latency]
-        results += run_cells(runner, host_cells, a.client_list, a.rounds, a.seed)
+        results += run_cells(runner, host_cells, a.client_list, a.rounds, a.seed, a.transport_list)
         loads.append(os.getloadavg()[0])
-        if not a.no_memory:
-            memory = memory_run(env, ws, n=a.mem_n, c=a.c, cell=Cell(*a.mem_cell.split("/")))
-        if not a.no_resize:
-            resize = resize_run(env, ws, secs=a.resize_secs, every=a.resize_every, c=a.c)
+        for transport in a.transport_list:
+            if not a.no_memory:
+                memory[transport] = memory_run(env, ws, n=a.mem_n, c=a.c, cell=Cell(*a.mem_cell.split("/")),
+                                               transport=transport)
+            if not a.no_resize:
+                resize[transport] = resize_run(env, ws, secs=a.resize_secs, every=a.resize_every, c=a.c,
+                                               transport=transport)
         lat_cells = [c for c in a.cell_list if c.latency]
         if lat_cells:
             spec = {"workspace": ws.to_json(), "proxy_kind": a.proxy_server, "n": a.ns_n, "c": a.c,
-                    "wrk_secs": a.wrk_secs, "req_timeout": a.req_timeout, "proc_timeout": a.proc_timeout,
-                    "rtt_ms": a.rtt_ms, "cells": [[c.scenario, c.size] for c in lat_cells],
-                    "clients": a.client_list, "rounds": a.rounds, "seed": a.seed}
+                    "wide": [a.wide_n, a.wide_c], "wrk_secs": a.wrk_secs, "req_timeout": a.req_timeout,
+                    "proc_timeout": a.proc_timeout, "rtt_ms": a.rtt_ms,
+                    "cells": [[c.scenario, c.size] for c in lat_cells], "clients": a.client_list,
+                    "transports": a.transport_list, "rounds": a.rounds, "seed": a.seed}
             latency = run_phase(spec, timeout=3600)
             if latency.get("error"):
                 log(f"latency phase: {latency['error']}")
             results += latency.get("results", [])
         loads.append(os.getloadavg()[0])
         summary = summarize(results)
-        goal_rows = goals(summary, memory, resize)
+        goal_rows = goals(summary, memory, resize, a.default_transport)
         fp_missed = any(g["verdict"].startswith("MISS") for g in goal_rows if "RSS" not in g["goal"]
                         and "resize" not in g["goal"])
         if a.profile == "always" or (a.profile == "auto" and fp_missed):
-            for cell in pick_profile_cells(summary, a.cell_list, a.profile_cells):
-                profiles.append(profile_run(env, ws, cell=cell, n=a.profile_n, c=a.c, outdir=outdir, stamp=stamp))
+            for transport in a.transport_list:
+                for cell in pick_profile_cells(summary, a.cell_list, a.profile_cells, transport):
+                    profiles.append(profile_run(env, ws, cell=cell, n=a.profile_n, c=a.c, outdir=outdir, stamp=stamp,
+                                                transport=transport))
     except KeyboardInterrupt:
         log("interrupted: stopping everything this run started")
         return 130
@@ -251,15 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         ws.close()
 
     summary = summarize(results)
-    goal_rows = goals(summary, memory, resize)
+    goal_rows = goals(summary, memory, resize, a.default_transport)
     meta = {
         "smoke": a.smoke, "finished": time.strftime("%Y-%m-%d %H:%M"), "cores": os.cpu_count(),
         "cpu_model": cpu_model(), "kernel": platform.release(), "python": f"Python {platform.python_version()}",
         "load": f"{min(loads or [0]):.2f}-{max(loads or [0]):.2f} (1-min avg at phase ends)",
-        "n": a.n, "ns_n": a.ns_n, "c": a.c, "rounds": a.rounds, "proxy": a.proxy_server,
+        "n": a.n, "ns_n": a.ns_n, "c": a.c, "wide_n": a.wide_n, "wide_c": a.wide_c, "rounds": a.rounds,
+        "proxy": a.proxy_server, "transports": a.transport_list, "default_transport": a.default_transport,
         "versions": versions(httpx2_note), "elapsed_s": round(time.time() - t_start),
         "code": code_before, "code_changed_during_run": code_state()["sources_sha256"] != code_before["sources_sha256"],
-        "args": {k: v for k, v in vars(a).items() if k not in ("cell_list", "client_list")},
+        "args": {k: v for k, v in vars(a).items() if k not in ("cell_list", "client_list", "transport_list")},
     }
     if meta["code_changed_during_run"]:
         log("WARNING: service/fetchpool changed while the benchmark ran: the figures mix two versions")
@@ -282,18 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     log(f"results: {', '.join(str(p) for p in paths.values())} (and latest.*)")
 
     bad_runs = [r for r in results if not run_complete(r)]
-    expected = {(c.key, k) for c in a.cell_list for k in a.client_list if not (k == "wrk" and c.via_proxy)}
+    expected = {(c.key, k) for c in a.cell_list for k in run_keys(a.client_list, a.transport_list, c)}
     missing = expected - {(r["cell"], r["client_key"]) for r in results}
     for r in bad_runs:
         log(f"incomplete: {r['cell']} round {r['round']} {r['client_key']}: ok {r.get('ok')} of {r.get('n')}, "
             f"rc {r.get('rc')}: {r.get('first_error') or (r.get('stderr_tail') or '')[-200:]}")
     if missing:
         log(f"no result for {sorted(missing)}")
-    extras_ok = (memory is None or (memory.get("ok") == memory.get("n") and memory.get("rc") == 0)) and \
-        (resize is None or resize.get("failed") == 0) and not latency.get("error")
+    extras_ok = all(m.get("ok") == m.get("n") and m.get("rc") == 0 for m in memory.values()) and \
+        all(r.get("failed") == 0 for r in resize.values()) and not latency.get("error")
     # An alternative failing requests (say httpx's h2 LocalProtocolError) is a finding, shown in the
     # tables; fetchpool failing one, or a run not happening at all, is a failed benchmark.
-    if missing or not extras_ok or any(r["client_key"] in FETCHPOOL for r in bad_runs) or \
+    if missing or not extras_ok or any(split_key(r["client_key"])[0] in FETCHPOOL for r in bad_runs) or \
             any(r.get("rc") not in (0, 3) for r in bad_runs):
         log("the benchmark is incomplete or fetchpool failed requests (see the 'failed' columns)")
         return 1

@@ -26,7 +26,7 @@ from bench.infra import (
     run_proc,
     thread_cpu,
 )
-from bench.matrix import Cell
+from bench.matrix import Cell, transport_flags
 
 PYSPY_PIN = "py-spy==0.4.3"
 
@@ -52,11 +52,12 @@ def _stats_total(target: str) -> int | None:
         return None
 
 
-def memory_run(env: Env, ws: Workspace, *, n: int, c: int, cell: Cell, warmup: int = 500,
+def memory_run(env: Env, ws: Workspace, *, n: int, c: int, cell: Cell, transport: str, warmup: int = 500,
                interval: float = 1.0) -> dict[str, Any]:
     """One FetchMany of ``n`` URLs through a fresh service; the service's RSS sampled every ``interval`` s."""
-    svc = env.service(proxy=cell.via_proxy)
-    out: dict[str, Any] = {"n": n, "c": c, "cell": cell.key, "warmup": warmup, "interval_s": interval}
+    svc = env.service(proxy=cell.via_proxy, extra=transport_flags(transport))
+    out: dict[str, Any] = {"n": n, "c": c, "cell": cell.key, "transport": transport, "warmup": warmup,
+                           "interval_s": interval}
     try:
         pid = svc.pid
         out["rss_mb_started"] = round(proc_rss_mb(pid), 1)
@@ -84,7 +85,7 @@ def memory_run(env: Env, ws: Workspace, *, n: int, c: int, cell: Cell, warmup: i
             samples.append([round(now, 2), round(proc_rss_mb(pid), 1), caller,  # type: ignore[list-item]
                             (done - base_total) if done is not None else None])
 
-        log(f"memory: FetchMany of {n:,} URLs ({cell.key}), service RSS every {interval:g} s")
+        log(f"memory: FetchMany of {n:,} URLs ({cell.key}, {transport}), service RSS every {interval:g} s")
         done = run_proc(_caller_cmd(env, ws, svc.target, [cell], n, c, "many", "mem"),
                         timeout=max(600.0, n / 50), on_tick=sample, tick=0.05)
         sample(None)
@@ -117,13 +118,13 @@ def memory_run(env: Env, ws: Workspace, *, n: int, c: int, cell: Cell, warmup: i
     return out
 
 
-def resize_run(env: Env, ws: Workspace, *, secs: float, every: float, c: int) -> dict[str, Any]:
+def resize_run(env: Env, ws: Workspace, *, secs: float, every: float, c: int, transport: str) -> dict[str, Any]:
     """FetchStream load over h1 and h2, 2 KB and 100 KB, while the pool limits change every ``every`` s."""
-    svc = env.service(proxy=False)
+    svc = env.service(proxy=False, extra=transport_flags(transport))
     cells = [Cell("h1", "2KB"), Cell("h2", "2KB"), Cell("h1", "100KB"), Cell("h2", "100KB")]
     cap = int(max(1000, 4000 * secs))
     try:
-        log(f"resize: {secs:g} s of FetchStream load, limits changed every {every:g} s")
+        log(f"resize: {secs:g} s of FetchStream load ({transport}), limits changed every {every:g} s")
         cmd = [*_caller_cmd(env, ws, svc.target, cells, cap, c, "resize", "resize"),
                "--duration", str(secs), "--resize-every", str(every)]
         done = run_proc(cmd, timeout=secs + 180)
@@ -132,7 +133,7 @@ def resize_run(env: Env, ws: Workspace, *, secs: float, every: float, c: int) ->
     res = json_line(done.stdout) or {}
     out = {k: res.get(k) for k in ("n", "ok", "bad", "errors", "rps", "p50_ms", "p99_ms", "resizes",
                                    "resize_failures", "limits_applied", "pools", "first_error", "proto")}
-    out.update(secs=secs, every=every, c=c, rc=done.rc, cells=[x.key for x in cells])
+    out.update(secs=secs, every=every, c=c, rc=done.rc, cells=[x.key for x in cells], transport=transport)
     out["failed"] = (res.get("errors") or 0) + (res.get("bad") or 0) if res else None
     if done.rc != 0 and not res:
         out["stderr_tail"] = done.stderr[-600:]
@@ -203,20 +204,23 @@ def summarize_raw(path: Path, top: int = 20) -> dict[str, Any]:
     return {"samples": total, "self": share(selfc), "inclusive": inclusive, "self_by_package": share(by_package, 12)}
 
 
-def profile_run(env: Env, ws: Workspace, *, cell: Cell, n: int, c: int, outdir: Path, stamp: str) -> dict[str, Any]:
-    """py-spy on a fresh service (attached) and on its gRPC caller (launched under py-spy), one FetchMany."""
+def profile_run(env: Env, ws: Workspace, *, cell: Cell, n: int, c: int, outdir: Path, stamp: str,
+                transport: str | None) -> dict[str, Any]:
+    """py-spy on a fresh service (attached) and on its gRPC caller (launched under py-spy), one FetchMany;
+    ``transport`` None: the service's own default (no ``--transport`` flag)."""
     spy = ensure_pyspy()
     if spy is None:
         return {"error": f"py-spy unavailable (pip install {PYSPY_PIN} failed)"}
-    svc = env.service(proxy=cell.via_proxy)
-    tag = f"{stamp}-{cell.key.replace('/', '-')}"
+    svc = env.service(proxy=cell.via_proxy, extra=transport_flags(transport) if transport else [])
+    tag = f"{stamp}-{cell.key.replace('/', '-')}-{transport or 'default'}"
     svc_raw, caller_raw = outdir / f"profile-{tag}-service.txt", outdir / f"profile-{tag}-caller.txt"
-    out: dict[str, Any] = {"cell": cell.key, "n": n, "c": c,
+    out: dict[str, Any] = {"cell": cell.key, "n": n, "c": c, "transport": transport,
                            "tool": "py-spy record --gil -r 200 (Python frames of samples holding the GIL, i.e. "
                                    "Python CPU; C code running without the GIL, such as gRPC's core, is in the "
                                    "per-thread CPU table instead)"}
     try:
-        log(f"profile: py-spy on the service (pid {svc.pid}) and the caller, FetchMany of {n:,} URLs, {cell.key}")
+        log(f"profile: py-spy on the service (pid {svc.pid}) and the caller, FetchMany of {n:,} URLs, {cell.key}, "
+            f"{transport}")
         with open(outdir / f"profile-{tag}-pyspy.log", "wb") as spylog:
             recorder = subprocess.Popen(
                 [spy, "record", "--gil", "-p", str(svc.pid), "-r", "200", "-f", "raw", "-o", str(svc_raw),

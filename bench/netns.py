@@ -155,9 +155,9 @@ def inner_main(spec_path: str) -> int:
         }
         log(f"latency: {out['info']}")
         runner = Runner(env, ws, n=spec["n"], c=spec["c"], wrk_secs=spec["wrk_secs"],
-                        req_timeout=spec["req_timeout"], proc_timeout=spec["proc_timeout"])
+                        req_timeout=spec["req_timeout"], proc_timeout=spec["proc_timeout"], wide=tuple(spec["wide"]))
         cells = [Cell(s, z) for s, z in spec["cells"]]
-        out["results"] = run_cells(runner, cells, spec["clients"], spec["rounds"], spec["seed"])
+        out["results"] = run_cells(runner, cells, spec["clients"], spec["rounds"], spec["seed"], spec["transports"])
     except Exception as exc:
         out["error"] = repr(exc)
         log(f"latency phase failed: {exc!r}")

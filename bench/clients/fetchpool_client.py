@@ -22,10 +22,11 @@ from common import Tally, parse_args, report, work
 from fetchpool.client import FetchClient, make_request
 from fetchpool.v1 import fetch_pb2 as pb
 
-# (max_connections, max_keepalive_connections, max_connections_per_host) cycled by --mode resize.
+# (max_connections, max_keepalive_connections, max_connections_per_host, max_requests) cycled by
+# --mode resize (max_requests 0: max_connections x 100).
 RESIZE_SCHEDULE = [
-    (100, 100, 0), (4, 4, 0), (50, 10, 0), (1, 1, 0), (20, 20, 5),
-    (2, 0, 0), (64, 32, 16), (8, 8, 8), (30, 0, 3), (100, 20, 0),
+    (100, 100, 0, 0), (4, 4, 0, 16), (50, 10, 0, 0), (1, 1, 0, 1), (20, 20, 5, 0),
+    (2, 0, 0, 200), (64, 32, 16, 32), (8, 8, 8, 0), (30, 0, 3, 4), (100, 20, 0, 0),
 ]
 
 
@@ -91,14 +92,14 @@ async def run_resize(args: argparse.Namespace, urls: list[str], expected: list[b
 
     async def resizer() -> None:
         async with FetchClient(args.target, timeout=10) as admin:
-            for mc, ka, ph in itertools.islice(itertools.cycle(RESIZE_SCHEDULE), 10_000):
+            for mc, ka, ph, mr in itertools.islice(itertools.cycle(RESIZE_SCHEDULE), 10_000):
                 await asyncio.sleep(args.resize_every)
                 if time.monotonic() > deadline:
                     return
                 try:
                     await admin.set_limits(pb.PoolLimits(
-                        max_connections=mc, max_keepalive_connections=ka, max_connections_per_host=ph))
-                    changes.append([mc, ka, ph])
+                        max_connections=mc, max_keepalive_connections=ka, max_connections_per_host=ph, max_requests=mr))
+                    changes.append([mc, ka, ph, mr])
                 except Exception as exc:
                     failures.append(repr(exc)[:200])
 

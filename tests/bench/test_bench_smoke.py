@@ -14,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE_CLIENTS = {"fp-many", "fp-stream", "httpx", "httpx2", "aiohttp", "unpooled", "wrk"}
+#: The clients of the 500-in-flight cell (lat500-h2): fetchpool and the two in-process scripts.
+WIDE_CLIENTS = {"fp-many", "fp-stream", "httpx", "aiohttp"}
 
 
 @pytest.mark.slow
@@ -32,12 +34,19 @@ def test_bench_smoke_completes_every_request_and_writes_the_report(tmp_path: Pat
     if os.geteuid() != 0:  # the latency cells need a network namespace
         cells = [c for c in cells if not c.startswith("lat-")]
     assert any(c.startswith("lat-") for c in cells) or os.geteuid() != 0
+    assert any(c.startswith("lat500-") for c in cells) or os.geteuid() != 0
+    transports = data["meta"]["transports"]
+    assert transports and data["meta"]["default_transport"] in transports
     seen = {(r["cell"], r["client_key"]) for r in results}
     for cell in cells:
-        for client in SMOKE_CLIENTS:
+        for client in WIDE_CLIENTS if cell.startswith("lat500-") else SMOKE_CLIENTS:
             if client == "wrk" and "proxy" in cell:
                 continue
-            assert (cell, client) in seen, f"no run of {client} on {cell}"
+            keys = [f"{client}@{t}" for t in transports] if client.startswith("fp-") else [client]
+            for key in keys:
+                assert (cell, key) in seen, f"no run of {key} on {cell}"
+    wide = [r for r in results if r["cell"].startswith("lat500-")]
+    assert all(r["c"] == data["meta"]["wide_c"] for r in wide if r["client_key"] != "wrk"), wide
 
     for r in results:
         where = f"{r['cell']} {r['client_key']}: {r.get('first_error') or r.get('stderr_tail')}"
@@ -48,11 +57,16 @@ def test_bench_smoke_completes_every_request_and_writes_the_report(tmp_path: Pat
         else:
             assert r["ok"] == r["n"] > 0, where
 
-    memory, resize = data["memory"], data["resize"]
-    assert memory["ok"] == memory["n"] > 0 and not memory["errors"] and not memory["bad"]
-    assert memory["samples"], "no RSS samples"
-    assert resize["failed"] == 0 and resize["ok"] == resize["n"] > 0
+    assert set(data["memory"]) == set(data["resize"]) == set(transports)
+    for memory in data["memory"].values():
+        assert memory["ok"] == memory["n"] > 0 and not memory["errors"] and not memory["bad"]
+        assert memory["samples"], "no RSS samples"
+    for resize in data["resize"].values():
+        assert resize["failed"] == 0 and resize["ok"] == resize["n"] > 0
     assert data["goals"], "no goals table"
+    goals = {g["goal"] for g in data["goals"]}
+    assert any("vs in-process pooled httpx" in g for g in goals) and any("vs the httpcore transport" in g
+                                                                         for g in goals), goals
 
     markdown = (out / "latest.md").read_text()
     for heading in ("## Key ratios", "## Goals", "## Per scenario", "cores"):
