@@ -236,6 +236,9 @@ class Env:
     ws: Workspace
     proxy_kind: str = "squid"
     batch_concurrency: int = 50
+    #: Variables added to the environment of every ``fetchpool serve`` started here (``PYTHONPATH``
+    #: of another source tree: ``bench.profile_service --baseline-src``).
+    service_env: dict[str, str] = field(default_factory=dict)
     nginx: Nginx | None = None
     proxy: Squid | Tinyproxy | None = None
     _services: list[FetchpoolService] = field(default_factory=list)
@@ -278,7 +281,7 @@ class Env:
         flags = ["--batch-concurrency", str(self.batch_concurrency), "--log-level", "WARNING", *extra]
         if proxy:
             flags += ["--proxy", self.proxy_url()]
-        svc = FetchpoolService(*flags, ca_pem=self.ws.ca_pem)
+        svc = FetchpoolService(*flags, ca_pem=self.ws.ca_pem, env=self.service_env)
         self._services.append(svc)
         return svc.start(timeout=60)
 
