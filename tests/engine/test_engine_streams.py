@@ -170,14 +170,18 @@ async def test_limits_resized_live_under_load_fail_nothing(
     engine: Engine = await make_engine(make_settings(certs, limits=limits))
     run = uuid.uuid4().hex[:12]
     bases = [streams_nginx.https_url, streams_nginx.http_url]
-    urls = [f"{base}/{page}?run={run}&i={i}" for i, (base, page) in
-            enumerate(itertools.islice(itertools.cycle(itertools.product(bases, ["small.html", "large.html"])), 800))]
+    pages = itertools.cycle(itertools.product(bases, ["small.html", "large.html"]))
+    urls: list[str] = []
+    applied: list[tuple[int, int, int]] = []
 
     async def items() -> AsyncIterator[tuple[str, FetchSpec]]:
-        for url in urls:
-            yield url, FetchSpec(url=url)
-
-    applied: list[tuple[int, int, int]] = []
+        # At least 800 URLs, and load until every resize of the cycle has been made (a fast
+        # transport fetches 800 in under a second); bounded at 20,000.
+        for i, (base, page) in enumerate(pages):
+            if i >= 20_000 or (i >= 800 and len(applied) >= len(RESIZES)):
+                return
+            urls.append(f"{base}/{page}?run={run}&i={i}")
+            yield urls[-1], FetchSpec(url=urls[-1])
 
     async def resize() -> None:
         for connections, keepalive, requests in itertools.cycle(RESIZES):
