@@ -80,8 +80,12 @@ async def _sample_sockets(peers: set[tuple[str, int]], samples: list[int]) -> No
 @pytest.mark.parametrize("route", ["direct", "tinyproxy", "socks5"])
 async def test_a_full_http2_connection_sends_the_next_request_to_another_connection(
     route: str, make_engine: ..., certs: Certs, streams_nginx: Nginx, streams_proxy: Tinyproxy, socks: Microsocks,
-    app_server: AppServer,
+    app_server: AppServer, transport: str, request: pytest.FixtureRequest,
 ) -> None:
+    if transport == "curl":
+        # Known gap, README "Transports": the curl transport admits one request per connection
+        # allowed (libcurl would overshoot the server's stream limit on each new connection).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="curl carries max_connections requests at once"))
     # 30 requests: 5 connections x 4 streams carry 20 at once, the other 10 wait for a stream.
     proxy = _proxy(route, streams_proxy, socks)
     limits = PoolLimits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, keepalive_expiry=1.0,
@@ -117,9 +121,11 @@ async def test_a_full_http2_connection_sends_the_next_request_to_another_connect
 
 
 async def test_max_requests_caps_requests_in_flight_over_http2(
-    make_engine: ..., certs: Certs, streams_nginx: Nginx, app_server: AppServer
+    make_engine: ..., certs: Certs, streams_nginx: Nginx, app_server: AppServer, transport: str
 ) -> None:
-    # Room for 20 streams, but max_requests 6: at most 6 at nginx at once, the rest wait in admission.
+    # Room for 20 streams, but max_requests 6: at most 6 at nginx at once, the rest wait in admission
+    # (curl: at most max_connections, 5; see CurlTransport.requests_cap).
+    cap = CONNECTIONS if transport == "curl" else 6
     limits = PoolLimits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, max_requests=6,
                         pool_timeout=20)
     engine: Engine = await make_engine(make_settings(certs, limits=limits))
@@ -131,10 +137,10 @@ async def test_max_requests_caps_requests_in_flight_over_http2(
     busy = engine.snapshots()[0]
     outcomes = await asyncio.gather(*fetches)
     assert all(o.ok and o.status_code == 200 for o in outcomes), summary(outcomes)
-    assert (busy.requests_active, busy.requests_waiting, busy.working_limit) == (6, 6, 6), busy
+    assert (busy.requests_active, busy.requests_waiting, busy.working_limit) == (cap, 12 - cap, cap), busy
     entries = [e for e in streams_nginx.access_log(since, min_entries=12) if f"run={run}" in e["request_uri"]]
     total_peak, per_connection = _peaks(entries)
-    assert total_peak <= 6 and len(per_connection) == 2, (total_peak, per_connection)
+    assert total_peak <= cap and len(per_connection) == 2, (total_peak, per_connection)
     await assert_engine_invariant(engine, [streams_nginx.https_url], app_server, "max_requests 6")
 
 

@@ -81,9 +81,9 @@ class Pool:
         self._limits = limits
         self._policy = policy
         self.transport = transport
-        self.admission = Admission(limits.requests_cap, limits.max_connections_per_host)
+        self.admission = Admission(transport.requests_cap(limits), limits.max_connections_per_host)
         self.health = ProxyHealth(policy.proxy_eject_failures if self.proxy else 0, policy.proxy_eject_seconds)
-        self.dynamic = DynamicLimit(policy.dynamic_floor, limits.requests_cap) if policy.dynamic else None
+        self.dynamic = DynamicLimit(policy.dynamic_floor, transport.requests_cap(limits)) if policy.dynamic else None
         self.counters = PoolCounters()
         self.requests_total = 0
         self.reused_total = 0
@@ -109,7 +109,7 @@ class Pool:
     def working_limit(self) -> int:
         """Requests admitted at most right now: ``max_requests`` (what 0 stands for), or less when
         dynamic sizing follows a lower demand. ``max_connections`` caps the sockets that carry them."""
-        return self.dynamic.current if self.dynamic is not None else self._limits.requests_cap
+        return self.dynamic.current if self.dynamic is not None else self.transport.requests_cap(self._limits)
 
     @property
     def load(self) -> int:
@@ -163,7 +163,7 @@ class Pool:
         """
         self._limits = limits
         if self.dynamic is not None:
-            self.dynamic.set_ceiling(limits.requests_cap)
+            self.dynamic.set_ceiling(self.transport.requests_cap(limits))
         self.transport.apply_limits(limits)
         self.admission.resize(self.working_limit, limits.max_connections_per_host)
 

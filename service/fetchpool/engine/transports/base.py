@@ -82,6 +82,11 @@ class PoolTransport(abc.ABC):
     def apply_limits(self, limits: PoolLimits) -> None:
         """Apply ``limits`` live; requests in flight and open connections are not cut."""
 
+    def requests_cap(self, limits: PoolLimits) -> int:
+        """Requests in flight the pool admits at most under ``limits`` (``limits.requests_cap``;
+        a transport that cannot keep a connection within the server's stream limit says less)."""
+        return limits.requests_cap
+
     @abc.abstractmethod
     def counts(self) -> ConnectionCounts:
         """The connections open now."""

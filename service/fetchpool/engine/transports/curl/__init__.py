@@ -51,6 +51,16 @@ class CurlTransport(PoolTransport):
         for engine in self._engines():
             engine.set_limits(limits)
 
+    def requests_cap(self, limits: PoolLimits) -> int:
+        """At most one request in flight per connection allowed (``max_connections``).
+
+        libcurl assumes 100 streams on a new HTTP/2 connection until the server's SETTINGS
+        arrive, so with more requests in flight than connections it overshoots a smaller server
+        limit on every connection it opens under load, and the streams refused go again on yet
+        more connections (nginx with 4 streams and max_connections 5 saw 7 connections). Held at
+        ``max_connections``, the requests still share connections, multiplexed, within it."""
+        return min(limits.requests_cap, limits.max_connections)
+
     def counts(self) -> ConnectionCounts:
         open_ = idle = 0
         for engine in self._engines():
