@@ -103,7 +103,7 @@ def stream_info(stream: Any, name: str) -> Any:
     None or its connection is gone.
 
     anyio's socket stream raises AttributeError there instead of returning None: it calls
-    ``getpeername()`` on the socket of an asyncio transport already closed, which is None (seen
+    ``getpeername()`` on the socket of a uvloop transport already closed, which is None (seen
     when a proxy dies just as a tunnel's TLS handshake ends)."""
     if stream is None:
         return None
