@@ -9,7 +9,6 @@ import logging
 import re
 import ssl
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +19,8 @@ import httpx
 
 from fetchpool.config import PoolLimits, Settings
 from fetchpool.engine._client import PoolClient
-from fetchpool.engine._httpcore import OpenFailed, stream_info
-from fetchpool.engine.body import ACCEPT_ENCODING, decodes, read_body
+from fetchpool.engine._httpcore import OpenFailed
+from fetchpool.engine.body import ACCEPT_ENCODING, read_body
 from fetchpool.engine.guard import TargetGuard
 from fetchpool.engine.hooks import FetchObserver
 from fetchpool.engine.model import FetchSpec, Headers, Outcome
@@ -29,6 +28,7 @@ from fetchpool.engine.phases import PhaseRecorder
 from fetchpool.engine.politeness import HostRate
 from fetchpool.engine.pool import EWMA_WEIGHT, Pool, PoolSnapshot
 from fetchpool.engine.proxies import DIRECT, Selector, parse_proxy
+from fetchpool.engine.responses import check_headers, describe_peer, describe_response
 from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff, parse_retry_after, retryable
 from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, Router
 from fetchpool.engine.sessions import SessionCookies
@@ -45,39 +45,10 @@ TEND_INTERVAL = 1.0
 PROXY_FAULTS = frozenset({401, 407, 502, 503, 504})
 #: Sends of one attempt repeated at most when a reused connection went away before any response.
 RESENDS = 3
+
+
 def _origin(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
-
-
-#: Per network stream (one per connection): the peer's "ip:port" and the TLS version, which never
-#: change for a connection. Reading them costs a ``get_extra_info`` each (anyio builds a dict of
-#: every attribute per call): 2.6 % of the service's CPU when done per response (py-spy, h2/2KB).
-_PEERS: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
-
-
-def _describe_peer(response: httpx.Response, outcome: Outcome) -> None:
-    """The peer the response came from ("ip:port": the target, or the proxy) and the TLS version
-    of the connection to the target, from the response's network stream."""
-    stream = response.extensions.get("network_stream")
-    if stream is None:
-        return
-    # A stream that takes no weak reference is made per response (no connection to cache for).
-    cacheable = hasattr(stream, "__weakref__")
-    peer = _PEERS.get(stream) if cacheable else None
-    if peer is None:
-        remote = ""
-        address = stream_info(stream, "server_addr")
-        if isinstance(address, tuple) and len(address) >= 2:
-            host = str(address[0])
-            remote = f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-        ssl_object = stream_info(stream, "ssl_object")
-        peer = (remote, (ssl_object.version() or "") if ssl_object is not None else "")
-        if cacheable:
-            _PEERS[stream] = peer
-    remote, tls = peer
-    if remote:
-        outcome.remote_address = remote
-    outcome.tls_version = tls
 
 
 def _trusting(ca_bundle: str) -> ssl.SSLContext:
@@ -433,27 +404,11 @@ class Engine:
                 # A GOAWAY that refused the request sent it again on another connection.
                 outcome.attempts += max(0, recorder.sends - 1)
             outcome.connection_reused = lease.reused
-            self._check_headers(response)
+            check_headers(response, self.settings.fetch)
             if session:
                 self._cookies.keep(session, response)
-            _describe_peer(response, outcome)
+            describe_peer(response, outcome)
             outcome.body = await read_body(response, cap, recorder)
             lease.served()
-        outcome.status_code = response.status_code
-        outcome.http_version = response.http_version
-        outcome.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw]
-        outcome.final_url = str(response.url)
-        outcome.content_decoded = decodes(response)
+        describe_response(response, outcome)
         return response
-
-    def _check_headers(self, response: httpx.Response) -> None:
-        """Refuse a response with too many or too large header fields (TOO_LARGE)."""
-        fetch = self.settings.fetch
-        raw = response.headers.raw
-        size = sum(len(name) + len(value) + 4 for name, value in raw)
-        if len(raw) > fetch.max_header_count or size > fetch.max_header_bytes:
-            raise FetchFailed(
-                ErrorKind.TOO_LARGE,
-                f"response headers: {len(raw)} fields, {size} bytes; the limits are {fetch.max_header_count} "
-                f"fields and {fetch.max_header_bytes} bytes",
-            )
