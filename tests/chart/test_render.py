@@ -419,6 +419,19 @@ def test_notes_say_what_a_first_install_gives_and_what_to_set_next() -> None:
     assert "no requests (BestEffort" in bare and "no topology spread; the cluster's DNS options" in bare
 
 
+def test_notes_try_it_line_sends_the_token_when_auth_is_on() -> None:
+    """With auth on, the port-forward's fetch gets the token of the Secret the pods read."""
+    open_line = "fetchpool fetch https://example.com/ --target 127.0.0.1:50051\n"
+    assert open_line in render("default").notes and "--token-file" not in render("default").notes
+    notes = render({"auth": {"enabled": True, "existingSecret": "fp-auth", "existingSecretKey": "api.token"}}).notes
+    assert ("kubectl -n prod get secret fp-auth -o jsonpath='{.data.api\\.token}' | base64 -d > fetchpool.token\n"
+            in notes), notes
+    assert "fetchpool fetch https://example.com/ --target 127.0.0.1:50051 --token-file fetchpool.token\n" in notes
+    assert open_line not in notes
+    generated = render({"auth": {"enabled": True, "token": "s3cret"}}).notes
+    assert "get secret demo-fetchpool-auth -o jsonpath='{.data.token}'" in generated, generated
+
+
 def test_dns_lookups_of_external_names_not_multiplied() -> None:
     """Kubernetes' ndots:5 sends `www.example.com` through every search domain first (3 or more
     NXDOMAIN round trips, twice for A and AAAA); ndots:1 asks for it as it is first."""

@@ -148,6 +148,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
         "runbookUrl",
     ),
     ("dns-option-without-name", {"dnsConfig": {"options": [{"value": "1"}]}}, "dnsConfig"),
+    # The OTel SDK's default would be localhost:4317 in the pod, where nothing listens.
+    ("otel-without-endpoint", {"otel": {"enabled": True}}, "otel.enabled needs otel.endpoint, the OTLP collector's"),
     ("bad-dns-policy", {"dnsPolicy": "Custom"}, "dnsPolicy"),
 ]
 
@@ -211,6 +213,10 @@ GOOD_VALUES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("explicit-grace", {"terminationGracePeriodSeconds": 60}),
+    ("otel-endpoint-in-config-env",
+     {"otel": {"enabled": True}, "config": {"extraEnv": {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317"}}}),
+    ("otel-endpoint-in-env",
+     {"otel": {"enabled": True}, "extraEnv": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://localhost:4317"}]}),
     ("no-prestop", {"preStopDelaySeconds": 0}),
     ("hard-anti-affinity", {"podAntiAffinityPreset": "hard"}),
     ("image-digest", {"image": {"registry": "registry.example", "digest": "sha256:" + "a" * 64}}),
@@ -343,3 +349,11 @@ def test_readme_parameters_up_to_date() -> None:
 
     current = (chartlib.CHART / "README.md").read_text()
     assert readme.render_readme(current) == current, "run: python tests/chart/readme.py"
+
+
+def test_otel_endpoint_examples_are_fully_qualified() -> None:
+    """The pods resolve with ndots 1 (the chart README's DNS section): a cluster name written
+    short costs a lookup first, so the examples write it whole."""
+    texts = [chartlib.CHART / "values.yaml", chartlib.CHART / "README.md", *chartlib.CI_VALUES.values()]
+    found = [(path.name, name) for path in texts for name in re.findall(r"otel-collector[\w.-]*", path.read_text())]
+    assert found and [f for f in found if not f[1].endswith(".svc.cluster.local")] == [], found

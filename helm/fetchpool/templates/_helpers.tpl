@@ -337,6 +337,12 @@ names the values to change. Included by templates/validate.yaml.
 {{- if and $v.auth.enabled (not $v.auth.existingSecret) (not $v.auth.token) -}}
 {{- fail "auth.enabled needs auth.existingSecret (or auth.token)" -}}
 {{- end -}}
+{{- /* otel.endpoint, or the endpoint given as an extra environment variable */ -}}
+{{- $otlpEnv := hasKey ($v.config.extraEnv | default dict) "OTEL_EXPORTER_OTLP_ENDPOINT" -}}
+{{- range ($v.extraEnv | default list) }}{{ if eq .name "OTEL_EXPORTER_OTLP_ENDPOINT" }}{{ $otlpEnv = true }}{{ end }}{{ end -}}
+{{- if and $v.otel.enabled (not $v.otel.endpoint) (not $otlpEnv) -}}
+{{- fail "otel.enabled needs otel.endpoint, the OTLP collector's address (e.g. http://otel-collector.observability.svc.cluster.local:4317; http://localhost:4317 for a collector sidecar): without it the pods export to localhost:4317 in the pod" -}}
+{{- end -}}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.metrics.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" -}}
 {{- end -}}
