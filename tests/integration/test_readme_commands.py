@@ -100,9 +100,11 @@ def _python_example() -> str:
 
 
 def test_the_python_example_runs_and_shows_errors_first(service: FetchpoolService, nginx: Nginx,
-                                                        app_server: AppServer, tmp_path: Path) -> None:
+                                                        app_server: AppServer, site_root: Path, tmp_path: Path) -> None:
     """Against a site that answers, and one whose redirects never end: such a result has a status
-    (302) and an error (TOO_MANY_REDIRECTS), and the example must show the error."""
+    (302) and an error (TOO_MANY_REDIRECTS), and the example must show the error. Each page's text
+    is shown, the batch's too (the server sends text only when asked: include_text)."""
+    start = repr((site_root / "small.html").read_text()[:40])
     for site, good in [(f"{nginx.http_url}/small.html", True), (f"{app_server.http_url}/redirect/30", False)]:
         script = tmp_path / "example.py"
         script.write_text(_python_example().replace("127.0.0.1:50051", service.target)
@@ -113,5 +115,6 @@ def test_the_python_example_runs_and_shows_errors_first(service: FetchpoolServic
         assert len(lines) == 101, done.stdout
         if good:
             assert all(" 200 " in line and "TOO_MANY_REDIRECTS" not in line for line in lines), done.stdout
+            assert start != "''" and all(line.endswith(f" {start}") for line in lines), done.stdout
         else:
             assert all("TOO_MANY_REDIRECTS" in line and " 302 " not in line for line in lines), done.stdout
