@@ -30,8 +30,9 @@ HINTS = {
     "CONNECT": "nothing accepted the connection at that address and port: is the target up?",
     "TIMEOUT": "give it more time: --timeout SECONDS for each fetch, --deadline SECONDS for the whole call",
     "POOL_TIMEOUT": "the pool was full for too long: lower --concurrency, or raise the service's --max-connections",
-    "TOO_LARGE": "the body exceeds the size limit: ask for a larger max_body_bytes, within the service's "
-                 "--max-body-bytes",
+    # The CLI asks for no body limit of its own, so the service's --max-body-bytes is the limit.
+    "TOO_LARGE": "the body is larger than the service accepts: restart the service with a larger "
+                 "--max-body-bytes (FETCHPOOL_MAX_BODY_BYTES)",
     "TOO_MANY_REDIRECTS": "the target redirects in a loop, or more often than the service follows "
                           "(--max-redirects); -v lists the redirects followed",
     "PROTOCOL": "the target's answer is not valid HTTP (a garbled response, a connection closed early, or "
@@ -129,23 +130,27 @@ def _header(result: pb.FetchResult, name: str) -> str:
 
 def result_view(result: pb.FetchResult, *, show_body: bool = True) -> str:
     """The terminal view of one result: status line, headers, blank line, body as text (a note
-    instead for a body that is not text). A failed fetch shows its error and what to do."""
+    instead for a body that is not text). A failed fetch shows its error and what to do, after
+    the status line and headers when it has them (a 302 that ended in TOO_MANY_REDIRECTS, a 200
+    whose body was TOO_LARGE), and no body."""
+    head = ""
+    if result.status_code:
+        lines = [f"{result.http_version or 'HTTP'} {result.status_code} {_reason(result.status_code)}".rstrip()]
+        lines += [f"{h.name}: {h.value}" for h in result.headers]
+        head = "\n".join(lines) + "\n"
     if result.HasField("error"):
         kind = pb.FetchError.Kind.Name(result.error.kind)
         lines = [f"{kind}: {result.error.message}"]
         if advice := hint(kind, result.error.message):
             lines.append(f"  hint: {advice}")
-        return "\n".join(lines) + "\n"
-    lines = [f"{result.http_version or 'HTTP'} {result.status_code} {_reason(result.status_code)}".rstrip()]
-    lines += [f"{h.name}: {h.value}" for h in result.headers]
-    view = "\n".join(lines) + "\n"
+        return (head + "\n" if head else "") + "\n".join(lines) + "\n"
     if not show_body or not result.body:
-        return view
+        return head
     if not result.encoding:
         kind = _header(result, "content-type") or "unknown type"
-        return view + f"\n[binary body: {result.body_size} bytes of {kind}; save it with -o FILE]\n"
+        return head + f"\n[binary body: {result.body_size} bytes of {kind}; save it with -o FILE]\n"
     text = text_of(result)
-    return view + "\n" + text + ("" if text.endswith("\n") else "\n")
+    return head + "\n" + text + ("" if text.endswith("\n") else "\n")
 
 
 def verbose_lines(result: pb.FetchResult) -> list[str]:

@@ -53,3 +53,20 @@ def test_an_invalid_request_gets_a_hint_at_a_terminal_too(start_service: ..., ho
     done = run_cli("fetch", "--target", service.target, "--method", "NOT A METHOD", hostile.http("/ok"), stdout="tty")
     assert done.status == 1 and done.out.startswith("INVALID_ARGUMENT: invalid method 'NOT A METHOD'\n  hint: ")
     assert "--method" in done.out, done.out
+
+
+
+def test_a_body_too_large_shows_its_status_and_how_to_raise_the_limit(start_service: ...,
+                                                                      hostile: HostileServers) -> None:
+    """The CLI asks for no limit of its own: only the service's --max-body-bytes can be raised."""
+    service = start_service("--max-body-bytes", "1000")
+    done = run_cli("fetch", "--target", service.target, hostile.http("/zeros?n=5000"), stdout="tty")
+    head, _, error = done.out.partition("\n\n")
+    assert done.status == 1 and head.splitlines()[0] == "HTTP/1.1 200 OK", done.out
+    assert "content-length: 5000" in head.lower(), done.out
+    assert error == ("TOO_LARGE: body of 5000 bytes exceeds the limit of 1000 bytes\n  hint: the body is larger "
+                     "than the service accepts: restart the service with a larger --max-body-bytes "
+                     "(FETCHPOOL_MAX_BODY_BYTES)\n"), done.out
+    done = run_cli("fetch", "--target", service.target, hostile.http("/zeros?n=5000"))
+    [result] = map(json.loads, done.out.splitlines())
+    assert result["status_code"] == 200 and result["error"]["kind"] == "TOO_LARGE" and result["body"] == ""

@@ -408,7 +408,9 @@ class Engine:
             if session:
                 self._cookies.keep(session, response)
             describe_peer(response, outcome)
+            # The status and headers before the body: a body that fails (TOO_LARGE, a cut
+            # connection) leaves a result that still says what the target answered.
+            describe_response(response, outcome)
             outcome.body = await read_body(response, cap, recorder)
             lease.served()
-        describe_response(response, outcome)
         return response
