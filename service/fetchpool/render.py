@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from fetchpool import charset
 from fetchpool.v1 import fetch_pb2 as pb
 
-__all__ = ["HINTS", "TOO_LARGE_HINTS", "hint", "result_view", "stats_table", "to_json", "verbose_lines"]
+__all__ = ["HINTS", "HINTS_BY_MESSAGE", "hint", "result_view", "stats_table", "to_json", "verbose_lines"]
 
 #: What to do about a failed fetch, by error kind (shown after the error at a terminal).
 HINTS = {
@@ -39,7 +39,8 @@ HINTS = {
                 "something else than HTTP on that port): check the URL's scheme and port",
     "INVALID_ARGUMENT": "the request was refused before it was sent: check --method, the -H headers and --timeout "
                         "(at most the service's --max-request-timeout)",
-    "TLS": "the target's certificate is not trusted by the service (its --ca-bundle)",
+    "TLS": "the TLS handshake with the target failed (no TLS version or cipher in common, or the target "
+           "refused the handshake): check the URL's scheme and port",
     "PROXY": "the forward proxy failed: check the service's --proxy",
     "PROXY_AUTH": "the forward proxy refused the credentials in the service's --proxy URL",
     "UNAVAILABLE": "the service is shutting down: send the item again",
@@ -47,24 +48,33 @@ HINTS = {
 }
 
 
-#: TOO_LARGE is said of a body, a header block and a whole result message: the hint follows what
-#: the message names (the first that matches; otherwise HINTS["TOO_LARGE"], about the body).
-TOO_LARGE_HINTS = (
-    ("parser's limit", "the header block is larger than the HTTP client reads at all (100 KiB): no setting "
-                       "raises that"),
-    ("for libcurl", "the header block is larger than libcurl reads at all (100 KiB): no setting raises that"),
-    ("header", "the response headers exceed the service's limits: start it with a larger --max-header-bytes "
-               "or --max-header-count"),
-    ("one message", "the result exceeds the largest message the service sends: raise its --max-message-bytes"),
-)
+#: Kinds said of several causes: the hint follows what the message names (the first key found,
+#: in lower case; otherwise HINTS[kind]). TOO_LARGE is said of a body, a header block and a whole
+#: result message; TLS of a target that answers in plain text (OpenSSL reads its first bytes as a
+#: TLS record of a wrong version or length: Python's ssl and libcurl quote OpenSSL), of a
+#: certificate and of a handshake.
+HINTS_BY_MESSAGE = {
+    "TOO_LARGE": (
+        ("parser's limit", "the header block is larger than the HTTP client reads at all (100 KiB): no setting "
+                           "raises that"),
+        ("for libcurl", "the header block is larger than libcurl reads at all (100 KiB): no setting raises that"),
+        ("header", "the response headers exceed the service's limits: start it with a larger --max-header-bytes "
+                   "or --max-header-count"),
+        ("one message", "the result exceeds the largest message the service sends: raise its --max-message-bytes"),
+    ),
+    "TLS": tuple((key, "the target does not speak TLS on that port (is it http://?)") for key in (
+        "wrong version number", "wrong_version_number", "record layer failure", "record_layer_failure",
+        "packet length too long")) + tuple(
+        (key, "the target's certificate is not trusted by the service (its --ca-bundle)") for key in (
+            "certificate verify failed", "ssl certificate", "certificate subject name")),
+}
 
 
 def hint(kind: str, message: str) -> str:
     """What to do about a failed fetch of ``kind`` (a FetchError.Kind name) that says ``message``;
     "" when there is nothing to add."""
-    if kind == "TOO_LARGE":
-        return next((text for key, text in TOO_LARGE_HINTS if key in message), HINTS[kind])
-    return HINTS.get(kind, "")
+    lowered = message.lower()
+    return next((text for key, text in HINTS_BY_MESSAGE.get(kind, ()) if key in lowered), HINTS.get(kind, ""))
 
 
 def _value(field: Any, value: Any) -> Any:

@@ -8,6 +8,7 @@ import json
 import re
 
 from hostile import HostileServers
+from support import Nginx
 from support.cli import run_cli
 
 HEADER_HINT = re.compile(r"--max-header-bytes or --max-header-count|no setting raises that")
@@ -70,3 +71,22 @@ def test_a_body_too_large_shows_its_status_and_how_to_raise_the_limit(start_serv
     done = run_cli("fetch", "--target", service.target, hostile.http("/zeros?n=5000"))
     [result] = map(json.loads, done.out.splitlines())
     assert result["status_code"] == 200 and result["error"]["kind"] == "TOO_LARGE" and result["body"] == ""
+
+
+
+def test_tls_hints_follow_the_cause(start_service: ..., hostile: HostileServers, nginx: Nginx) -> None:
+    """An https:// URL to a plain-HTTP port is said to be one (OpenSSL reads nginx's "HTTP/1.1 400"
+    as a TLS record of a wrong version); --ca-bundle is named for certificates only."""
+    service = start_service()
+    plain = nginx.http_url.replace("http://", "https://") + "/small.html"
+    certificates = [hostile.tls(kind) for kind in ("self_signed", "expired", "wrong_host", "untrusted")]
+    done = run_cli("fetch", "--target", service.target, plain, *certificates, timeout=120)
+    results = {r["url"]: r["error"] for r in map(json.loads, done.out.splitlines())}
+    assert done.status == 1 and {e["kind"] for e in results.values()} == {"TLS"}, results
+    not_tls, certificate = "the target does not speak TLS on that port (is it http://?)", "--ca-bundle"
+    summary = [line for line in done.err.splitlines() if " failed with TLS" in line]
+    assert sorted(summary) == [f"fetchpool fetch: 1 of 5 failed with TLS: {not_tls}",
+                               "fetchpool fetch: 4 of 5 failed with TLS: the target's certificate is not trusted by "
+                               "the service (its --ca-bundle)"], (done.err, results)
+    done = run_cli("fetch", "--target", service.target, plain, stdout="tty")
+    assert done.status == 1 and f"  hint: {not_tls}\n" in done.out and certificate not in done.out, done.out
