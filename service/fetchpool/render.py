@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import http
+import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,8 @@ from google.protobuf.message import Message
 from fetchpool import charset
 from fetchpool.v1 import fetch_pb2 as pb
 
-__all__ = ["HINTS", "HINTS_BY_MESSAGE", "hint", "result_view", "stats_table", "to_json", "verbose_lines"]
+__all__ = ["HINTS", "HINTS_BY_MESSAGE", "forbidden_hint", "hint", "result_view", "stats_table", "to_json",
+           "verbose_lines"]
 
 #: What to do about a failed fetch, by error kind (shown after the error at a terminal).
 HINTS = {
@@ -73,8 +76,39 @@ HINTS_BY_MESSAGE = {
 def hint(kind: str, message: str) -> str:
     """What to do about a failed fetch of ``kind`` (a FetchError.Kind name) that says ``message``;
     "" when there is nothing to add."""
+    if kind == "FORBIDDEN_TARGET":
+        return forbidden_hint(message)
     lowered = message.lower()
     return next((text for key, text in HINTS_BY_MESSAGE.get(kind, ()) if key in lowered), HINTS.get(kind, ""))
+
+
+#: The address in a FORBIDDEN_TARGET message (fetchpool.engine.guard.refusal).
+_REFUSED = re.compile(r"\S+ resolves to (?P<resolved>\S+), which is not allowed"
+                      r"|(?P<literal>\S+) is not an allowed address")
+#: The link-local ranges, where clouds serve instance metadata (169.254.169.254): never an invitation.
+_LINK_LOCAL = (ipaddress.IPv4Network("169.254.0.0/16"), ipaddress.IPv6Network("fe80::/10"))
+
+
+def forbidden_hint(message: str) -> str:
+    """The hint of a FORBIDDEN_TARGET ``message``: for the address it names, the rule that lets
+    the service fetch it, except for the link-local range of cloud metadata, and the deny list for
+    a public address (the built-in rule refuses none)."""
+    found = _REFUSED.fullmatch(message)
+    try:
+        given = ipaddress.ip_address((found["resolved"] or found["literal"]).split("%", 1)[0]) if found else None
+    except ValueError:  # not an address after all
+        given = None
+    if given is None:
+        return HINTS["FORBIDDEN_TARGET"]
+    address = given.ipv4_mapped if isinstance(given, ipaddress.IPv6Address) and given.ipv4_mapped else given
+    if network := next((net for net in _LINK_LOCAL if net.version == address.version and address in net), None):
+        return (f"{address} is in {network}, the link-local range, where clouds serve instance metadata: "
+                "the service refuses it on purpose (SSRF guard)")
+    if address.is_global:
+        return f"{address} is refused by the service's --deny-targets"
+    return ("the service refuses loopback, private and link-local targets (SSRF guard); to fetch this one, start "
+            f"the service with --allow-targets (e.g. FETCHPOOL_ALLOW_TARGETS={address}/{address.max_prefixlen} "
+            "make run)")
 
 
 def _value(field: Any, value: Any) -> Any:

@@ -56,7 +56,6 @@ def test_an_invalid_request_gets_a_hint_at_a_terminal_too(start_service: ..., ho
     assert "--method" in done.out, done.out
 
 
-
 def test_a_body_too_large_shows_its_status_and_how_to_raise_the_limit(start_service: ...,
                                                                       hostile: HostileServers) -> None:
     """The CLI asks for no limit of its own: only the service's --max-body-bytes can be raised."""
@@ -71,7 +70,6 @@ def test_a_body_too_large_shows_its_status_and_how_to_raise_the_limit(start_serv
     done = run_cli("fetch", "--target", service.target, hostile.http("/zeros?n=5000"))
     [result] = map(json.loads, done.out.splitlines())
     assert result["status_code"] == 200 and result["error"]["kind"] == "TOO_LARGE" and result["body"] == ""
-
 
 
 def test_tls_hints_follow_the_cause(start_service: ..., hostile: HostileServers, nginx: Nginx) -> None:
@@ -90,3 +88,30 @@ def test_tls_hints_follow_the_cause(start_service: ..., hostile: HostileServers,
                                "the service (its --ca-bundle)"], (done.err, results)
     done = run_cli("fetch", "--target", service.target, plain, stdout="tty")
     assert done.status == 1 and f"  hint: {not_tls}\n" in done.out and certificate not in done.out, done.out
+
+
+def test_a_forbidden_address_is_named_with_a_rule_that_covers_it(start_service: ...) -> None:
+    """An IP literal is named once; the example rule covers the very address refused; the link-local
+    range of cloud metadata gets no invitation. The guard refuses before connecting: no traffic."""
+    service = start_service("--deny-targets", "8.8.8.8/32", strict=True)
+    urls = {"http://10.0.0.1/": "10.0.0.1", "http://[fd00::1]/": "fd00::1", "http://8.8.8.8/": "8.8.8.8",
+            "http://169.254.169.254/": "169.254.169.254", "http://[fe80::1]/": "fe80::1",
+            "http://[::ffff:a9fe:a9fe]/": "::ffff:a9fe:a9fe"}
+    done = run_cli("fetch", "--target", service.target, *urls, timeout=120)
+    results = {r["url"]: r["error"] for r in map(json.loads, done.out.splitlines())}
+    assert done.status == 1 and set(results) == set(urls)
+    for url, address in urls.items():
+        assert results[url] == {"kind": "FORBIDDEN_TARGET", "message": f"{address} is not an allowed address"}
+    for url, rule in [("http://10.0.0.1/", "FETCHPOOL_ALLOW_TARGETS=10.0.0.1/32 make run"),
+                      ("http://[fd00::1]/", "FETCHPOOL_ALLOW_TARGETS=fd00::1/128 make run")]:
+        done = run_cli("fetch", "--target", service.target, url, stdout="tty")
+        assert done.status == 1 and rule in done.out and "resolves to" not in done.out, done.out
+    for url, network in [("http://169.254.169.254/", "169.254.0.0/16"), ("http://[fe80::1]/", "fe80::/10"),
+                         ("http://[::ffff:a9fe:a9fe]/", "169.254.0.0/16")]:
+        done = run_cli("fetch", "--target", service.target, url, stdout="tty")
+        assert done.status == 1 and f"is in {network}, the link-local range, where clouds serve instance metadata" \
+            in done.out, done.out
+        assert "--allow-targets" not in done.out and "ALLOW_TARGETS" not in done.out, done.out
+    # A public address is refused by a deny rule only: allowing it would not help.
+    done = run_cli("fetch", "--target", service.target, "http://8.8.8.8/", stdout="tty")
+    assert done.status == 1 and "  hint: 8.8.8.8 is refused by the service's --deny-targets\n" in done.out, done.out

@@ -87,6 +87,18 @@ def _parse_rules(entries: Iterable[str], what: str) -> tuple[tuple[IPNetwork, ..
     return tuple(networks), tuple(patterns)
 
 
+def refusal(host: str, address: str) -> str:
+    """The message of a FORBIDDEN_TARGET for ``host`` (a name or an IP literal, bracketed or
+    not) refused at ``address``: an IP literal is named once ("10.0.0.1 is not an allowed
+    address"), a name with what it resolves to (the CLI's hint reads the address from it)."""
+    literal = host.strip("[]")
+    try:
+        ipaddress.ip_address(literal.split("%", 1)[0])
+    except ValueError:
+        return f"{host} resolves to {address}, which is not allowed"
+    return f"{literal} is not an allowed address"
+
+
 @dataclass(frozen=True)
 class TargetGuard:
     """Decides which hosts and addresses may be fetched.
@@ -137,7 +149,7 @@ class TargetGuard:
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         refused = [a for a in addresses if not self.address_allowed(a, host)]
         if refused:
-            raise FetchFailed(ErrorKind.FORBIDDEN_TARGET, f"{host} resolves to {refused[0]}, which is not allowed")
+            raise FetchFailed(ErrorKind.FORBIDDEN_TARGET, refusal(host, refused[0]))
         return addresses
 
     async def check(self, host: str, port: int) -> None:

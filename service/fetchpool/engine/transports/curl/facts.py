@@ -15,6 +15,7 @@ import ssl
 import httpx
 import pycurl
 
+from fetchpool.engine.guard import refusal
 from fetchpool.engine.phases import Phase
 from fetchpool.engine.transports.curl.exchange import Exchange
 from fetchpool.errors import ErrorKind, FetchFailed
@@ -99,8 +100,7 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
     text = f"{message} (curl error {code})"
     request = ex.request
     if ex.refused:
-        return FetchFailed(ErrorKind.FORBIDDEN_TARGET, f"{request.url.host} resolves to {ex.refused}, "
-                                                        "which is not allowed")
+        return FetchFailed(ErrorKind.FORBIDDEN_TARGET, refusal(request.url.host, ex.refused))
     g = ex.easy.getinfo
     status = g(pycurl.HTTP_CONNECTCODE)  # the proxy's answer to CONNECT (0: none)
     if code == _E_PROXY or status >= 300:
