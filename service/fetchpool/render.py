@@ -203,6 +203,10 @@ def verbose_lines(result: pb.FetchResult) -> list[str]:
     lines = [f"* {result.url}" + (f" -> {result.final_url}" if result.final_url and result.final_url != result.url
                                   else "")]
     lines += [f"* redirect {r.status_code} from {r.url}" for r in result.redirects]
+    if 300 <= result.status_code < 400 and (location := _header(result, "location")):
+        # The last answer redirects too: a loop, the --max-redirects-th redirect, or not followed.
+        lines.append(f"* redirect {result.status_code} from {result.final_url or result.url} to {location}, "
+                     "not followed")
     peer = result.remote_address or "?"
     lines.append(f"* peer {peer} via pool {result.pool or '?'}, {result.http_version or '-'}, "
                  f"{result.tls_version or 'no TLS'}, connection {'reused' if result.connection_reused else 'new'}")

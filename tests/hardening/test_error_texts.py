@@ -115,3 +115,16 @@ def test_a_forbidden_address_is_named_with_a_rule_that_covers_it(start_service: 
     # A public address is refused by a deny rule only: allowing it would not help.
     done = run_cli("fetch", "--target", service.target, "http://8.8.8.8/", stdout="tty")
     assert done.status == 1 and "  hint: 8.8.8.8 is refused by the service's --deny-targets\n" in done.out, done.out
+
+
+def test_verbose_shows_the_redirects_of_a_loop(start_service: ..., hostile: HostileServers) -> None:
+    """-v, which the hint names, lists the redirects followed and the one that closed the loop; the
+    view shows that answer's status line, then the error."""
+    service = start_service()
+    a, b = hostile.http("/redirect-a?k=verbose"), hostile.http("/redirect-b?k=verbose")
+    done = run_cli("fetch", "--target", service.target, "-v", a, stdout="tty")
+    assert done.status == 1, done.out
+    assert f"* redirect 302 from {a}\n" in done.out  # followed
+    assert f"* redirect 302 from {b} to /redirect-a?k=verbose, not followed\n" in done.out
+    assert "\nHTTP/1.1 302 Found\n" in done.out and "\n\nTOO_MANY_REDIRECTS: redirect loop back to " in done.out
+    assert "-v lists the redirects followed" in done.out
