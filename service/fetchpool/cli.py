@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from fetchpool.addresses import check_target
 from fetchpool.config import add_arguments, settings_from_args
@@ -116,32 +115,6 @@ def _concurrency(text: str) -> int:
     if not 0 <= value <= 2**31 - 1:
         raise argparse.ArgumentTypeError(f"must be 0 (server default) or positive, got {text}")
     return value
-
-
-def _call_error(command: str, exc: grpc.aio.AioRpcError, target: str) -> str:
-    """What went wrong with a call, and what to do about it."""
-    code, text = exc.code(), exc.details() or ""
-    trailers: Any = exc.trailing_metadata() or ()  # (key, value) pairs; the stubs say otherwise
-    status = next((status_pb2.Status.FromString(value) for key, value in trailers
-                   if key == "grpc-status-details-bin"), None)
-    reason, retry = "", None
-    for detail in status.details if status is not None else ():
-        info, delay = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
-        if detail.Unpack(info):
-            reason = info.reason
-        elif detail.Unpack(delay):
-            retry = delay.retry_delay.ToTimedelta().total_seconds()
-    if code == grpc.StatusCode.UNAVAILABLE and not reason and "errors resolving" in text:
-        return (f"fetchpool {command}: the host of --target {target} does not resolve ({text}); give the "
-                "service's address with --target HOST:PORT")
-    if code == grpc.StatusCode.UNAVAILABLE and not reason:
-        return (f"fetchpool {command}: cannot reach the service at {target} ({text}). Is it running? Start it with "
-                "`fetchpool serve` (or `make run`), or give its address with --target HOST:PORT")
-    hint = {
-        grpc.StatusCode.DEADLINE_EXCEEDED: "; give the call more time with --deadline SECONDS",
-        grpc.StatusCode.UNAUTHENTICATED: "; pass the service's token with --token-file FILE",
-    }.get(code, f"; retry in {retry:g} s" if retry is not None else "")
-    return f"fetchpool {command}: {code.name}{f' ({reason})' if reason else ''}: {text}{hint}"
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -289,7 +262,8 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
                     _show(result, args, terminal, len(requests) > 1)
                     bar.update()
         except grpc.aio.AioRpcError as exc:
-            print(_call_error("fetch", exc, args.target), file=sys.stderr)
+            print(render.call_error("fetch", exc, args.target, token_file=args.token_file,
+                                    connected=client.connected(), waited=args.deadline), file=sys.stderr)
             return 2
     if failures and not terminal:
         for (kind, hint), count in sorted(failures.items()):
@@ -317,11 +291,12 @@ async def _stats(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"fetchpool stats: cannot read {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    async with FetchClient(args.target, timeout=10, token=token) as client:
+    async with FetchClient(args.target, timeout=args.deadline, token=token) as client:
         try:
             stats = await client.pool_stats()
         except grpc.aio.AioRpcError as exc:
-            print(_call_error("stats", exc, args.target), file=sys.stderr)
+            print(render.call_error("stats", exc, args.target, token_file=args.token_file,
+                                    connected=client.connected(), waited=args.deadline), file=sys.stderr)
             return 2
     if sys.stdout.isatty() and not args.json:
         _emit(render.stats_table(stats.pools))
@@ -390,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Pool stats: a table at a terminal, JSON with every field otherwise.")
     _service_arguments(stats)
     stats.add_argument("--json", action="store_true", help="JSON even at a terminal")
+    stats.add_argument("--deadline", type=_positive_seconds, default=10.0,
+                       help="seconds to wait for the answer (default 10)")
     stats.set_defaults(run=lambda a: asyncio.run(_stats(a)))
 
     # Listed for --help only: main() hands `fetchpool operator ...` to fetchpool.operator.main.

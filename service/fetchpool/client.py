@@ -140,6 +140,11 @@ class FetchClient:
     def _call(self, timeout: float | None) -> dict[str, Any]:
         return {"timeout": timeout if timeout is not None else self._timeout, "metadata": self._metadata}
 
+    def connected(self) -> bool:
+        """Whether the channel holds a working gRPC connection to the target (READY): after a
+        call that failed, False says nothing answered as gRPC there."""
+        return self._channel.get_state() == grpc.ChannelConnectivity.READY
+
     async def fetch(self, request: RequestLike, *, timeout: float | None = None) -> pb.FetchResult:
         """Fetch one URL (a string or a FetchRequest). Unless the request says otherwise, the
         result may be as large as the server sends (its --max-message-bytes); a larger one

@@ -16,12 +16,14 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from fetchpool import charset
 from fetchpool.v1 import fetch_pb2 as pb
 
-__all__ = ["HINTS", "HINTS_BY_MESSAGE", "forbidden_hint", "hint", "result_view", "stats_table", "to_json",
+__all__ = ["HINTS", "HINTS_BY_MESSAGE", "call_error", "forbidden_hint", "hint", "result_view", "stats_table", "to_json",
            "verbose_lines"]
 
 #: What to do about a failed fetch, by error kind (shown after the error at a terminal).
@@ -109,6 +111,50 @@ def forbidden_hint(message: str) -> str:
     return ("the service refuses loopback, private and link-local targets (SSRF guard); to fetch this one, start "
             f"the service with --allow-targets (e.g. FETCHPOOL_ALLOW_TARGETS={address}/{address.max_prefixlen} "
             "make run)")
+
+
+#: What gRPC core says when the peer answered, but not in HTTP/2 (an HTTP/1 server, ...).
+_NOT_GRPC = ("Failed parsing HTTP/2", "Trying to connect an http1.x server")
+
+
+def call_error(command: str, exc: grpc.aio.AioRpcError, target: str, *, token_file: str | None = None,
+               connected: bool = True, waited: float | None = None) -> str:
+    """What went wrong with a call of ``fetchpool COMMAND`` to ``target``, and what to do about it.
+    ``token_file``: the --token-file sent; ``connected``: whether the channel got a gRPC
+    connection (a deadline passed before it did: something accepted the connection but never
+    answered as gRPC); ``waited``: the call's deadline, seconds."""
+    code, text = exc.code(), exc.details() or ""
+    trailers: Any = exc.trailing_metadata() or ()  # (key, value) pairs; the stubs say otherwise
+    status = next((status_pb2.Status.FromString(value) for key, value in trailers
+                   if key == "grpc-status-details-bin"), None)
+    reason, retry = "", None
+    for detail in status.details if status is not None else ():
+        info, delay = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            reason = info.reason
+        elif detail.Unpack(delay):
+            retry = delay.retry_delay.ToTimedelta().total_seconds()
+    prefix = f"fetchpool {command}: "
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and "errors resolving" in text:
+        return (f"{prefix}the host of --target {target} does not resolve ({text}); give the "
+                "service's address with --target HOST:PORT")
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and any(key in text for key in _NOT_GRPC):
+        return (f"{prefix}something answered at {target}, but not gRPC ({text}): is that fetchpool's port? "
+                "Give the service's address with --target HOST:PORT")
+    if code == grpc.StatusCode.UNAVAILABLE and not reason:
+        return (f"{prefix}cannot reach the service at {target} ({text}). Is it running? Start it with "
+                "`fetchpool serve` (or `make run`), or give its address with --target HOST:PORT")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not connected:
+        within = f" within {waited:g} s" if waited is not None else ""
+        return (f"{prefix}something at {target} accepted the connection but did not answer as gRPC{within}: "
+                "is that fetchpool's port? Give the service's address with --target HOST:PORT")
+    hint = {
+        grpc.StatusCode.DEADLINE_EXCEEDED: "; give the call more time with --deadline SECONDS",
+        grpc.StatusCode.UNAUTHENTICATED: (f"; the token in {token_file} was refused: it must be one of the "
+                                          "service's tokens (its --auth-token-file)") if token_file
+                                         else "; pass the service's token with --token-file FILE",
+    }.get(code, f"; retry in {retry:g} s" if retry is not None else "")
+    return f"{prefix}{code.name}{f' ({reason})' if reason else ''}: {text}{hint}"
 
 
 def _value(field: Any, value: Any) -> Any:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,40 @@ def test_stats_is_a_table_at_a_terminal_and_json_with_every_field_otherwise(serv
     assert set(pool) == {f.name for f in pb.PoolStats.DESCRIPTOR.fields}
     assert isinstance(pool["connections_created_total"], int) and isinstance(pool["limits"]["pool_timeout"], float)
     assert pool["ejected_until"] is None and pool["pool_timeouts_total"] == 0
+
+
+def test_call_errors_say_what_answered_at_the_target(nginx: Nginx) -> None:
+    """A listener that accepts and never answers, and an HTTP/1 server, are no "Is it running?":
+    something runs there, but not fetchpool. stats takes a --deadline too."""
+    url = f"{nginx.http_url}/small.html"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        for command, extra in (("stats", []), ("fetch", [url])):
+            status, _, err = _cli(command, "--target", target, "--deadline", "1", *extra)
+            assert status == 2 and err == (f"fetchpool {command}: something at {target} accepted the connection but "
+                                           "did not answer as gRPC within 1 s: is that fetchpool's port? Give the "
+                                           "service's address with --target HOST:PORT\n"), err
+    web = nginx.http_url.removeprefix("http://")
+    for command in ("stats", "fetch"):
+        status, _, err = _cli(command, "--target", web, *([url] if command == "fetch" else []))
+        assert status == 2 and err.startswith(f"fetchpool {command}: something answered at {web}, but not gRPC ("), err
+        assert "is that fetchpool's port?" in err and "Is it running?" not in err, err
+
+
+def test_a_refused_token_file_is_named(start_service: ..., nginx: Nginx, tmp_path: Path) -> None:
+    service = start_service("--auth-token", "s3cret")
+    url = f"{nginx.http_url}/small.html"
+    wrong = tmp_path / "token"
+    wrong.write_text("wrong\n")
+    for command in ("stats", "fetch"):
+        extra = [url] if command == "fetch" else []
+        status, _, err = _cli(command, "--target", service.target, "--token-file", str(wrong), *extra)
+        assert status == 2 and "UNAUTHENTICATED (BAD_TOKEN)" in err, err
+        assert err.endswith(f"; the token in {wrong} was refused: it must be one of the service's tokens "
+                            "(its --auth-token-file)\n") and "pass the service's token" not in err, err
+        status, _, err = _cli(command, "--target", service.target, *extra)
+        assert status == 2 and err.endswith("; pass the service's token with --token-file FILE\n"), err
+    wrong.write_text("s3cret\n")
+    assert _cli("stats", "--target", service.target, "--token-file", str(wrong), "--deadline", "30")[0] == 0
