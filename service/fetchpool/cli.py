@@ -8,7 +8,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from fetchpool import output
 from fetchpool.addresses import check_target
 from fetchpool.config import add_arguments, settings_from_args
 from fetchpool.errors import ConfigError
@@ -122,87 +122,6 @@ def _token(args: argparse.Namespace) -> str | None:
     return Path(args.token_file).read_text().strip() if args.token_file else None
 
 
-class _OutputFailed(Exception):
-    """Results could not be written (to stdout or to -o FILE); the message says where and why."""
-
-
-def _emit(text: str) -> None:
-    """Write ``text`` to stdout at once. A closed pipe raises BrokenPipeError (see :func:`main`);
-    any other write error (a full disk, ...) raises _OutputFailed."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise _OutputFailed(f"cannot write to stdout: {exc.strerror or exc}") from None
-
-
-def _output_problem(path: str) -> str | None:
-    """Why -o PATH cannot be written, found before anything is fetched; None when it can be."""
-    target = Path(path)
-    if target.is_dir():
-        return f"{path} is a directory"
-    if not target.parent.is_dir():
-        return f"the directory {target.parent} does not exist"
-    if not os.access(target.parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        return f"{path} is not writable"
-    return None
-
-
-def _save(path: str, body: bytes) -> None:
-    """Write the body to -o PATH; raises _OutputFailed."""
-    try:
-        Path(path).write_bytes(body)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise _OutputFailed(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) -> None:
-    """Print one result: the terminal view or a JSON line; its body to -o FILE when given. With
-    --fail, an HTTP status of 400 or more shows no body (nothing at a terminal, a JSON line with
-    a null body) and says so on stderr, as curl -f does. Raises _OutputFailed or BrokenPipeError
-    when it cannot be written."""
-    from tqdm import tqdm
-
-    from fetchpool import render
-
-    refused = args.fail and not result.HasField("error") and result.status_code >= 400
-    if refused:  # tqdm.write: above the progress bar, when one is shown
-        tqdm.write(f"fetchpool fetch: The requested URL returned error: {result.status_code}"
-                   + (f" ({result.url})" if several else ""), file=sys.stderr)
-    elif args.output and not result.HasField("error"):
-        _save(args.output, result.body)
-        tqdm.write(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
-    if not terminal:
-        body = "omit" if args.output or refused else args.body or "base64"
-        _emit(json.dumps(render.result_json(result, body), ensure_ascii=False) + "\n")
-        return
-    if refused:
-        return
-    lines = [f"--- [{result.index}] {result.url}"] if several else []
-    if args.verbose:
-        lines += render.verbose_lines(result)
-    _emit("".join(line + "\n" for line in lines)
-          + render.result_view(result, show_body=not args.output and args.body != "omit"))
-
-
-def _bar_size() -> dict[str, int]:
-    """tqdm's ncols/nrows for the progress bar: none (tqdm follows the terminal on stderr), or for
-    a terminal that reports 0 columns and rows (a pty whose size was never set, where tqdm hides
-    the bar) the fallback of :func:`shutil.get_terminal_size` ($COLUMNS and $LINES, else 80x24)."""
-    try:
-        size = os.get_terminal_size(sys.stderr.fileno())
-    except (OSError, ValueError):  # not a terminal: no bar anyway
-        return {}
-    if size.columns and size.lines:
-        return {}
-    fallback = shutil.get_terminal_size()
-    return {"ncols": size.columns or fallback.columns, "nrows": size.lines or fallback.lines}
-
-
 def _exit_status(results: list[tuple[int, bool]], fail: bool) -> int:
     """0, 1 when an item failed, 22 (curl's) with --fail when an HTTP status is 400 or more."""
     if any(failed for _, failed in results):
@@ -222,7 +141,7 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
     if args.output and len(urls) != 1:
         print(f"fetchpool fetch: -o takes one URL, got {len(urls)}", file=sys.stderr)
         return 2
-    if args.output and (problem := _output_problem(args.output)):
+    if args.output and (problem := output.why_unwritable(args.output)):
         print(f"fetchpool fetch: cannot write -o {args.output}: {problem}", file=sys.stderr)
         return 2
     headers = []
@@ -247,7 +166,7 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
     async with FetchClient(args.target, timeout=args.deadline, token=token) as client:
         try:
             bar_off = len(requests) < 2 or terminal or None  # None: on when stderr is a terminal
-            with tqdm(total=len(requests), unit="url", file=sys.stderr, disable=bar_off, **_bar_size()) as bar:
+            with tqdm(total=len(requests), unit="url", file=sys.stderr, disable=bar_off, **output.bar_size()) as bar:
                 if len(requests) == 1:
                     results: Any = [await client.fetch(requests[0])]
                 else:
@@ -259,7 +178,7 @@ async def _fetch_urls(args: argparse.Namespace, urls: list[str]) -> int:
                         kind = pb.FetchError.Kind.Name(result.error.kind)
                         key = (kind, render.hint(kind, result.error.message))
                         failures[key] = failures.get(key, 0) + 1
-                    _show(result, args, terminal, len(requests) > 1)
+                    output.show(result, args, terminal, len(requests) > 1)
                     bar.update()
         except grpc.aio.AioRpcError as exc:
             print(render.call_error("fetch", exc, args.target, token_file=args.token_file,
@@ -299,9 +218,9 @@ async def _stats(args: argparse.Namespace) -> int:
                                     connected=client.connected(), waited=args.deadline), file=sys.stderr)
             return 2
     if sys.stdout.isatty() and not args.json:
-        _emit(render.stats_table(stats.pools))
+        output.emit(render.stats_table(stats.pools))
     else:
-        _emit(json.dumps(render.to_json(stats), indent=2) + "\n")
+        output.emit(json.dumps(render.to_json(stats), indent=2) + "\n")
     return 0
 
 
@@ -394,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # command that SIGPIPE ended, as curl's or cat's.
         _detach_stdout()
         return BROKEN_PIPE
-    except _OutputFailed as exc:
+    except output.OutputFailed as exc:
         _detach_stdout()
         print(f"fetchpool {args.command}: {exc}", file=sys.stderr)
         return 2
