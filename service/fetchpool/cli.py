@@ -87,7 +87,7 @@ def _fetch(args: argparse.Namespace) -> int:
     urls = list(args.urls)
     if args.file:
         try:
-            text = Path(args.file).read_text(encoding="utf-8")
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             print(f"fetchpool fetch: cannot read {args.file}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
             return 2
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 when the call could not be made or the results could not be written; 22 with --fail when "
                     "an HTTP status is 400 or more; 141 (128 + SIGPIPE) when the reader of stdout went away.")
     fetch.add_argument("urls", nargs="*", metavar="URL")
-    fetch.add_argument("--file", help="file of URLs, one per line")
+    fetch.add_argument("--file", help="file of URLs, one per line (- reads standard input)")
     _service_arguments(fetch)
     fetch.add_argument("--method", default="", help="HTTP method (default GET)")
     fetch.add_argument("-H", "--header", action="append", default=[], help="'Name: value', repeatable")

@@ -31,14 +31,33 @@ def emit(text: str) -> None:
 
 
 def why_unwritable(path: str) -> str | None:
-    """Why -o PATH cannot be written, found before anything is fetched; None when it can be."""
+    """Why -o PATH cannot be written, found before anything is fetched; None when it can be.
+
+    A new or regular file is opened for writing as the write will open it (os.access says yes to
+    root for any file, and knows nothing of read-only mounts), without truncating it, and sent
+    zero bytes (which /proc files refuse), then removed again when the check created it. A device
+    or a pipe is left to the write: opening a pipe is seen by its reader as a writer that left.
+    """
     target = Path(path)
     if target.is_dir():
         return f"{path} is a directory"
     if not target.parent.is_dir():
         return f"the directory {target.parent} does not exist"
-    if not os.access(target.parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        return f"{path} is not writable"
+    if target.exists() and not target.is_file():
+        return None
+    try:
+        try:
+            fd, created = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), True
+        except FileExistsError:
+            fd, created = os.open(path, os.O_WRONLY), False
+        try:
+            os.write(fd, b"")
+        finally:
+            os.close(fd)
+            if created:
+                os.unlink(path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
     return None
 
 

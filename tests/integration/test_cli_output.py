@@ -4,6 +4,7 @@ pipes and pseudo-terminals (tests/support/cli.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -22,11 +23,34 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_fetching(
                       (tmp_path, f"{tmp_path} is a directory")]:
         done = run_cli("fetch", "--target", nobody, "-o", str(path), url)
         assert done.status == 2 and done.err == f"fetchpool fetch: cannot write -o {path}: {why}\n", done.err
+    # The check opens the file for writing, as the write will: os.access says yes to root for any
+    # file. A sysfs file without a store refuses the open, a /proc file a write (root) or the open.
+    for path in ("/sys/kernel/notes", "/proc/version"):
+        done = run_cli("fetch", "--target", nobody, "-o", path, url)
+        assert done.status == 2 and done.err.startswith(f"fetchpool fetch: cannot write -o {path}: "), done.err
+        assert "cannot reach" not in done.err and done.err.rstrip().split(": ")[-1] in (
+            "Permission denied", "Input/output error"), done.err
+    # The check leaves no file behind, and an existing one as it was, when the fetch then fails.
+    kept = tmp_path / "kept.html"
+    kept.write_text("before")
+    for path in (tmp_path / "new.html", kept):
+        done = run_cli("fetch", "--target", nobody, "-o", str(path), url)
+        assert done.status == 2 and "cannot reach the service" in done.err, done.err
+    assert not (tmp_path / "new.html").exists() and kept.read_text() == "before"
     # A write that fails only when it happens (a full device) is said as clearly.
     done = run_cli("fetch", "--target", service.target, "-o", "/dev/full", url)
     assert done.status == 2 and done.err == "fetchpool fetch: cannot write /dev/full: No space left on device\n"
     done = run_cli("fetch", "--target", service.target, "-o", str(tmp_path / "page.html"), url)
     assert done.status == 0 and (tmp_path / "page.html").read_bytes() == (nginx.root / "small.html").read_bytes()
+
+
+def test_urls_from_standard_input_with_file_dash(service: FetchpoolService, nginx: Nginx) -> None:
+    urls = [f"{nginx.http_url}/small.html?stdin={i}" for i in range(2)]
+    lines = "\\n".join(["# a comment", *urls, ""])
+    done = run_shell(f"printf '{lines}' | $FETCHPOOL fetch --target {service.target} --file - --body omit")
+    results = [json.loads(line) for line in done.out.splitlines()]
+    assert done.status == 0 and sorted(r["url"] for r in results) == urls, done.err
+    assert all(r["status_code"] == 200 for r in results)
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly_with_sigpipe_s_status(
