@@ -34,7 +34,10 @@ def test_no_cluster_credentials_exit_2(
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["-A", "--standalone"]) == 2
-    assert "cannot configure the Kubernetes client" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cannot configure the Kubernetes client" in err
+    assert err.rstrip().endswith("run it in a pod with a service account (the chart's operator.enabled), or point "
+                                 "KUBECONFIG at a kubeconfig file"), err  # the next step
 
 
 def test_module_entry_point_help() -> None:

@@ -206,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         api_client = load_api_client()
     except Exception as exc:  # no in-cluster account and no usable kubeconfig
-        print(f"fetchpool operator: cannot configure the Kubernetes client: {exc}", file=sys.stderr)
+        print(f"fetchpool operator: cannot configure the Kubernetes client: {exc}; run it in a pod with a "
+              "service account (the chart's operator.enabled), or point KUBECONFIG at a kubeconfig file",
+              file=sys.stderr)
         return 2
 
     level = os.environ.get("FETCHPOOL_LOG_LEVEL", "").upper()  # the chart sets it for every component
