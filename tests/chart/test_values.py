@@ -357,3 +357,14 @@ def test_otel_endpoint_examples_are_fully_qualified() -> None:
     texts = [chartlib.CHART / "values.yaml", chartlib.CHART / "README.md", *chartlib.CI_VALUES.values()]
     found = [(path.name, name) for path in texts for name in re.findall(r"otel-collector[\w.-]*", path.read_text())]
     assert found and [f for f in found if not f[1].endswith(".svc.cluster.local")] == [], found
+
+
+def test_spreading_turns_off_with_the_readme_s_set_json(helm_cli: str) -> None:
+    """The chart README's `--set-json 'topologySpreadConstraints=[]'` (`--set` cannot write [])."""
+    proc = chartlib.run_helm("template", chartlib.RELEASE, str(chartlib.CHART), "--set-json",
+                             "topologySpreadConstraints=[]", values={})
+    assert proc.returncode == 0, proc.stderr
+    [deployment] = [doc for doc in yaml.safe_load_all(proc.stdout)
+                    if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"] == "demo-fetchpool"]
+    assert "topologySpreadConstraints" not in deployment["spec"]["template"]["spec"]
+    assert "--set-json 'topologySpreadConstraints=[]'" in (chartlib.CHART / "README.md").read_text()
