@@ -100,6 +100,8 @@ def test_fail_turns_http_errors_into_curl_s_exit_status(service: FetchpoolServic
     assert _cli("fetch", "--target", service.target, missing)[0] == 0
     assert _cli("fetch", "--target", service.target, "--fail", missing)[0] == 22
     assert _cli("fetch", "--target", service.target, "--fail", f"{app_server.http_url}/echo")[0] == 0
+    # A failed fetch outranks an HTTP error status: 1, as the README says.
+    assert _cli("fetch", "--target", service.target, "--fail", missing, "http://127.0.0.1:1/")[0] == 1
 
 
 def test_fail_shows_no_body_and_says_so_on_stderr_as_curl_f(service: FetchpoolService, app_server: AppServer,
