@@ -106,7 +106,9 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
     if code == _E_PROXY or status >= 300:
         return httpx.ProxyError(f"{status} {text}" if status else text, request=request)
     if code == pycurl.E_OPERATION_TIMEDOUT:
-        connected = g(pycurl.CONNECT_TIME_T) > 0
+        # A transfer on a reused connection reports no connect time, as one whose connect never
+        # finished does; it opened no socket of its own but has a connection (CONN_ID).
+        connected = g(pycurl.CONNECT_TIME_T) > 0 or (not ex.opened and g(pycurl.CONN_ID) >= 0)
         return (httpx.ReadTimeout if connected else httpx.ConnectTimeout)(text, request=request)
     if code in (pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY):
         return _caused(httpx.ConnectError(text, request=request), socket.gaierror(socket.EAI_NONAME, text))
