@@ -53,6 +53,15 @@ class Recorder:
         pass
 
 
+async def _create(kmock: Any, api_version: str, plural: str, kind: str, name: str,
+                  labels: dict[str, str] | None = None, **body: Any) -> None:
+    """Create a namespaced object (in NS) through kmock's API; ``body`` gives its spec, status."""
+    metadata: dict[str, Any] = {"name": name, "namespace": NS, **({"labels": labels} if labels else {})}
+    prefix = "/apis" if "/" in api_version else "/api"  # the core group has no name
+    await kmock.post(f"{prefix}/{api_version}/namespaces/{NS}/{plural}",
+                     json={"apiVersion": api_version, "kind": kind, "metadata": metadata, **body})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -85,34 +94,13 @@ async def operator(kmock: Any) -> AsyncIterator[Running]:
         kind="FetchPool", namespaced=True, subresources={"status"}, verbs={"get", "list", "watch", "patch", "create"}
     )
     url = str(kmock.url).rstrip("/")
-    await kmock.post(
-        f"/apis/fetchpool.io/v1alpha1/namespaces/{NS}/fetchpools",
-        json={
-            "apiVersion": "fetchpool.io/v1alpha1",
-            "kind": "FetchPool",
-            "metadata": {"name": "pool", "namespace": NS},
-            "spec": {"target": {"name": "web"}, "connectionBudget": 60},
-        },
-    )
-    await kmock.post(
-        f"/apis/apps/v1/namespaces/{NS}/deployments",
-        json={
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": "web", "namespace": NS},
-            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}},
-        },
-    )
-    await kmock.post(
-        f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers",
-        json={
-            "apiVersion": "autoscaling/v2",
-            "kind": "HorizontalPodAutoscaler",
-            "metadata": {"name": "web", "namespace": NS},
-            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "maxReplicas": 8},
-            "status": {"currentReplicas": 2, "desiredReplicas": 2},
-        },
-    )
+    await _create(kmock, "fetchpool.io/v1alpha1", "fetchpools", "FetchPool", "pool",
+                  spec={"target": {"name": "web"}, "connectionBudget": 60})
+    await _create(kmock, "apps/v1", "deployments", "Deployment", "web",
+                  spec={"replicas": 2, "selector": {"matchLabels": {"app": "web"}}})
+    await _create(kmock, "autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", "web",
+                  spec={"scaleTargetRef": {"kind": "Deployment", "name": "web"}, "maxReplicas": 8},
+                  status={"currentReplicas": 2, "desiredReplicas": 2})
 
     # The first HPA watch answers "410 Gone" (resource version too old), as a real API server does
     # after a quiet spell; kopf must re-list and watch again (test_410_gone_relists).
@@ -205,15 +193,8 @@ async def test_410_gone_relists(operator: Running) -> None:
 
 
 async def test_an_unrelated_hpa_does_not(operator: Running) -> None:
-    await operator.kmock.post(
-        f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers",
-        json={
-            "apiVersion": "autoscaling/v2",
-            "kind": "HorizontalPodAutoscaler",
-            "metadata": {"name": "other", "namespace": NS},
-            "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "other"}, "maxReplicas": 3},
-        },
-    )
+    await _create(operator.kmock, "autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", "other",
+                  spec={"scaleTargetRef": {"kind": "Deployment", "name": "other"}, "maxReplicas": 3})
     operator.recorder.triggers.clear()
     await operator.kmock.patch(
         f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers/other/status",
@@ -232,15 +213,7 @@ async def test_deployment_and_its_pods_trigger_but_other_pods_do_not(operator: R
     await operator.kmock.patch(f"/apis/apps/v1/namespaces/{NS}/deployments/web", json={"spec": {"replicas": 6}})
     await wait_for(lambda: "deployment web" in operator.reasons())
     for name, app in (("stranger", "other"), ("web-1", "web")):
-        await operator.kmock.post(
-            f"/api/v1/namespaces/{NS}/pods",
-            json={
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": name, "namespace": NS, "labels": {"app": app}},
-                "status": {"phase": "Pending"},
-            },
-        )
+        await _create(operator.kmock, "v1", "pods", "Pod", name, labels={"app": app}, status={"phase": "Pending"})
     await wait_for(lambda: "pod web-1" in operator.reasons())
     await operator.kmock.patch(
         f"/api/v1/namespaces/{NS}/pods/web-1/status", json={"status": {"phase": "Running", "podIP": "127.0.0.1"}}
@@ -273,15 +246,8 @@ async def test_liveness_and_metrics_endpoints(operator: Running) -> None:
 
 
 async def test_deleting_a_fetchpool_hands_its_deployment_to_the_next_one(operator: Running) -> None:
-    await operator.kmock.post(
-        f"/apis/fetchpool.io/v1alpha1/namespaces/{NS}/fetchpools",
-        json={
-            "apiVersion": "fetchpool.io/v1alpha1",
-            "kind": "FetchPool",
-            "metadata": {"name": "second", "namespace": NS},
-            "spec": {"target": {"name": "web"}, "connectionBudget": 90},
-        },
-    )
+    await _create(operator.kmock, "fetchpool.io/v1alpha1", "fetchpools", "FetchPool", "second",
+                  spec={"target": {"name": "web"}, "connectionBudget": 90})
     await wait_for(lambda: any(n == "second" for _, n, _, _ in operator.recorder.triggers))
     operator.recorder.triggers.clear()
     response = await operator.kmock.delete(f"/apis/fetchpool.io/v1alpha1/namespaces/{NS}/fetchpools/pool")
@@ -332,15 +298,8 @@ async def test_a_paused_peer_stops_its_resync_loop(kmock: Any) -> None:
         "/apis/kopf.dev/v1/clusterkopfpeerings",
         json={"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "fleet"}},
     )
-    await kmock.post(
-        f"/apis/fetchpool.io/v1alpha1/namespaces/{NS}/fetchpools",
-        json={
-            "apiVersion": "fetchpool.io/v1alpha1",
-            "kind": "FetchPool",
-            "metadata": {"name": "pool", "namespace": NS},
-            "spec": {"target": {"name": "web"}, "connectionBudget": 60},
-        },
-    )
+    await _create(kmock, "fetchpool.io/v1alpha1", "fetchpools", "FetchPool", "pool",
+                  spec={"target": {"name": "web"}, "connectionBudget": 60})
     import kubernetes
     from fetchpool.operator.k8s import KubeIO
     from fetchpool.operator.peering import PeeringGate
