@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import subprocess
@@ -36,13 +37,17 @@ def install_node_clients() -> None:
     lock = (NODE_DIR / "package-lock.json").read_bytes()
     stamp = NODE_DIR / "node_modules" / ".fetchpool-lock-sha256"
     digest = hashlib.sha256(lock).hexdigest()
-    if stamp.is_file() and stamp.read_text() == digest:
-        return
-    done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True, text=True,
-                          timeout=300, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"npm ci in {NODE_DIR} failed:\n{done.stdout}\n{done.stderr}")
-    stamp.write_text(digest)
+    # Test files run in parallel workers (pytest-xdist): one npm ci at a time, the others wait
+    # for it and find the stamp (two at once fail with ENOTEMPTY removing each other's files).
+    with (NODE_DIR / ".npm-ci.lock").open("w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == digest:
+            return
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True,
+                              text=True, timeout=300, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"npm ci in {NODE_DIR} failed:\n{done.stdout}\n{done.stderr}")
+        stamp.write_text(digest)
 
 
 async def run_node(job: dict[str, Any], timeout: float = 120) -> tuple[list[dict[str, Any]], dict[str, Any]]:
