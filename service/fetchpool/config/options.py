@@ -1,0 +1,241 @@
+"""Where settings come from: every option of ``fetchpool serve`` as a flag and a ``FETCHPOOL_*`` variable.
+
+Every option is declared once in :data:`OPTIONS` (flag, environment variable,
+type, default, help); the CLI and the README's configuration table come from it.
+A flag beats its environment variable, which beats the embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fetchpool.config.settings import (
+    FetchSettings,
+    PoolLimits,
+    PoolPolicy,
+    RetryPolicy,
+    ServerSettings,
+    Settings,
+    Timeouts,
+)
+from fetchpool.errors import ConfigError
+
+__all__ = ["OPTIONS", "Option", "add_arguments", "option_table", "settings_from_args"]
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in _csv(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: where it goes (``section.field``), its flag and variable, and its doc."""
+
+    target: str
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def default(self) -> Any:
+        section, name = self.target.split(".")
+        if section == "settings":
+            return getattr(Settings(), name)
+        return getattr(getattr(Settings(), section), name)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("server.listen", "--listen", "FETCHPOOL_LISTEN", str,
+           "gRPC listen address, host:port ([::]:port for IPv6; port 0 picks a free one)"),
+    Option("limits.max_connections", "--max-connections", "FETCHPOOL_MAX_CONNECTIONS", int,
+           "open connections per pool at most (over HTTP/2 each carries many requests)"),
+    Option("limits.max_requests", "--max-requests", "FETCHPOOL_MAX_REQUESTS", int,
+           "requests in flight per pool at most; 0 = max_connections x 100"),
+    Option("limits.max_keepalive_connections", "--max-keepalive-connections",
+           "FETCHPOOL_MAX_KEEPALIVE_CONNECTIONS", int, "idle connections kept per pool at most"),
+    Option("limits.keepalive_expiry", "--keepalive-expiry", "FETCHPOOL_KEEPALIVE_EXPIRY", float,
+           "seconds an idle connection is kept"),
+    Option("limits.pool_timeout", "--pool-timeout", "FETCHPOOL_POOL_TIMEOUT", float,
+           "seconds a request may wait for a pooled connection (then POOL_TIMEOUT)"),
+    Option("limits.max_connections_per_host", "--max-connections-per-host",
+           "FETCHPOOL_MAX_CONNECTIONS_PER_HOST", int, "requests in flight to one origin at most; 0 = no cap"),
+    Option("timeouts.connect", "--connect-timeout", "FETCHPOOL_CONNECT_TIMEOUT", float,
+           "seconds to open a connection (TCP, proxy CONNECT, TLS)"),
+    Option("timeouts.read", "--read-timeout", "FETCHPOOL_READ_TIMEOUT", float, "seconds between two reads"),
+    Option("timeouts.write", "--write-timeout", "FETCHPOOL_WRITE_TIMEOUT", float, "seconds between two writes"),
+    Option("timeouts.request", "--request-timeout", "FETCHPOOL_REQUEST_TIMEOUT", float,
+           "default total seconds per fetch (a request's own timeout overrides it)"),
+    Option("timeouts.max_request", "--max-request-timeout", "FETCHPOOL_MAX_REQUEST_TIMEOUT", float,
+           "largest per-request timeout accepted, seconds"),
+    Option("fetch.proxies", "--proxy", "FETCHPOOL_PROXY", _csv,
+           "forward proxies, comma-separated (http://user:pass@host:port, socks5://...); empty = direct"),
+    Option("fetch.proxy_policy", "--proxy-policy", "FETCHPOOL_PROXY_POLICY", str,
+           "proxy choice per request: round_robin, least_busy or sticky"),
+    Option("fetch.batch_concurrency", "--batch-concurrency", "FETCHPOOL_BATCH_CONCURRENCY", int,
+           "fetches in flight per FetchMany/FetchStream call by default"),
+    Option("fetch.max_batch_concurrency", "--max-batch-concurrency", "FETCHPOOL_MAX_BATCH_CONCURRENCY", int,
+           "largest per-call concurrency a caller may ask for"),
+    Option("fetch.max_batch_size", "--max-batch-size", "FETCHPOOL_MAX_BATCH_SIZE", int,
+           "requests per FetchMany call at most (more: RESOURCE_EXHAUSTED)"),
+    Option("fetch.max_body_bytes", "--max-body-bytes", "FETCHPOOL_MAX_BODY_BYTES", int,
+           "largest response body, bytes (decoded); more gives TOO_LARGE"),
+    Option("fetch.follow_redirects", "--follow-redirects", "FETCHPOOL_FOLLOW_REDIRECTS", _bool,
+           "follow redirects unless a request says otherwise"),
+    Option("fetch.max_redirects", "--max-redirects", "FETCHPOOL_MAX_REDIRECTS", int, "redirects followed at most"),
+    Option("fetch.ca_bundle", "--ca-bundle", "FETCHPOOL_CA_BUNDLE", str,
+           "PEM file of CAs to trust instead of certifi's bundle"),
+    Option("retry.attempts", "--retry-attempts", "FETCHPOOL_RETRY_ATTEMPTS", int,
+           "attempts per fetch at most, the first included (1 = no retries)"),
+    Option("retry.statuses", "--retry-statuses", "FETCHPOOL_RETRY_STATUSES", _ints,
+           "HTTP statuses retried for idempotent requests, comma-separated"),
+    Option("retry.backoff_base", "--retry-backoff-base", "FETCHPOOL_RETRY_BACKOFF_BASE", float,
+           "seconds; retry n waits uniform(0, min(max, base * 2**n)) unless Retry-After says"),
+    Option("retry.backoff_max", "--retry-backoff-max", "FETCHPOOL_RETRY_BACKOFF_MAX", float,
+           "seconds; the back-off cap"),
+    Option("retry.max_retry_after", "--max-retry-after", "FETCHPOOL_MAX_RETRY_AFTER", float,
+           "seconds; a longer Retry-After is not waited for (the response is returned)"),
+    Option("retry.budget_ratio", "--retry-budget", "FETCHPOOL_RETRY_BUDGET", float,
+           "retries in progress at most this share of requests in flight (Envoy retry_budget)"),
+    Option("pool.max_requests_per_connection", "--max-requests-per-connection",
+           "FETCHPOOL_MAX_REQUESTS_PER_CONNECTION", int, "retire a connection after this many requests; 0 = never"),
+    Option("pool.max_connection_age", "--max-connection-age", "FETCHPOOL_MAX_CONNECTION_AGE", float,
+           "seconds; retire a connection this old; 0 = never"),
+    Option("pool.proxy_eject_failures", "--proxy-eject-failures", "FETCHPOOL_PROXY_EJECT_FAILURES", int,
+           "consecutive proxy failures that eject a proxy for a cool-down; 0 = never"),
+    Option("pool.proxy_eject_seconds", "--proxy-eject-seconds", "FETCHPOOL_PROXY_EJECT_SECONDS", float,
+           "seconds a proxy is ejected, times its ejection count (at most 10x)"),
+    Option("pool.host_rate", "--host-rate", "FETCHPOOL_HOST_RATE", float,
+           "requests per second per origin at most; 0 = no limit"),
+    Option("pool.dynamic", "--dynamic-limits", "FETCHPOOL_DYNAMIC_LIMITS", _bool,
+           "let each pool's working limit (requests admitted) follow demand between the floor and max_requests"),
+    Option("pool.dynamic_floor", "--dynamic-floor", "FETCHPOOL_DYNAMIC_FLOOR", int,
+           "the lowest working limit in dynamic mode"),
+    Option("fetch.ssrf_guard", "--ssrf-guard", "FETCHPOOL_SSRF_GUARD", _bool,
+           "refuse targets that resolve to loopback, private, link-local, ... addresses"),
+    Option("fetch.allow_targets", "--allow-targets", "FETCHPOOL_ALLOW_TARGETS", _csv,
+           "CIDRs and host patterns allowed despite the SSRF guard, comma-separated"),
+    Option("fetch.deny_targets", "--deny-targets", "FETCHPOOL_DENY_TARGETS", _csv,
+           "CIDRs and host patterns always refused (e.g. the cluster's service range)"),
+    Option("fetch.max_header_bytes", "--max-header-bytes", "FETCHPOOL_MAX_HEADER_BYTES", int,
+           "largest response header block, bytes; more gives TOO_LARGE"),
+    Option("fetch.max_header_count", "--max-header-count", "FETCHPOOL_MAX_HEADER_COUNT", int,
+           "most response header fields; more gives TOO_LARGE"),
+    Option("fetch.max_fetches", "--max-fetches", "FETCHPOOL_MAX_FETCHES", int,
+           "fetches in flight or waiting in the whole process at most"),
+    Option("fetch.transport", "--transport", "FETCHPOOL_TRANSPORT", str,
+           "HTTP engine under every pool: httpcore (httpx's own) or curl (libcurl); see Transports"),
+    Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", float,
+           "seconds in-flight calls may run after SIGTERM before they are cancelled"),
+    Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", float,
+           "seconds before a caller's gRPC connection is recycled (so callers re-resolve); 0 = never"),
+    Option("server.max_connection_age_grace", "--grpc-max-connection-age-grace",
+           "FETCHPOOL_GRPC_MAX_CONNECTION_AGE_GRACE", float,
+           "seconds calls still running on a recycled connection may go on; 0 = until they end"),
+    Option("server.keepalive_time", "--grpc-keepalive-time", "FETCHPOOL_GRPC_KEEPALIVE_TIME", float,
+           "seconds without activity before the server pings a caller's connection; 0 = never"),
+    Option("server.keepalive_timeout", "--grpc-keepalive-timeout", "FETCHPOOL_GRPC_KEEPALIVE_TIMEOUT", float,
+           "seconds to wait for the answer to that ping before closing the connection"),
+    Option("server.min_ping_interval", "--grpc-min-ping-interval", "FETCHPOOL_GRPC_MIN_PING_INTERVAL", float,
+           "seconds: shortest interval between a caller's keepalive pings accepted (more often: GOAWAY)"),
+    Option("server.permit_keepalive_without_calls", "--grpc-permit-keepalive-without-calls",
+           "FETCHPOOL_GRPC_PERMIT_KEEPALIVE_WITHOUT_CALLS", _bool,
+           "accept keepalive pings on caller connections that have no call in flight"),
+    Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", int,
+           "largest gRPC message received, and largest result message sent when a caller asks for more"),
+    Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+    Option("server.event_loop", "--event-loop", "FETCHPOOL_EVENT_LOOP", str, "uvloop or asyncio"),
+    Option("server.tls_cert", "--tls-cert", "FETCHPOOL_TLS_CERT", str, "PEM certificate chain: serve gRPC over TLS"),
+    Option("server.tls_key", "--tls-key", "FETCHPOOL_TLS_KEY", str, "PEM private key of --tls-cert"),
+    Option("server.tls_client_ca", "--tls-client-ca", "FETCHPOOL_TLS_CLIENT_CA", str,
+           "PEM CA bundle: require client certificates it signed (mutual TLS)"),
+    Option("server.auth_token_file", "--auth-token-file", "FETCHPOOL_AUTH_TOKEN_FILE", str,
+           "file holding the bearer token(s) callers must send (health checks excepted); "
+           "one per line, re-read when it changes"),
+    Option("server.auth_token", "--auth-token", "FETCHPOOL_AUTH_TOKEN", str,
+           "the bearer token itself (prefer the file: flags show in ps)"),
+    Option("server.admin_token_file", "--admin-token-file", "FETCHPOOL_ADMIN_TOKEN_FILE", str,
+           "file holding the bearer token(s) that alone may call PoolAdmin.SetPoolLimits (the operator's); "
+           "one per line, re-read when it changes"),
+    Option("settings.limits_file", "--limits-file", "FETCHPOOL_LIMITS_FILE", str,
+           "JSON file of pool limits applied at start-up (written by the operator); ignored if absent"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every option of :data:`OPTIONS` to ``parser`` (defaults stay None: resolved later)."""
+    for option in OPTIONS:
+        switch: dict[str, Any] = {"nargs": "?", "const": "true"} if option.parse is _bool else {}  # `--flag` = true
+        parser.add_argument(
+            option.flag,
+            dest=option.target.replace(".", "__"),
+            default=None,
+            metavar=option.env,
+            help=f"{option.help} (env {option.env}, default {option.default!r})",
+            **switch,
+        )
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build :class:`Settings` from parsed flags, then ``environ``, then defaults.
+
+    Raises :class:`~fetchpool.errors.ConfigError` naming the flag or variable at fault.
+    """
+    env = os.environ if environ is None else environ
+    sections: dict[str, dict[str, Any]] = {
+        "server": {}, "limits": {}, "timeouts": {}, "fetch": {}, "retry": {}, "pool": {}, "settings": {}
+    }
+    for option in OPTIONS:
+        raw = getattr(args, option.target.replace(".", "__"), None)
+        source = option.flag
+        if raw is None and env.get(option.env, "") != "":
+            raw, source = env[option.env], option.env
+        if raw is None:
+            continue
+        try:
+            value = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        section, name = option.target.split(".")
+        sections[section][name] = value
+    try:
+        return Settings(
+            server=ServerSettings(**sections["server"]),
+            limits=PoolLimits().replace(**sections["limits"]),
+            timeouts=Timeouts(**sections["timeouts"]),
+            fetch=FetchSettings(**sections["fetch"]),
+            retry=RetryPolicy(**sections["retry"]),
+            pool=PoolPolicy(**sections["pool"]),
+            **sections["settings"],
+        )
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def option_table(options: Sequence[Option] = OPTIONS) -> str:
+    """The README's configuration table, in Markdown."""
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for option in options:
+        default = option.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else ("" if default is None else default)
+        rows.append(f"| `{option.flag}` | `{option.env}` | `{shown}` | {option.help} |")
+    return "\n".join(rows)
