@@ -54,6 +54,21 @@ def test_a_mistyped_target_rule_is_refused_by_flag_and_by_variable(flag: str, va
             assert err.startswith(f"fetchpool serve: {what} target '{bad}' is {why}"), err
 
 
+def test_a_value_that_is_not_a_number_is_said_so_naming_the_flag_or_variable() -> None:
+    """In the words of `fetchpool fetch` (not Python's "invalid literal for int()"), naming what the user set."""
+    for given, source, why in [
+        (("--max-connections", "abc"), "--max-connections", "not a number: 'abc'"),
+        (("--max-connections", "1.5"), "--max-connections", "not a whole number: '1.5'"),
+        (("--connect-timeout", "soon"), "--connect-timeout", "not a number: 'soon'"),
+        ({"FETCHPOOL_RETRY_STATUSES": "429,abc"}, "FETCHPOOL_RETRY_STATUSES", "not a number: 'abc'"),
+        ({"FETCHPOOL_KEEPALIVE_EXPIRY": "5s"}, "FETCHPOOL_KEEPALIVE_EXPIRY", "not a number: '5s'"),
+        ({"FETCHPOOL_SSRF_GUARD": "nope"}, "FETCHPOOL_SSRF_GUARD",
+         "not a boolean: 'nope' (true/yes/on/1 or false/no/off/0)"),
+    ]:
+        err = _refused(env=given) if isinstance(given, dict) else _refused(*given)
+        assert err == f"fetchpool serve: {source}: {why}\n", err
+
+
 def test_a_listen_address_grpc_would_wrap_or_misread_is_refused() -> None:
     for listen, why in [("127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is out of range (0-65535"),
                         ("::1:50051", "'::1:50051': an IPv6 address goes in brackets"),

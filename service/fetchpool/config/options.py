@@ -27,13 +27,38 @@ from fetchpool.errors import ConfigError
 __all__ = ["OPTIONS", "Option", "add_arguments", "option_table", "settings_from_args"]
 
 
+#: The words a boolean option takes (as systemd and Kubernetes' env conventions do), any case.
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
+    if lowered in TRUE_WORDS:
         return True
-    if lowered in ("0", "false", "no", "off"):
+    if lowered in FALSE_WORDS:
         return False
-    raise ValueError(f"not a boolean: {text!r}")
+    raise ValueError(f"not a boolean: {text!r} ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)})")
+
+
+def _int(text: str) -> int:
+    """A whole number; ValueError in the words of ``fetchpool fetch`` (not Python's)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+    raise ValueError(f"not a whole number: {text!r}")
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -41,7 +66,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in _csv(text))
+    return tuple(_int(part) for part in _csv(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,68 +90,68 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("server.listen", "--listen", "FETCHPOOL_LISTEN", str,
            "gRPC listen address, host:port ([::]:port for IPv6; port 0 picks a free one)"),
-    Option("limits.max_connections", "--max-connections", "FETCHPOOL_MAX_CONNECTIONS", int,
+    Option("limits.max_connections", "--max-connections", "FETCHPOOL_MAX_CONNECTIONS", _int,
            "open connections per pool at most (over HTTP/2 each carries many requests)"),
-    Option("limits.max_requests", "--max-requests", "FETCHPOOL_MAX_REQUESTS", int,
+    Option("limits.max_requests", "--max-requests", "FETCHPOOL_MAX_REQUESTS", _int,
            "requests in flight per pool at most; 0 = max_connections x 100"),
     Option("limits.max_keepalive_connections", "--max-keepalive-connections",
-           "FETCHPOOL_MAX_KEEPALIVE_CONNECTIONS", int, "idle connections kept per pool at most"),
-    Option("limits.keepalive_expiry", "--keepalive-expiry", "FETCHPOOL_KEEPALIVE_EXPIRY", float,
+           "FETCHPOOL_MAX_KEEPALIVE_CONNECTIONS", _int, "idle connections kept per pool at most"),
+    Option("limits.keepalive_expiry", "--keepalive-expiry", "FETCHPOOL_KEEPALIVE_EXPIRY", _float,
            "seconds an idle connection is kept"),
-    Option("limits.pool_timeout", "--pool-timeout", "FETCHPOOL_POOL_TIMEOUT", float,
+    Option("limits.pool_timeout", "--pool-timeout", "FETCHPOOL_POOL_TIMEOUT", _float,
            "seconds a request may wait for a pooled connection (then POOL_TIMEOUT)"),
     Option("limits.max_connections_per_host", "--max-connections-per-host",
-           "FETCHPOOL_MAX_CONNECTIONS_PER_HOST", int, "requests in flight to one origin at most; 0 = no cap"),
-    Option("timeouts.connect", "--connect-timeout", "FETCHPOOL_CONNECT_TIMEOUT", float,
+           "FETCHPOOL_MAX_CONNECTIONS_PER_HOST", _int, "requests in flight to one origin at most; 0 = no cap"),
+    Option("timeouts.connect", "--connect-timeout", "FETCHPOOL_CONNECT_TIMEOUT", _float,
            "seconds to open a connection (TCP, proxy CONNECT, TLS)"),
-    Option("timeouts.read", "--read-timeout", "FETCHPOOL_READ_TIMEOUT", float, "seconds between two reads"),
-    Option("timeouts.write", "--write-timeout", "FETCHPOOL_WRITE_TIMEOUT", float, "seconds between two writes"),
-    Option("timeouts.request", "--request-timeout", "FETCHPOOL_REQUEST_TIMEOUT", float,
+    Option("timeouts.read", "--read-timeout", "FETCHPOOL_READ_TIMEOUT", _float, "seconds between two reads"),
+    Option("timeouts.write", "--write-timeout", "FETCHPOOL_WRITE_TIMEOUT", _float, "seconds between two writes"),
+    Option("timeouts.request", "--request-timeout", "FETCHPOOL_REQUEST_TIMEOUT", _float,
            "default total seconds per fetch (a request's own timeout overrides it)"),
-    Option("timeouts.max_request", "--max-request-timeout", "FETCHPOOL_MAX_REQUEST_TIMEOUT", float,
+    Option("timeouts.max_request", "--max-request-timeout", "FETCHPOOL_MAX_REQUEST_TIMEOUT", _float,
            "largest per-request timeout accepted, seconds"),
     Option("fetch.proxies", "--proxy", "FETCHPOOL_PROXY", _csv,
            "forward proxies, comma-separated (http://user:pass@host:port, socks5://...); empty = direct"),
     Option("fetch.proxy_policy", "--proxy-policy", "FETCHPOOL_PROXY_POLICY", str,
            "proxy choice per request: round_robin, least_busy or sticky"),
-    Option("fetch.batch_concurrency", "--batch-concurrency", "FETCHPOOL_BATCH_CONCURRENCY", int,
+    Option("fetch.batch_concurrency", "--batch-concurrency", "FETCHPOOL_BATCH_CONCURRENCY", _int,
            "fetches in flight per FetchMany/FetchStream call by default"),
-    Option("fetch.max_batch_concurrency", "--max-batch-concurrency", "FETCHPOOL_MAX_BATCH_CONCURRENCY", int,
+    Option("fetch.max_batch_concurrency", "--max-batch-concurrency", "FETCHPOOL_MAX_BATCH_CONCURRENCY", _int,
            "largest per-call concurrency a caller may ask for"),
-    Option("fetch.max_batch_size", "--max-batch-size", "FETCHPOOL_MAX_BATCH_SIZE", int,
+    Option("fetch.max_batch_size", "--max-batch-size", "FETCHPOOL_MAX_BATCH_SIZE", _int,
            "requests per FetchMany call at most (more: RESOURCE_EXHAUSTED)"),
-    Option("fetch.max_body_bytes", "--max-body-bytes", "FETCHPOOL_MAX_BODY_BYTES", int,
+    Option("fetch.max_body_bytes", "--max-body-bytes", "FETCHPOOL_MAX_BODY_BYTES", _int,
            "largest response body, bytes (decoded); more gives TOO_LARGE"),
     Option("fetch.follow_redirects", "--follow-redirects", "FETCHPOOL_FOLLOW_REDIRECTS", _bool,
            "follow redirects unless a request says otherwise"),
-    Option("fetch.max_redirects", "--max-redirects", "FETCHPOOL_MAX_REDIRECTS", int, "redirects followed at most"),
+    Option("fetch.max_redirects", "--max-redirects", "FETCHPOOL_MAX_REDIRECTS", _int, "redirects followed at most"),
     Option("fetch.ca_bundle", "--ca-bundle", "FETCHPOOL_CA_BUNDLE", str,
            "PEM file of CAs to trust instead of certifi's bundle"),
-    Option("retry.attempts", "--retry-attempts", "FETCHPOOL_RETRY_ATTEMPTS", int,
+    Option("retry.attempts", "--retry-attempts", "FETCHPOOL_RETRY_ATTEMPTS", _int,
            "attempts per fetch at most, the first included (1 = no retries)"),
     Option("retry.statuses", "--retry-statuses", "FETCHPOOL_RETRY_STATUSES", _ints,
            "HTTP statuses retried for idempotent requests, comma-separated"),
-    Option("retry.backoff_base", "--retry-backoff-base", "FETCHPOOL_RETRY_BACKOFF_BASE", float,
+    Option("retry.backoff_base", "--retry-backoff-base", "FETCHPOOL_RETRY_BACKOFF_BASE", _float,
            "seconds; retry n waits uniform(0, min(max, base * 2**n)) unless Retry-After says"),
-    Option("retry.backoff_max", "--retry-backoff-max", "FETCHPOOL_RETRY_BACKOFF_MAX", float,
+    Option("retry.backoff_max", "--retry-backoff-max", "FETCHPOOL_RETRY_BACKOFF_MAX", _float,
            "seconds; the back-off cap"),
-    Option("retry.max_retry_after", "--max-retry-after", "FETCHPOOL_MAX_RETRY_AFTER", float,
+    Option("retry.max_retry_after", "--max-retry-after", "FETCHPOOL_MAX_RETRY_AFTER", _float,
            "seconds; a longer Retry-After is not waited for (the response is returned)"),
-    Option("retry.budget_ratio", "--retry-budget", "FETCHPOOL_RETRY_BUDGET", float,
+    Option("retry.budget_ratio", "--retry-budget", "FETCHPOOL_RETRY_BUDGET", _float,
            "retries in progress at most this share of requests in flight (Envoy retry_budget)"),
     Option("pool.max_requests_per_connection", "--max-requests-per-connection",
-           "FETCHPOOL_MAX_REQUESTS_PER_CONNECTION", int, "retire a connection after this many requests; 0 = never"),
-    Option("pool.max_connection_age", "--max-connection-age", "FETCHPOOL_MAX_CONNECTION_AGE", float,
+           "FETCHPOOL_MAX_REQUESTS_PER_CONNECTION", _int, "retire a connection after this many requests; 0 = never"),
+    Option("pool.max_connection_age", "--max-connection-age", "FETCHPOOL_MAX_CONNECTION_AGE", _float,
            "seconds; retire a connection this old; 0 = never"),
-    Option("pool.proxy_eject_failures", "--proxy-eject-failures", "FETCHPOOL_PROXY_EJECT_FAILURES", int,
+    Option("pool.proxy_eject_failures", "--proxy-eject-failures", "FETCHPOOL_PROXY_EJECT_FAILURES", _int,
            "consecutive proxy failures that eject a proxy for a cool-down; 0 = never"),
-    Option("pool.proxy_eject_seconds", "--proxy-eject-seconds", "FETCHPOOL_PROXY_EJECT_SECONDS", float,
+    Option("pool.proxy_eject_seconds", "--proxy-eject-seconds", "FETCHPOOL_PROXY_EJECT_SECONDS", _float,
            "seconds a proxy is ejected, times its ejection count (at most 10x)"),
-    Option("pool.host_rate", "--host-rate", "FETCHPOOL_HOST_RATE", float,
+    Option("pool.host_rate", "--host-rate", "FETCHPOOL_HOST_RATE", _float,
            "requests per second per origin at most; 0 = no limit"),
     Option("pool.dynamic", "--dynamic-limits", "FETCHPOOL_DYNAMIC_LIMITS", _bool,
            "let each pool's working limit (requests admitted) follow demand between the floor and max_requests"),
-    Option("pool.dynamic_floor", "--dynamic-floor", "FETCHPOOL_DYNAMIC_FLOOR", int,
+    Option("pool.dynamic_floor", "--dynamic-floor", "FETCHPOOL_DYNAMIC_FLOOR", _int,
            "the lowest working limit in dynamic mode"),
     Option("fetch.ssrf_guard", "--ssrf-guard", "FETCHPOOL_SSRF_GUARD", _bool,
            "refuse targets that resolve to loopback, private, link-local, ... addresses"),
@@ -134,31 +159,31 @@ OPTIONS: tuple[Option, ...] = (
            "CIDRs and host patterns allowed despite the SSRF guard, comma-separated"),
     Option("fetch.deny_targets", "--deny-targets", "FETCHPOOL_DENY_TARGETS", _csv,
            "CIDRs and host patterns always refused (e.g. the cluster's service range)"),
-    Option("fetch.max_header_bytes", "--max-header-bytes", "FETCHPOOL_MAX_HEADER_BYTES", int,
+    Option("fetch.max_header_bytes", "--max-header-bytes", "FETCHPOOL_MAX_HEADER_BYTES", _int,
            "largest response header block, bytes; more gives TOO_LARGE"),
-    Option("fetch.max_header_count", "--max-header-count", "FETCHPOOL_MAX_HEADER_COUNT", int,
+    Option("fetch.max_header_count", "--max-header-count", "FETCHPOOL_MAX_HEADER_COUNT", _int,
            "most response header fields; more gives TOO_LARGE"),
-    Option("fetch.max_fetches", "--max-fetches", "FETCHPOOL_MAX_FETCHES", int,
+    Option("fetch.max_fetches", "--max-fetches", "FETCHPOOL_MAX_FETCHES", _int,
            "fetches in flight or waiting in the whole process at most"),
     Option("fetch.transport", "--transport", "FETCHPOOL_TRANSPORT", str,
            "HTTP engine under every pool: httpcore (httpx's own) or curl (libcurl); see Transports"),
-    Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", float,
+    Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", _float,
            "seconds in-flight calls may run after SIGTERM before they are cancelled"),
-    Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", float,
+    Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", _float,
            "seconds before a caller's gRPC connection is recycled (so callers re-resolve); 0 = never"),
     Option("server.max_connection_age_grace", "--grpc-max-connection-age-grace",
-           "FETCHPOOL_GRPC_MAX_CONNECTION_AGE_GRACE", float,
+           "FETCHPOOL_GRPC_MAX_CONNECTION_AGE_GRACE", _float,
            "seconds calls still running on a recycled connection may go on; 0 = until they end"),
-    Option("server.keepalive_time", "--grpc-keepalive-time", "FETCHPOOL_GRPC_KEEPALIVE_TIME", float,
+    Option("server.keepalive_time", "--grpc-keepalive-time", "FETCHPOOL_GRPC_KEEPALIVE_TIME", _float,
            "seconds without activity before the server pings a caller's connection; 0 = never"),
-    Option("server.keepalive_timeout", "--grpc-keepalive-timeout", "FETCHPOOL_GRPC_KEEPALIVE_TIMEOUT", float,
+    Option("server.keepalive_timeout", "--grpc-keepalive-timeout", "FETCHPOOL_GRPC_KEEPALIVE_TIMEOUT", _float,
            "seconds to wait for the answer to that ping before closing the connection"),
-    Option("server.min_ping_interval", "--grpc-min-ping-interval", "FETCHPOOL_GRPC_MIN_PING_INTERVAL", float,
+    Option("server.min_ping_interval", "--grpc-min-ping-interval", "FETCHPOOL_GRPC_MIN_PING_INTERVAL", _float,
            "seconds: shortest interval between a caller's keepalive pings accepted (more often: GOAWAY)"),
     Option("server.permit_keepalive_without_calls", "--grpc-permit-keepalive-without-calls",
            "FETCHPOOL_GRPC_PERMIT_KEEPALIVE_WITHOUT_CALLS", _bool,
            "accept keepalive pings on caller connections that have no call in flight"),
-    Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", int,
+    Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", _int,
            "largest gRPC message received, and largest result message sent when a caller asks for more"),
     Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
     Option("server.event_loop", "--event-loop", "FETCHPOOL_EVENT_LOOP", str, "uvloop or asyncio"),
