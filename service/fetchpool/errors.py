@@ -59,18 +59,20 @@ class FetchpoolError(Exception):
 
 
 class ConfigError(FetchpoolError, ValueError):
-    """A setting is missing, malformed or inconsistent. Raised at start-up."""
+    """A setting is missing, malformed or inconsistent. Raised at start-up.
 
-
-class InvalidLimits(ConfigError):
-    """Pool limits that are zero, negative, inconsistent or absurd (maps to INVALID_ARGUMENT).
-
-    ``fields`` are (field name, problem) pairs when the bad fields are known.
+    ``fields`` are (field name, problem) pairs when the settings at fault are known; a problem
+    does not name its own field ("must be in 1..100000, got -1"), so that the CLI can name the
+    flag or variable the value came from, and gRPC the request field.
     """
 
     def __init__(self, message: str, fields: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.fields = fields
+
+
+class InvalidLimits(ConfigError):
+    """Pool limits that are zero, negative, inconsistent or absurd (maps to INVALID_ARGUMENT)."""
 
 
 class FetchFailed(FetchpoolError):

@@ -69,6 +69,18 @@ def test_a_value_that_is_not_a_number_is_said_so_naming_the_flag_or_variable() -
         assert err == f"fetchpool serve: {source}: {why}\n", err
 
 
+def test_a_value_out_of_range_is_the_one_error_and_names_the_flag_or_variable_given() -> None:
+    """Only the value given is at fault, not the limits derived from it; flags and variables are
+    named as the user wrote them, and a default at fault says so."""
+    assert _refused("--max-connections", "-1") == "fetchpool serve: --max-connections: must be in 1..100000, got -1\n"
+    assert _refused(env={"FETCHPOOL_MAX_CONNECTIONS": "-1"}) == (
+        "fetchpool serve: FETCHPOOL_MAX_CONNECTIONS: must be in 1..100000, got -1\n")
+    assert _refused("--max-connections", "5", env={"FETCHPOOL_MAX_KEEPALIVE_CONNECTIONS": "6"}) == (
+        "fetchpool serve: FETCHPOOL_MAX_KEEPALIVE_CONNECTIONS: must be in 0..--max-connections (5), got 6\n")
+    assert _refused("--max-batch-concurrency", "10") == (
+        "fetchpool serve: --batch-concurrency (default): must be in 1..--max-batch-concurrency (10), got 64\n")
+
+
 def test_a_listen_address_grpc_would_wrap_or_misread_is_refused() -> None:
     for listen, why in [("127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is out of range (0-65535"),
                         ("::1:50051", "'::1:50051': an IPv6 address goes in brackets"),

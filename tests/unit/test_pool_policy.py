@@ -132,3 +132,14 @@ def test_invalid_limits_are_refused() -> None:
         with pytest.raises(InvalidLimits):
             PoolLimits().replace(**bad)
     assert PoolLimits().replace(max_connections=5).max_keepalive_connections == 5
+
+
+def test_a_limit_clamped_to_an_invalid_max_connections_is_not_reported() -> None:
+    # The clamped limits were not given: only max_connections is at fault. Values given are checked as given.
+    with pytest.raises(InvalidLimits) as caught:
+        PoolLimits().replace(max_connections=-1)
+    assert caught.value.fields == (("max_connections", "must be in 1..100000, got -1"),)
+    assert str(caught.value) == "max_connections must be in 1..100000, got -1"
+    with pytest.raises(InvalidLimits) as caught:
+        PoolLimits().replace(max_connections=0, max_connections_per_host=3)
+    assert [name for name, _ in caught.value.fields] == ["max_connections", "max_connections_per_host"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -218,15 +219,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+#: How each section of :class:`Settings` is built from its fields' values.
+_SECTIONS: dict[str, Callable[..., Any]] = {
+    "server": ServerSettings, "limits": PoolLimits().replace, "timeouts": Timeouts, "fetch": FetchSettings,
+    "retry": RetryPolicy, "pool": PoolPolicy,
+}
+_BY_TARGET = {option.target: option for option in OPTIONS}
+
+
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """Build :class:`Settings` from parsed flags, then ``environ``, then defaults.
 
-    Raises :class:`~fetchpool.errors.ConfigError` naming the flag or variable at fault.
+    Raises :class:`~fetchpool.errors.ConfigError` naming the flag or variable at fault: the one
+    the value came from (or the flag, for a default), and only what was given when a given value
+    is at fault (``--max-connections -1`` is the problem, not the limits derived from it).
     """
     env = os.environ if environ is None else environ
-    sections: dict[str, dict[str, Any]] = {
-        "server": {}, "limits": {}, "timeouts": {}, "fetch": {}, "retry": {}, "pool": {}, "settings": {}
-    }
+    values: dict[str, dict[str, Any]] = {section: {} for section in (*_SECTIONS, "settings")}
+    given: dict[str, str] = {}  # option target: the flag or variable its value came from
     for option in OPTIONS:
         raw = getattr(args, option.target.replace(".", "__"), None)
         source = option.flag
@@ -239,21 +249,40 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         section, name = option.target.split(".")
-        sections[section][name] = value
-    try:
-        return Settings(
-            server=ServerSettings(**sections["server"]),
-            limits=PoolLimits().replace(**sections["limits"]),
-            timeouts=Timeouts(**sections["timeouts"]),
-            fetch=FetchSettings(**sections["fetch"]),
-            retry=RetryPolicy(**sections["retry"]),
-            pool=PoolPolicy(**sections["pool"]),
-            **sections["settings"],
-        )
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
+        values[section][name] = value
+        given[option.target] = source
+    built: dict[str, Any] = {}
+    faults: list[tuple[str, str]] = []  # (option target, problem)
+    messages: list[str] = []  # problems no field is named for
+    for section, make in _SECTIONS.items():
+        try:
+            built[section] = make(**values[section])
+        except ConfigError as exc:
+            faults += [(f"{section}.{name}", text) for name, text in exc.fields]
+            messages += [] if exc.fields else [str(exc)]
+        except (TypeError, ValueError) as exc:
+            messages.append(str(exc))
+    if faults or messages:
+        if any(target in given for target, _ in faults):
+            faults = [(target, text) for target, text in faults if target in given]
+        raise ConfigError("; ".join(messages + [_fault(target, text, given) for target, text in faults]))
+    return Settings(**built, **values["settings"])
+
+
+def _fault(target: str, text: str, given: Mapping[str, str]) -> str:
+    """``"SOURCE: text"`` for the problem ``text`` of the option at ``target``, where SOURCE and the
+    fields ``text`` names are the flags or variables the values came from (``(default)`` when the
+    value was not given)."""
+    section = target.split(".")[0]
+
+    def name(target: str) -> str:
+        option = _BY_TARGET.get(target)
+        return given.get(target) or (option.flag if option else target.split(".")[1])
+
+    fields = sorted((t.split(".")[1] for t in _BY_TARGET if t.startswith(f"{section}.")), key=len, reverse=True)
+    if fields:
+        text = re.sub(rf"\b({'|'.join(fields)})\b", lambda m: name(f"{section}.{m[1]}"), text)
+    return f"{name(target)}{'' if target in given else ' (default)'}: {text}"
 
 
 def option_table(options: Sequence[Option] = OPTIONS) -> str:

@@ -40,6 +40,31 @@ MAX_SECONDS = 24 * 3600.0
 #: fetchpool's HTTP/2 client opens at most per connection).
 REQUESTS_PER_CONNECTION = 100
 MAX_REQUESTS_CEILING = MAX_CONNECTIONS_CEILING * REQUESTS_PER_CONNECTION
+#: What a section's check finds: (field name, what is wrong with its value) pairs.
+Problems = list[tuple[str, str]]
+
+
+def _refuse(problems: Problems, label: str = "", error: type[ConfigError] = ConfigError) -> None:
+    """Raise ``error`` for ``problems``, if any: its message names each field (after ``label``),
+    its ``fields`` keep the pairs apart (for a flag's name in the CLI, a field violation in gRPC)."""
+    if problems:
+        raise error("; ".join(f"{label}{name} {text}" for name, text in problems), fields=tuple(problems))
+
+
+def _seconds(section: Any, names: tuple[str, ...], *, zero: bool) -> Problems:
+    """The fields of ``names`` that are not a duration in (0, a day], or [0, a day] with ``zero``."""
+    problems = []
+    for name in names:
+        value = getattr(section, name)
+        above = value >= 0 if zero else value > 0
+        if not (math.isfinite(value) and above and value <= MAX_SECONDS):
+            problems.append((name, f"must be in {'[0' if zero else '(0'}, {MAX_SECONDS:.0f}] seconds, got {value}"))
+    return problems
+
+
+def _positive(section: Any, names: tuple[str, ...], least: int = 1) -> Problems:
+    return [(name, f"must be at least {least}, got {getattr(section, name)}")
+            for name in names if getattr(section, name) < least]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,28 +94,18 @@ class PoolLimits:
     max_requests: int = 0
 
     def __post_init__(self) -> None:
-        problems: list[tuple[str, str]] = []
+        problems: Problems = []
         if not 1 <= self.max_connections <= MAX_CONNECTIONS_CEILING:
-            problems.append(("max_connections",
-                             f"max_connections must be in 1..{MAX_CONNECTIONS_CEILING}, got {self.max_connections}"))
-        if not 0 <= self.max_keepalive_connections <= self.max_connections:
-            problems.append(("max_keepalive_connections",
-                             "max_keepalive_connections must be in 0..max_connections "
-                             f"({self.max_connections}), got {self.max_keepalive_connections}"))
+            problems.append(("max_connections", f"must be in 1..{MAX_CONNECTIONS_CEILING}, got {self.max_connections}"))
+        for name in ("max_keepalive_connections", "max_connections_per_host"):
+            if not 0 <= getattr(self, name) <= self.max_connections:
+                problems.append((name, f"must be in 0..max_connections ({self.max_connections}), "
+                                       f"got {getattr(self, name)}"))
         if not 0 <= self.max_requests <= MAX_REQUESTS_CEILING:
-            problems.append(("max_requests",
-                             f"max_requests must be in 0..{MAX_REQUESTS_CEILING} (0: max_connections x "
-                             f"{REQUESTS_PER_CONNECTION}), got {self.max_requests}"))
-        if not 0 <= self.max_connections_per_host <= self.max_connections:
-            problems.append(("max_connections_per_host",
-                             "max_connections_per_host must be in 0..max_connections "
-                             f"({self.max_connections}), got {self.max_connections_per_host}"))
-        for name in ("keepalive_expiry", "pool_timeout"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-                problems.append((name, f"{name} must be in (0, {MAX_SECONDS:.0f}] seconds, got {value}"))
-        if problems:
-            raise InvalidLimits("; ".join(text for _, text in problems), fields=tuple(problems))
+            problems.append(("max_requests", f"must be in 0..{MAX_REQUESTS_CEILING} (0: max_connections x "
+                                             f"{REQUESTS_PER_CONNECTION}), got {self.max_requests}"))
+        problems += _seconds(self, ("keepalive_expiry", "pool_timeout"), zero=False)
+        _refuse(problems, error=InvalidLimits)
 
     @property
     def requests_cap(self) -> int:
@@ -102,13 +117,20 @@ class PoolLimits:
 
         When ``max_connections`` shrinks and ``max_keepalive_connections`` /
         ``max_connections_per_host`` are not among ``changes``, they are clamped
-        to it; values given explicitly are checked as given.
+        to it; values given explicitly are checked as given. A value clamped to an invalid
+        ``max_connections`` is not reported: only what was given is at fault.
         """
         ceiling = changes.get("max_connections", self.max_connections)
+        clamped = set()
         for dependent in ("max_keepalive_connections", "max_connections_per_host"):
             if dependent not in changes and isinstance(ceiling, int):
                 changes[dependent] = min(getattr(self, dependent), ceiling)
-        return dataclasses.replace(self, **changes)
+                clamped.add(dependent)
+        try:
+            return dataclasses.replace(self, **changes)
+        except InvalidLimits as exc:
+            _refuse([(name, text) for name, text in exc.fields if name not in clamped], error=InvalidLimits)
+            raise
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,12 +146,10 @@ class Timeouts:
     max_request: float = 3600.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-                raise ConfigError(f"timeout {f.name} must be in (0, {MAX_SECONDS:.0f}] seconds, got {value}")
-        if self.request > self.max_request:
-            raise ConfigError("the default request timeout exceeds max_request")
+        problems = _seconds(self, tuple(f.name for f in dataclasses.fields(self)), zero=False)
+        if not problems and self.request > self.max_request:
+            problems.append(("request", f"must be at most max_request ({self.max_request}), got {self.request}"))
+        _refuse(problems, label="timeout ")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -164,20 +184,20 @@ class FetchSettings:
     transport: str = "httpcore"
 
     def __post_init__(self) -> None:
+        problems: Problems = []
         if self.transport not in TRANSPORTS:
-            raise ConfigError(f"unknown transport {self.transport!r} ({', '.join(TRANSPORTS)})")
+            problems.append(("transport", f"must be {' or '.join(TRANSPORTS)}, got {self.transport!r}"))
         if self.proxy_policy not in ("round_robin", "least_busy", "sticky"):
-            raise ConfigError(f"unknown proxy policy {self.proxy_policy!r} (round_robin, least_busy, sticky)")
-        if self.max_body_bytes < 1:
-            raise ConfigError("max_body_bytes must be positive")
-        if not 1 <= self.batch_concurrency <= self.max_batch_concurrency:
-            raise ConfigError("batch_concurrency must be in 1..max_batch_concurrency")
-        if self.max_batch_size < 1 or self.max_redirects < 0:
-            raise ConfigError("max_batch_size must be positive and max_redirects not negative")
-        if min(self.max_header_bytes, self.max_header_count, self.max_fetches) < 1:
-            raise ConfigError("max_header_bytes, max_header_count and max_fetches must be positive")
+            problems.append(("proxy_policy", f"must be round_robin, least_busy or sticky, got {self.proxy_policy!r}"))
+        problems += _positive(self, ("max_body_bytes", "max_batch_concurrency", "max_batch_size", "max_header_bytes",
+                                     "max_header_count", "max_fetches"))
+        problems += _positive(self, ("max_redirects",), least=0)
+        if self.max_batch_concurrency >= 1 and not 1 <= self.batch_concurrency <= self.max_batch_concurrency:
+            problems.append(("batch_concurrency", f"must be in 1..max_batch_concurrency "
+                                                  f"({self.max_batch_concurrency}), got {self.batch_concurrency}"))
         if self.ca_bundle and not os.path.isfile(self.ca_bundle):
-            raise ConfigError(f"CA bundle {self.ca_bundle!r} is not a file")
+            problems.append(("ca_bundle", f"{self.ca_bundle!r} is not a file"))
+        _refuse(problems)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -205,14 +225,19 @@ class RetryPolicy:
     budget_min: int = 3
 
     def __post_init__(self) -> None:
+        problems: Problems = []
         if not 1 <= self.attempts <= 20:
-            raise ConfigError("retry attempts must be in 1..20")
-        if not all(100 <= s <= 599 for s in self.statuses):
-            raise ConfigError("retry statuses must be HTTP status codes")
-        if not (0 <= self.backoff_base <= self.backoff_max <= MAX_SECONDS and self.max_retry_after >= 0):
-            raise ConfigError("retry back-off must satisfy 0 <= base <= max")
-        if not (0 <= self.budget_ratio <= 1 and self.budget_min >= 0):
-            raise ConfigError("retry budget ratio must be in 0..1 and its minimum not negative")
+            problems.append(("attempts", f"must be in 1..20, got {self.attempts}"))
+        if bad := [s for s in self.statuses if not 100 <= s <= 599]:
+            problems.append(("statuses", f"must be HTTP status codes (100..599), got {', '.join(map(str, bad))}"))
+        problems += _seconds(self, ("backoff_max", "max_retry_after"), zero=True)
+        if not 0 <= self.backoff_base <= self.backoff_max:
+            problems.append(("backoff_base", f"must be in 0..backoff_max ({self.backoff_max}) seconds, "
+                                             f"got {self.backoff_base}"))
+        if not 0 <= self.budget_ratio <= 1:
+            problems.append(("budget_ratio", f"must be in 0..1, got {self.budget_ratio}"))
+        problems += _positive(self, ("budget_min",), least=0)
+        _refuse(problems, label="retry ")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -240,12 +265,13 @@ class PoolPolicy:
     dynamic_floor: int = 4
 
     def __post_init__(self) -> None:
-        if self.max_requests_per_connection < 0 or not 0 <= self.max_connection_age <= MAX_SECONDS:
-            raise ConfigError("max requests per connection and max connection age must not be negative")
-        if self.proxy_eject_failures < 0 or not 0 < self.proxy_eject_seconds <= MAX_SECONDS:
-            raise ConfigError("proxy ejection needs failures >= 0 and seconds > 0")
-        if not (0 <= self.host_rate <= 1e6 and self.dynamic_floor >= 1):
-            raise ConfigError("host rate must be in 0..1e6 and the dynamic floor at least 1")
+        problems = _positive(self, ("max_requests_per_connection", "proxy_eject_failures"), least=0)
+        problems += _seconds(self, ("max_connection_age",), zero=True)
+        problems += _seconds(self, ("proxy_eject_seconds",), zero=False)
+        if not 0 <= self.host_rate <= 1e6:
+            problems.append(("host_rate", f"must be in 0..1e6 requests per second, got {self.host_rate}"))
+        problems += _positive(self, ("dynamic_floor",))
+        _refuse(problems)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -292,18 +318,16 @@ class ServerSettings:
             split_host_port(self.listen, ephemeral=True)
         except ValueError as exc:
             raise ConfigError(f"listen address: {exc}") from None
+        problems: Problems = []
         if self.event_loop not in ("uvloop", "asyncio"):
-            raise ConfigError(f"event loop must be uvloop or asyncio, got {self.event_loop!r}")
+            problems.append(("event_loop", f"must be uvloop or asyncio, got {self.event_loop!r}"))
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
-        for name in ("grace_period", "max_connection_age", "max_connection_age_grace", "keepalive_time",
-                     "min_ping_interval"):
-            if not 0 <= getattr(self, name) <= MAX_SECONDS:
-                raise ConfigError(f"{name} must be in 0..86400 seconds, got {getattr(self, name)}")
-        if not 0 < self.keepalive_timeout <= MAX_SECONDS:
-            raise ConfigError(f"keepalive_timeout must be in (0, 86400] seconds, got {self.keepalive_timeout}")
-        if self.max_message_bytes < 1024:
-            raise ConfigError("max message bytes must be at least 1024")
+            problems.append(("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"))
+        problems += _seconds(self, ("grace_period", "max_connection_age", "max_connection_age_grace",
+                                    "keepalive_time", "min_ping_interval"), zero=True)
+        problems += _seconds(self, ("keepalive_timeout",), zero=False)
+        problems += _positive(self, ("max_message_bytes",), least=1024)
+        _refuse(problems)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
