@@ -18,7 +18,7 @@ import grpc
 
 from fetchpool import output
 from fetchpool.addresses import check_target
-from fetchpool.config import add_arguments, settings_from_args
+from fetchpool.config import BOOLEAN_WORDS, add_arguments, settings_from_args
 from fetchpool.errors import ConfigError
 from fetchpool.v1 import fetch_pb2 as pb
 
@@ -245,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fetchpool", description="Pooled HTTP/2 fetching over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the gRPC fetch service")
+    serve = commands.add_parser(
+        "serve", help="run the gRPC fetch service",
+        description="Run the gRPC fetch service. Every option is also an environment variable, named in its help; "
+                    f"a flag beats its variable, which beats the default. Durations are seconds; {BOOLEAN_WORDS} "
+                    "(--ssrf-guard false turns the guard off).")
     add_arguments(serve)
     serve.set_defaults(run=_serve)
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fetchpool.config import OPTIONS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import free_port
+from support.cli import run_cli
 
 STARTUP = 60  # seconds: a refusal comes within a few; a service that starts instead runs until killed
 
@@ -112,3 +114,35 @@ def test_a_listen_address_in_use_is_said_to_be_in_use(start_service: ...) -> Non
         assert err == (f"fetchpool serve: {running.target} is in use (another fetchpool?); set FETCHPOOL_LISTEN or "
                        "--listen to another address\n"), err  # and nothing from gRPC core (add_port.cc, ...)
     assert running.running
+
+
+def test_serve_help_shows_placeholders_env_variables_and_defaults_as_they_are_written() -> None:
+    done = run_cli("serve", "--help")
+    assert done.status == 0, done.err
+    usage, _, options = done.out.partition("\noptions:\n")
+    assert "FETCHPOOL_" not in usage, usage  # a placeholder is no variable's name
+    assert "[--ssrf-guard [BOOL]]" in usage and "[--max-connections N]" in usage and "[--proxy URL,...]" in usage
+    flat = " ".join(options.split())  # argparse wraps the help to the terminal's width
+    for option in OPTIONS:
+        assert f"(env {option.env}; default " in flat, option.flag
+    for python in ("default ()", "default None", "default (429, 503)", "default True", "default False", "5.0)"):
+        assert python not in flat, python
+    assert "(env FETCHPOOL_RETRY_STATUSES; default 429,503)" in flat
+    assert "(env FETCHPOOL_PROXY; default none)" in flat and "(env FETCHPOOL_KEEPALIVE_EXPIRY; default 5)" in flat
+    assert "(env FETCHPOOL_SSRF_GUARD; default true; false turns it off)" in flat
+    assert "(env FETCHPOOL_DYNAMIC_LIMITS; default false; the flag alone turns it on)" in flat
+    assert "a BOOL is true/yes/on/1 or false/no/off/0 (any case)" in " ".join(usage.split())
+
+
+@pytest.mark.parametrize("word", ["false", "No", "OFF", "0"])
+def test_every_word_the_help_names_turns_the_guard_off_and_the_service_warns(start_service: ..., word: str) -> None:
+    service = start_service("--ssrf-guard", word)
+    warning = ("WARNING fetchpool.server.app: SSRF guard off (--ssrf-guard false): fetches may reach loopback, "
+               "private and link-local addresses, the cloud metadata service (169.254.169.254) included; only "
+               "--deny-targets are refused, and there are none")
+    assert warning in service.output(), service.output()
+
+
+def test_the_guard_on_by_default_or_by_a_word_gives_no_warning(start_service: ...) -> None:
+    for running in (start_service(), start_service("--ssrf-guard", "yes", env={"FETCHPOOL_SSRF_GUARD": "off"})):
+        assert "SSRF guard off" not in running.output(), running.output()

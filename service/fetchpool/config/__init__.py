@@ -4,7 +4,7 @@ flags and ``FETCHPOOL_*`` variables they are read from (:mod:`fetchpool.config.o
 A flag beats its environment variable, which beats the embedded default.
 """
 
-from fetchpool.config.options import OPTIONS, Option, add_arguments, option_table, settings_from_args
+from fetchpool.config.options import BOOLEAN_WORDS, OPTIONS, Option, add_arguments, option_table, settings_from_args
 from fetchpool.config.settings import (
     MAX_CONNECTIONS_CEILING,
     TRANSPORTS,
@@ -19,6 +19,7 @@ from fetchpool.config.settings import (
 )
 
 __all__ = [
+    "BOOLEAN_WORDS",
     "MAX_CONNECTIONS_CEILING",
     "OPTIONS",
     "TRANSPORTS",

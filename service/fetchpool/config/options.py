@@ -25,7 +25,7 @@ from fetchpool.config.settings import (
 )
 from fetchpool.errors import ConfigError
 
-__all__ = ["OPTIONS", "Option", "add_arguments", "option_table", "settings_from_args"]
+__all__ = ["BOOLEAN_WORDS", "OPTIONS", "Option", "add_arguments", "option_table", "settings_from_args"]
 
 
 #: The words a boolean option takes (as systemd and Kubernetes' env conventions do), any case.
@@ -79,6 +79,7 @@ class Option:
     env: str
     parse: Callable[[str], Any]
     help: str
+    metavar: str = ""  # the value's placeholder in --help; by default the parser's (_PLACEHOLDERS)
 
     @property
     def default(self) -> Any:
@@ -87,10 +88,47 @@ class Option:
             return getattr(Settings(), name)
         return getattr(getattr(Settings(), section), name)
 
+    @property
+    def shown_default(self) -> str:
+        """The default as it is written in a flag: ``true``, ``5`` (not 5.0), ``429,503``; "" for none."""
+        return _written(self.default)
+
+    @property
+    def placeholder(self) -> str:
+        return self.metavar or _PLACEHOLDERS.get(self.parse, "VALUE")
+
+    @property
+    def help_text(self) -> str:
+        """The help of ``fetchpool serve --help``: the meaning, the variable, the default and, for a
+        boolean, how to turn it the other way."""
+        shown = self.shown_default or "none"
+        switch = ""
+        if self.parse is _bool:
+            switch = "; false turns it off" if self.default else "; the flag alone turns it on"
+        return f"{self.help} (env {self.env}; default {shown}{switch})"
+
+
+def _written(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple):
+        return ",".join(map(_written, value))
+    return "" if value is None else str(value)
+
+
+#: Placeholders of values in --help, by parser (durations are seconds: most floats are).
+_PLACEHOLDERS: dict[Callable[[str], Any], str] = {_int: "N", _float: "SECONDS", _bool: "BOOL", _csv: "LIST",
+                                                  _ints: "N,..."}
+#: How a boolean option is written, for --help and the README.
+BOOLEAN_WORDS = (f"a BOOL is {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)} (any case), "
+                 "and a boolean flag alone is true")
+
 
 OPTIONS: tuple[Option, ...] = (
     Option("server.listen", "--listen", "FETCHPOOL_LISTEN", str,
-           "gRPC listen address, host:port ([::]:port for IPv6; port 0 picks a free one)"),
+           "gRPC listen address, host:port ([::]:port for IPv6; port 0 picks a free one)", metavar="HOST:PORT"),
     Option("limits.max_connections", "--max-connections", "FETCHPOOL_MAX_CONNECTIONS", _int,
            "open connections per pool at most (over HTTP/2 each carries many requests)"),
     Option("limits.max_requests", "--max-requests", "FETCHPOOL_MAX_REQUESTS", _int,
@@ -112,9 +150,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeouts.max_request", "--max-request-timeout", "FETCHPOOL_MAX_REQUEST_TIMEOUT", _float,
            "largest per-request timeout accepted, seconds"),
     Option("fetch.proxies", "--proxy", "FETCHPOOL_PROXY", _csv,
-           "forward proxies, comma-separated (http://user:pass@host:port, socks5://...); empty = direct"),
+           "forward proxies, comma-separated (http://user:pass@host:port, socks5://...); empty = direct",
+           metavar="URL,..."),
     Option("fetch.proxy_policy", "--proxy-policy", "FETCHPOOL_PROXY_POLICY", str,
-           "proxy choice per request: round_robin, least_busy or sticky"),
+           "proxy choice per request: round_robin, least_busy or sticky", metavar="POLICY"),
     Option("fetch.batch_concurrency", "--batch-concurrency", "FETCHPOOL_BATCH_CONCURRENCY", _int,
            "fetches in flight per FetchMany/FetchStream call by default"),
     Option("fetch.max_batch_concurrency", "--max-batch-concurrency", "FETCHPOOL_MAX_BATCH_CONCURRENCY", _int,
@@ -122,16 +161,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("fetch.max_batch_size", "--max-batch-size", "FETCHPOOL_MAX_BATCH_SIZE", _int,
            "requests per FetchMany call at most (more: RESOURCE_EXHAUSTED)"),
     Option("fetch.max_body_bytes", "--max-body-bytes", "FETCHPOOL_MAX_BODY_BYTES", _int,
-           "largest response body, bytes (decoded); more gives TOO_LARGE"),
+           "largest response body, bytes (decoded); more gives TOO_LARGE", metavar="BYTES"),
     Option("fetch.follow_redirects", "--follow-redirects", "FETCHPOOL_FOLLOW_REDIRECTS", _bool,
            "follow redirects unless a request says otherwise"),
     Option("fetch.max_redirects", "--max-redirects", "FETCHPOOL_MAX_REDIRECTS", _int, "redirects followed at most"),
     Option("fetch.ca_bundle", "--ca-bundle", "FETCHPOOL_CA_BUNDLE", str,
-           "PEM file of CAs to trust instead of certifi's bundle"),
+           "PEM file of CAs to trust instead of certifi's bundle", metavar="FILE"),
     Option("retry.attempts", "--retry-attempts", "FETCHPOOL_RETRY_ATTEMPTS", _int,
            "attempts per fetch at most, the first included (1 = no retries)"),
     Option("retry.statuses", "--retry-statuses", "FETCHPOOL_RETRY_STATUSES", _ints,
-           "HTTP statuses retried for idempotent requests, comma-separated"),
+           "HTTP statuses retried for idempotent requests, comma-separated", metavar="STATUS,..."),
     Option("retry.backoff_base", "--retry-backoff-base", "FETCHPOOL_RETRY_BACKOFF_BASE", _float,
            "seconds; retry n waits uniform(0, min(max, base * 2**n)) unless Retry-After says"),
     Option("retry.backoff_max", "--retry-backoff-max", "FETCHPOOL_RETRY_BACKOFF_MAX", _float,
@@ -139,7 +178,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("retry.max_retry_after", "--max-retry-after", "FETCHPOOL_MAX_RETRY_AFTER", _float,
            "seconds; a longer Retry-After is not waited for (the response is returned)"),
     Option("retry.budget_ratio", "--retry-budget", "FETCHPOOL_RETRY_BUDGET", _float,
-           "retries in progress at most this share of requests in flight (Envoy retry_budget)"),
+           "retries in progress at most this share of requests in flight (Envoy retry_budget)", metavar="RATIO"),
     Option("pool.max_requests_per_connection", "--max-requests-per-connection",
            "FETCHPOOL_MAX_REQUESTS_PER_CONNECTION", _int, "retire a connection after this many requests; 0 = never"),
     Option("pool.max_connection_age", "--max-connection-age", "FETCHPOOL_MAX_CONNECTION_AGE", _float,
@@ -149,7 +188,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("pool.proxy_eject_seconds", "--proxy-eject-seconds", "FETCHPOOL_PROXY_EJECT_SECONDS", _float,
            "seconds a proxy is ejected, times its ejection count (at most 10x)"),
     Option("pool.host_rate", "--host-rate", "FETCHPOOL_HOST_RATE", _float,
-           "requests per second per origin at most; 0 = no limit"),
+           "requests per second per origin at most; 0 = no limit", metavar="PER_SECOND"),
     Option("pool.dynamic", "--dynamic-limits", "FETCHPOOL_DYNAMIC_LIMITS", _bool,
            "let each pool's working limit (requests admitted) follow demand between the floor and max_requests"),
     Option("pool.dynamic_floor", "--dynamic-floor", "FETCHPOOL_DYNAMIC_FLOOR", _int,
@@ -157,17 +196,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("fetch.ssrf_guard", "--ssrf-guard", "FETCHPOOL_SSRF_GUARD", _bool,
            "refuse targets that resolve to loopback, private, link-local, ... addresses"),
     Option("fetch.allow_targets", "--allow-targets", "FETCHPOOL_ALLOW_TARGETS", _csv,
-           "CIDRs and host patterns allowed despite the SSRF guard, comma-separated"),
+           "CIDRs and host patterns allowed despite the SSRF guard, comma-separated", metavar="RULE,..."),
     Option("fetch.deny_targets", "--deny-targets", "FETCHPOOL_DENY_TARGETS", _csv,
-           "CIDRs and host patterns always refused (e.g. the cluster's service range)"),
+           "CIDRs and host patterns always refused (e.g. the cluster's service range)", metavar="RULE,..."),
     Option("fetch.max_header_bytes", "--max-header-bytes", "FETCHPOOL_MAX_HEADER_BYTES", _int,
-           "largest response header block, bytes; more gives TOO_LARGE"),
+           "largest response header block, bytes; more gives TOO_LARGE", metavar="BYTES"),
     Option("fetch.max_header_count", "--max-header-count", "FETCHPOOL_MAX_HEADER_COUNT", _int,
            "most response header fields; more gives TOO_LARGE"),
     Option("fetch.max_fetches", "--max-fetches", "FETCHPOOL_MAX_FETCHES", _int,
            "fetches in flight or waiting in the whole process at most"),
     Option("fetch.transport", "--transport", "FETCHPOOL_TRANSPORT", str,
-           "HTTP engine under every pool: httpcore (httpx's own) or curl (libcurl); see Transports"),
+           "HTTP engine under every pool: httpcore (httpx's own) or curl (libcurl); see Transports", metavar="ENGINE"),
     Option("server.grace_period", "--grace-period", "FETCHPOOL_GRACE_PERIOD", _float,
            "seconds in-flight calls may run after SIGTERM before they are cancelled"),
     Option("server.max_connection_age", "--grpc-max-connection-age", "FETCHPOOL_GRPC_MAX_CONNECTION_AGE", _float,
@@ -185,23 +224,26 @@ OPTIONS: tuple[Option, ...] = (
            "FETCHPOOL_GRPC_PERMIT_KEEPALIVE_WITHOUT_CALLS", _bool,
            "accept keepalive pings on caller connections that have no call in flight"),
     Option("server.max_message_bytes", "--max-message-bytes", "FETCHPOOL_MAX_MESSAGE_BYTES", _int,
-           "largest gRPC message received, and largest result message sent when a caller asks for more"),
-    Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
-    Option("server.event_loop", "--event-loop", "FETCHPOOL_EVENT_LOOP", str, "uvloop or asyncio"),
-    Option("server.tls_cert", "--tls-cert", "FETCHPOOL_TLS_CERT", str, "PEM certificate chain: serve gRPC over TLS"),
-    Option("server.tls_key", "--tls-key", "FETCHPOOL_TLS_KEY", str, "PEM private key of --tls-cert"),
+           "largest gRPC message received, and largest result message sent when a caller asks for more",
+           metavar="BYTES"),
+    Option("server.log_level", "--log-level", "FETCHPOOL_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR",
+           metavar="LEVEL"),
+    Option("server.event_loop", "--event-loop", "FETCHPOOL_EVENT_LOOP", str, "uvloop or asyncio", metavar="LOOP"),
+    Option("server.tls_cert", "--tls-cert", "FETCHPOOL_TLS_CERT", str, "PEM certificate chain: serve gRPC over TLS",
+           metavar="FILE"),
+    Option("server.tls_key", "--tls-key", "FETCHPOOL_TLS_KEY", str, "PEM private key of --tls-cert", metavar="FILE"),
     Option("server.tls_client_ca", "--tls-client-ca", "FETCHPOOL_TLS_CLIENT_CA", str,
-           "PEM CA bundle: require client certificates it signed (mutual TLS)"),
+           "PEM CA bundle: require client certificates it signed (mutual TLS)", metavar="FILE"),
     Option("server.auth_token_file", "--auth-token-file", "FETCHPOOL_AUTH_TOKEN_FILE", str,
            "file holding the bearer token(s) callers must send (health checks excepted); "
-           "one per line, re-read when it changes"),
+           "one per line, re-read when it changes", metavar="FILE"),
     Option("server.auth_token", "--auth-token", "FETCHPOOL_AUTH_TOKEN", str,
-           "the bearer token itself (prefer the file: flags show in ps)"),
+           "the bearer token itself (prefer the file: flags show in ps)", metavar="TOKEN"),
     Option("server.admin_token_file", "--admin-token-file", "FETCHPOOL_ADMIN_TOKEN_FILE", str,
            "file holding the bearer token(s) that alone may call PoolAdmin.SetPoolLimits (the operator's); "
-           "one per line, re-read when it changes"),
+           "one per line, re-read when it changes", metavar="FILE"),
     Option("settings.limits_file", "--limits-file", "FETCHPOOL_LIMITS_FILE", str,
-           "JSON file of pool limits applied at start-up (written by the operator); ignored if absent"),
+           "JSON file of pool limits applied at start-up (written by the operator); ignored if absent", metavar="FILE"),
 )
 
 
@@ -213,8 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             option.flag,
             dest=option.target.replace(".", "__"),
             default=None,
-            metavar=option.env,
-            help=f"{option.help} (env {option.env}, default {option.default!r})",
+            metavar=option.placeholder,
+            help=option.help_text.replace("%", "%%"),
             **switch,
         )
 
@@ -289,7 +331,7 @@ def option_table(options: Sequence[Option] = OPTIONS) -> str:
     """The README's configuration table, in Markdown."""
     rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
     for option in options:
-        default = option.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else ("" if default is None else default)
-        rows.append(f"| `{option.flag}` | `{option.env}` | `{shown}` | {option.help} |")
+        shown = f"`{option.shown_default}`" if option.shown_default else "none"
+        value = f"[{option.placeholder}]" if option.parse is _bool else option.placeholder
+        rows.append(f"| `{option.flag} {value}` | `{option.env}` | {shown} | {option.help} |")
     return "\n".join(rows)

@@ -163,6 +163,11 @@ async def serve(
     from_file = _apply_limits_file(engine, settings.limits_file) if settings.limits_file else None
     credentials = server_credentials(settings.server)
     auth = CallerAuth.from_settings(settings.server)
+    if not settings.fetch.ssrf_guard:
+        logger.warning("SSRF guard off (--ssrf-guard false): fetches may reach loopback, private and link-local "
+                       "addresses, the cloud metadata service (169.254.169.254) included; only --deny-targets "
+                       "are refused%s", f" ({', '.join(settings.fetch.deny_targets)})"
+                       if settings.fetch.deny_targets else ", and there are none")
     if auth.admin is None and settings.server.listen.rsplit(":", 1)[0] not in LOOPBACK_HOSTS:
         logger.warning("no --admin-token-file: PoolAdmin.SetPoolLimits is open to every caller%s",
                        " holding the fetch token" if auth.fetch is not None else "")
