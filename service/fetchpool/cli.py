@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--body", choices=("base64", "text", "omit"), default=None,
                        help="how to show bodies: text (decoded per the result's encoding; the default at a "
                             "terminal; in JSON the decoded text goes into \"text\", null when the body is not "
-                            "text, and \"body\" stays base64), base64 (the default in JSON) or omit")
+                            "text, and \"body\" stays base64), base64 (the default in JSON; at a terminal the "
+                            "body in base64 lines after the headers, a binary one too: base64 -d reads them "
+                            "back) or omit")
     fetch.add_argument("--json", action="store_true", help="JSON lines even at a terminal")
     fetch.add_argument("-o", "--output", metavar="FILE", help="write the body to FILE (one URL)")
     fetch.add_argument("-v", "--verbose", action="store_true",

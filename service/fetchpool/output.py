@@ -97,7 +97,7 @@ def show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) -
     if args.verbose:
         lines += render.verbose_lines(result)
     emit("".join(line + "\n" for line in lines)
-          + render.result_view(result, show_body=not args.output and args.body != "omit"))
+          + render.result_view(result, body="omit" if args.output else args.body or "text"))
 
 
 def bar_size() -> dict[str, int]:

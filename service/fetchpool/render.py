@@ -218,11 +218,12 @@ def _header(result: pb.FetchResult, name: str) -> str:
     return next((h.value for h in result.headers if h.name.lower() == name), "")
 
 
-def result_view(result: pb.FetchResult, *, show_body: bool = True) -> str:
-    """The terminal view of one result: status line, headers, blank line, body as text (a note
-    instead for a body that is not text). A failed fetch shows its error and what to do, after
-    the status line and headers when it has them (a 302 that ended in TOO_MANY_REDIRECTS, a 200
-    whose body was TOO_LARGE), and no body."""
+def result_view(result: pb.FetchResult, *, body: str = "text") -> str:
+    """The terminal view of one result: status line, headers, blank line, then the body as
+    ``body`` says: ``text`` (a note instead for a body that is not text), ``base64`` (in lines of
+    76 characters, as base64(1) writes them: ``base64 -d`` reads them back) or ``omit``. A failed
+    fetch shows its error and what to do, after the status line and headers when it has them (a
+    302 that ended in TOO_MANY_REDIRECTS, a 200 whose body was TOO_LARGE), and no body."""
     head = ""
     if result.status_code:
         lines = [f"{result.http_version or 'HTTP'} {result.status_code} {_reason(result.status_code)}".rstrip()]
@@ -234,8 +235,10 @@ def result_view(result: pb.FetchResult, *, show_body: bool = True) -> str:
         if advice := hint(kind, result.error.message):
             lines.append(f"  hint: {advice}")
         return (head + "\n" if head else "") + "\n".join(lines) + "\n"
-    if not show_body or not result.body:
+    if body == "omit" or not result.body:
         return head
+    if body == "base64":
+        return head + "\n" + base64.encodebytes(result.body).decode("ascii")
     if not result.encoding:
         kind = _header(result, "content-type") or "unknown type"
         return head + f"\n[binary body: {result.body_size} bytes of {kind}; save it with -o FILE]\n"

@@ -62,6 +62,22 @@ def test_body_text_of_a_body_that_is_not_text_is_null_not_mojibake(
     assert base64.b64decode(result["body"]) == data
 
 
+def test_body_base64_at_a_terminal_shows_the_body_in_base64_lines_after_the_headers(
+    service: FetchpoolService, nginx: Nginx, site_root: Path, app_server: AppServer
+) -> None:
+    data = bytes(range(256)) * 4
+    (site_root / "cli-base64.bin").write_bytes(data)
+    page = _text_url(app_server, "ja", "shift_jis")
+    for url, expected in [(f"{nginx.http_url}/cli-base64.bin", data), (page, SAMPLE_TEXTS["ja"].encode("shift_jis"))]:
+        status, out, _ = _cli("fetch", "--target", service.target, "--body", "base64", url, tty=True)
+        head, _, body = out.partition("\n\n")
+        assert status == 0 and head.startswith("HTTP/1.1 200 OK\n") and "[binary body" not in out, out
+        lines = body.splitlines()
+        assert lines and all(len(line) <= 76 for line in lines), body  # as base64(1) writes them
+        decoded = base64.b64decode("".join(lines), validate=True)
+        assert (expected in decoded) if url == page else (decoded == expected)  # the page: the text in its HTML
+
+
 def test_piped_output_is_json_lines_with_every_field_and_numbers_as_numbers(
     service: FetchpoolService, nginx: Nginx, site_root: Path
 ) -> None:
