@@ -10,7 +10,16 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["check_target", "split_host_port"]
+__all__ = ["check_target", "is_global", "judged_as", "split_host_port"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: NAT64's well-known prefix (RFC 6052 §2.1): its addresses are the IPv4 address in their last
+#: 32 bits, which a NAT64 gateway on the path connects to.
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+#: NAT64's local-use prefix (RFC 8215): not globally reachable (IANA's special-purpose registry),
+#: and where the IPv4 address sits in it depends on the prefix length its operator chose (/48 to
+#: /96, RFC 6052 §2.2), so it cannot be read from the address alone.
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 # A host name: dot-separated labels of letters, digits and hyphens (RFC 1123), an optional final dot.
 _HOST_NAME = re.compile(r"(?=.{1,253}\.?$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
@@ -80,3 +89,23 @@ def check_target(target: str) -> str:
     else:
         split_host_port(target)
     return target
+
+
+def judged_as(address: IPAddress) -> IPAddress:
+    """The address a connection to ``address`` reaches, for the SSRF guard: the IPv4 address of an
+    IPv4-mapped address (``::ffff:127.0.0.1``) or of one in NAT64's well-known prefix
+    (``64:ff9b::7f00:1``); ``address`` itself otherwise."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in NAT64_WELL_KNOWN:
+            return ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    return address
+
+
+def is_global(address: IPAddress) -> bool:
+    """Whether ``address`` is globally reachable: ``ipaddress``'s ``is_global`` of what it is
+    :func:`judged_as`, and never in NAT64's local-use prefix (Python releases without the
+    CVE-2024-4032 fix, 3.11.7 among them, count that prefix as global)."""
+    judged = judged_as(address)
+    return judged.is_global and judged not in NAT64_LOCAL_USE

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from fetchpool import charset
+from fetchpool.addresses import is_global, judged_as
 from fetchpool.v1 import fetch_pb2 as pb
 
 __all__ = ["HINTS", "HINTS_BY_MESSAGE", "call_error", "forbidden_hint", "hint", "result_view", "stats_table", "to_json",
@@ -102,11 +103,11 @@ def forbidden_hint(message: str) -> str:
         given = None
     if given is None:
         return HINTS["FORBIDDEN_TARGET"]
-    address = given.ipv4_mapped if isinstance(given, ipaddress.IPv6Address) and given.ipv4_mapped else given
+    address = judged_as(given)
     if network := next((net for net in _LINK_LOCAL if net.version == address.version and address in net), None):
         return (f"{address} is in {network}, the link-local range, where clouds serve instance metadata: "
                 "the service refuses it on purpose (SSRF guard)")
-    if address.is_global:
+    if is_global(given):
         return f"{address} is refused by the service's --deny-targets"
     return ("the service refuses loopback, private and link-local targets (SSRF guard); to fetch this one, start "
             f"the service with --allow-targets (e.g. FETCHPOOL_ALLOW_TARGETS={address}/{address.max_prefixlen} "

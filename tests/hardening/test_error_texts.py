@@ -96,18 +96,21 @@ def test_a_forbidden_address_is_named_with_a_rule_that_covers_it(start_service: 
     service = start_service("--deny-targets", "8.8.8.8/32", strict=True)
     urls = {"http://10.0.0.1/": "10.0.0.1", "http://[fd00::1]/": "fd00::1", "http://8.8.8.8/": "8.8.8.8",
             "http://169.254.169.254/": "169.254.169.254", "http://[fe80::1]/": "fe80::1",
-            "http://[::ffff:a9fe:a9fe]/": "::ffff:a9fe:a9fe"}
+            "http://[::ffff:a9fe:a9fe]/": "::ffff:a9fe:a9fe", "http://[64:ff9b::a00:1]/": "64:ff9b::a00:1",
+            "http://[64:ff9b::a9fe:a9fe]/": "64:ff9b::a9fe:a9fe"}
     done = run_cli("fetch", "--target", service.target, *urls, timeout=120)
     results = {r["url"]: r["error"] for r in map(json.loads, done.out.splitlines())}
     assert done.status == 1 and set(results) == set(urls)
     for url, address in urls.items():
         assert results[url] == {"kind": "FORBIDDEN_TARGET", "message": f"{address} is not an allowed address"}
     for url, rule in [("http://10.0.0.1/", "FETCHPOOL_ALLOW_TARGETS=10.0.0.1/32 make run"),
-                      ("http://[fd00::1]/", "FETCHPOOL_ALLOW_TARGETS=fd00::1/128 make run")]:
+                      ("http://[fd00::1]/", "FETCHPOOL_ALLOW_TARGETS=fd00::1/128 make run"),
+                      ("http://[64:ff9b::a00:1]/", "FETCHPOOL_ALLOW_TARGETS=10.0.0.1/32 make run")]:
         done = run_cli("fetch", "--target", service.target, url, stdout="tty")
         assert done.status == 1 and rule in done.out and "resolves to" not in done.out, done.out
     for url, network in [("http://169.254.169.254/", "169.254.0.0/16"), ("http://[fe80::1]/", "fe80::/10"),
-                         ("http://[::ffff:a9fe:a9fe]/", "169.254.0.0/16")]:
+                         ("http://[::ffff:a9fe:a9fe]/", "169.254.0.0/16"),
+                         ("http://[64:ff9b::a9fe:a9fe]/", "169.254.0.0/16")]:
         done = run_cli("fetch", "--target", service.target, url, stdout="tty")
         assert done.status == 1 and f"is in {network}, the link-local range, where clouds serve instance metadata" \
             in done.out, done.out

@@ -70,3 +70,34 @@ def test_rules_in_ipv4_mapped_form_match_what_they_name() -> None:
     assert not guard.address_allowed("127.0.0.1", "x.example") and not guard.address_allowed("::ffff:127.0.0.1")
     everything_v6 = TargetGuard(False, (), ("::/0",))
     assert not everything_v6.address_allowed("::ffff:8.8.8.8") and everything_v6.address_allowed("8.8.8.8")
+
+
+def test_nat64_well_known_prefix_is_judged_by_its_embedded_ipv4_address() -> None:
+    # 64:ff9b::/96 (RFC 6052) reaches the IPv4 address in its last 32 bits through a NAT64 gateway:
+    # as for ::ffff:0:0/96, the built-in rule, allow and deny rules judge that address.
+    guard = TargetGuard(True, ("10.0.0.0/8",), ("10.9.0.0/16", "8.8.4.4"))
+    for refused in ("64:ff9b::7f00:1", "64:ff9b::127.0.0.1", "64:ff9b::a9fe:a9fe", "64:ff9b::c0a8:101",
+                    "64:ff9b::", "64:ff9b::a09:1", "64:ff9b::808:404"):
+        assert not guard.address_allowed(refused, "x.example"), refused
+    for allowed in ("64:ff9b::808:808", "64:ff9b::a01:203", "8.8.8.8"):
+        assert guard.address_allowed(allowed, "x.example"), allowed
+    # A deny rule written as the prefix holds too; the guard off still keeps the deny rules.
+    assert not TargetGuard(True, (), ("64:ff9b::/96",)).address_allowed("64:ff9b::808:808")
+    assert not TargetGuard(False, (), ("127.0.0.0/8",)).address_allowed("64:ff9b::7f00:1")
+
+
+def test_nat64_local_use_prefix_is_refused_whole_unless_allowed() -> None:
+    # 64:ff9b:1::/48 (RFC 8215) is not globally reachable, and where its IPv4 address sits depends on
+    # the operator's prefix length: refused whatever it embeds, unless an allow rule names it.
+    guard = TargetGuard(True, (), ())
+    for address in ("64:ff9b:1::7f00:1", "64:ff9b:1::808:808", "64:ff9b:1:808:8:800::", "64:ff9b:1:ffff::1"):
+        assert not guard.address_allowed(address, "x.example"), address
+    assert guard.address_allowed("64:ff9b:2::808:808")  # outside the /48: an ordinary global address
+    assert TargetGuard(True, ("64:ff9b:1::/48",), ()).address_allowed("64:ff9b:1::808:808")
+
+
+@given(st.ip_addresses(v=4))
+def test_an_ipv4_address_and_its_nat64_form_get_the_same_verdict(address: ipaddress.IPv4Address) -> None:
+    guard = TargetGuard(True, ("10.0.0.0/8", "192.168.1.0/24"), ("10.9.0.0/16", "8.8.0.0/16"))
+    nat64 = ipaddress.IPv6Address(int(ipaddress.IPv6Address("64:ff9b::")) | int(address))
+    assert guard.address_allowed(str(nat64), "x.example") == guard.address_allowed(str(address), "x.example")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpcore
 
+from fetchpool.addresses import is_global, judged_as
 from fetchpool.errors import ConfigError, ErrorKind, FetchFailed
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,8 +106,9 @@ class TargetGuard:
 
     Built-in rule: only globally routable addresses (``ipaddress``'s ``is_global``:
     no loopback, RFC 1918, link-local incl. 169.254.169.254, unique-local, multicast,
-    unspecified, CGNAT, documentation or reserved ranges; IPv4-mapped IPv6 is judged by
-    its IPv4 address). ``allow`` entries (CIDRs or host patterns such as
+    unspecified, CGNAT, documentation or reserved ranges; IPv4-mapped IPv6 and NAT64's
+    well-known prefix 64:ff9b::/96 are judged by their IPv4 address, NAT64's local-use
+    64:ff9b:1::/48 is refused whole: see :mod:`fetchpool.addresses`). ``allow`` entries (CIDRs or host patterns such as
     ``*.corp.example``) are allowed anyway; ``deny`` entries are refused even then.
     ``enabled=False`` allows everything except ``deny``. Raises ConfigError for a bad rule (see
     :func:`_parse_rules`).
@@ -128,13 +130,15 @@ class TargetGuard:
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in patterns)
 
     def address_allowed(self, address: str, host: str = "") -> bool:
-        """Whether ``address`` (an IP literal) may be connected to for ``host``."""
+        """Whether ``address`` (an IP literal) may be connected to for ``host``. An IPv4-mapped
+        address, or one in NAT64's well-known prefix, is judged as the IPv4 address it reaches
+        (:func:`fetchpool.addresses.judged_as`)."""
         given: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-        ip = given.ipv4_mapped if isinstance(given, ipaddress.IPv6Address) and given.ipv4_mapped else given
+        ip = judged_as(given)
         # A deny network holds a mapped address as either form (::/0 refuses ::ffff:10.0.0.1 too).
         if any(ip in net or given in net for net in self._deny[0]) or self._host_matches(host, self._deny[1]):
             return False
-        if not self.enabled or ip.is_global:
+        if not self.enabled or is_global(given):
             return True
         return any(ip in net for net in self._allow[0]) or self._host_matches(host, self._allow[1])
 
