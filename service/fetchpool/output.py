@@ -81,23 +81,23 @@ def show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) -
     from fetchpool import render
 
     refused = args.fail and not result.HasField("error") and result.status_code >= 400
+    saved = bool(args.output) and not refused and not result.HasField("error")
     if refused:  # tqdm.write: above the progress bar, when one is shown
         tqdm.write(f"fetchpool fetch: The requested URL returned error: {result.status_code}"
                    + (f" ({result.url})" if several else ""), file=sys.stderr)
-    elif args.output and not result.HasField("error"):
+    if saved:
         _save(args.output, result.body)
-        tqdm.write(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
     if not terminal:
         body = "omit" if args.output or refused else args.body or "base64"
         emit(json.dumps(render.result_json(result, body), ensure_ascii=False) + "\n")
-        return
-    if refused:
-        return
-    lines = [f"--- [{result.index}] {result.url}"] if several else []
-    if args.verbose:
-        lines += render.verbose_lines(result)
-    emit("".join(line + "\n" for line in lines)
-          + render.result_view(result, body="omit" if args.output else args.body or "text"))
+    elif not refused:
+        lines = [f"--- [{result.index}] {result.url}"] if several else []
+        if args.verbose:
+            lines += render.verbose_lines(result)
+        emit("".join(line + "\n" for line in lines)
+             + render.result_view(result, body="omit" if args.output else args.body or "text"))
+    if saved:  # last: after the view of the result it belongs to (the -v lines, the headers)
+        tqdm.write(f"fetchpool fetch: saved {len(result.body)} bytes to {args.output}", file=sys.stderr)
 
 
 def bar_size() -> dict[str, int]:

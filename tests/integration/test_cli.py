@@ -111,6 +111,19 @@ def test_output_file_gets_the_exact_body(service: FetchpoolService, nginx: Nginx
     assert "[binary body: 6291456 bytes of application/octet-stream; save it with -o FILE]" in out
 
 
+def test_saved_is_said_after_the_verbose_lines_and_headers_on_one_terminal(
+    service: FetchpoolService, nginx: Nginx, site_root: Path, tmp_path: Path
+) -> None:
+    (site_root / "cli-saved.bin").write_bytes(b"x" * 1000)
+    target = tmp_path / "saved.bin"
+    done = run_cli("fetch", "--target", service.target, "-v", "-o", str(target), f"{nginx.http_url}/cli-saved.bin",
+                   stdout="tty", stderr="tty")  # stdout and stderr: one terminal, as a person sees them
+    assert done.status == 0 and target.read_bytes() == b"x" * 1000, done.out
+    saved = done.out.index(f"fetchpool fetch: saved 1000 bytes to {target}\n")
+    assert 0 < done.out.index("* peer ") < done.out.index("HTTP/1.1 200 OK\n") < saved, done.out
+    assert done.out.endswith(f"saved 1000 bytes to {target}\n"), done.out
+
+
 def test_fail_turns_http_errors_into_curl_s_exit_status(service: FetchpoolService, app_server: AppServer) -> None:
     missing = f"{app_server.http_url}/status/404"
     assert _cli("fetch", "--target", service.target, missing)[0] == 0
