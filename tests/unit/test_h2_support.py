@@ -13,15 +13,14 @@ import httpcore
 import hyperframe.frame
 import pytest
 import uvloop
-from fetchpool.engine._httpcore.h2_support import DrainingStateMachine, StreamSlots, stream_info
+from fetchpool.engine._httpcore.h2_support import DrainingH2Connection, StreamSlots, stream_info
 
 REQUEST = [(":method", "GET"), (":authority", "example.test"), (":scheme", "https"), (":path", "/")]
 
 
 def _pair(draining: bool) -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    if draining:
-        client.state_machine = DrainingStateMachine()
+    config = h2.config.H2Configuration(client_side=True)
+    client = DrainingH2Connection(config) if draining else h2.connection.H2Connection(config)
     server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     client.initiate_connection()
     server.initiate_connection()
@@ -66,6 +65,41 @@ def test_a_draining_connection_receives_the_streams_the_peer_still_answers() -> 
     client.acknowledge_received_data(6, 1)
     with pytest.raises(h2.exceptions.ProtocolError):
         client.send_headers(7, REQUEST, end_stream=True)
+
+
+def _update_queued_then_goaway(client: h2.connection.H2Connection, server: h2.connection.H2Connection) -> int:
+    """The server spends most of its connection window on stream 1; the client reads it all, so
+    h2 queues a connection WINDOW_UPDATE; before it is written, the server's GOAWAY (stream 1
+    accepted) is read. Returns the server's connection window left."""
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(":status", "200")])
+    for _ in range(3):
+        server.send_data(1, b"x" * 16_000)
+    client.receive_data(server.data_to_send())
+    client.acknowledge_received_data(48_000, 1)
+    assert client._data_to_send, "h2 queued no WINDOW_UPDATE: the premise of the test is gone"
+    client.receive_data(hyperframe.frame.GoAwayFrame(0, last_stream_id=1).serialize())
+    return server.outbound_flow_control_window
+
+
+def test_h2_alone_drops_the_window_update_it_had_not_written_when_a_goaway_arrives() -> None:
+    # The fault DrainingH2Connection exists for: the server, its window spent, waits for ever.
+    client, server = _pair(draining=False)
+    left = _update_queued_then_goaway(client, server)
+    assert client.data_to_send() == b""
+    assert left == 65_535 - 48_000  # the initial window, less what it sent
+
+
+def test_a_draining_connection_still_sends_the_window_update_the_server_needs() -> None:
+    client, server = _pair(draining=True)
+    left = _update_queued_then_goaway(client, server)
+    events = server.receive_data(client.data_to_send())
+    assert [e.delta for e in events if isinstance(e, h2.events.WindowUpdated) and e.stream_id == 0] == [48_000]
+    assert server.outbound_flow_control_window == left + 48_000
+    server.send_data(1, b"the rest", end_stream=True)  # and it can finish the stream
+    events = client.receive_data(server.data_to_send())
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
 
 
 def test_a_connection_closed_for_another_reason_stays_closed() -> None:

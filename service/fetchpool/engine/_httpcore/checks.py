@@ -26,7 +26,7 @@ import httpx
 from fetchpool.errors import ConfigError
 
 #: Source digests (sha256, 16 hex digits) of what the package builds on: httpcore 1.0.9,
-#: h2 4.3-4.4's connection state machine, httpx 0.28.1's transport constructor.
+#: h2 4.3-4.4's connection state machine and GOAWAY handling, httpx 0.28.1's transport constructor.
 SOURCES = {
     "httpcore._async.http2": "6b35f57dc9ad5da2",
     "httpcore._async.connection_pool": "0ce210dacd9909ff",
@@ -35,6 +35,7 @@ SOURCES = {
     "httpcore._async.http11": "faa33d6d5ecf8d24",
     "httpcore._backends.anyio": "c7c3e01215d10bc6",
     "h2.connection:H2ConnectionStateMachine": "b1e149376a19400c",
+    "h2.connection:H2Connection._receive_goaway_frame": "adb9adfae94088c4",
     "httpx._transports.default:AsyncHTTPTransport.__init__": "433c33239d86ec87",
 }
 #: The same for the httpx method ``engine._client.PoolClient`` replaces (``_send_single_request``,

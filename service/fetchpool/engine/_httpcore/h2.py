@@ -8,8 +8,10 @@ The causes, each fixed here:
 
 - h2 moves its connection state machine to CLOSED on receiving GOAWAY and then rejects every
   frame, even the DATA of streams the server accepted and is still answering (python-hyper/h2
-  #1181); a whole read buffer of events is thrown away with it. :class:`DrainingStateMachine`
-  keeps receiving for those streams, as RFC 9113 §6.8 describes.
+  #1181); a whole read buffer of events is thrown away with it. It also drops what we had not
+  yet written, the flow-control updates those streams need among it, so the server stalled.
+  ``h2_support.DrainingH2Connection`` keeps receiving for those streams and keeps our updates
+  going, as RFC 9113 §6.8 describes.
 - httpcore fails every stream once it has seen GOAWAY (encode/httpcore PR #1054, unmerged).
   Here streams above the GOAWAY's last stream id go to another connection
   (``ConnectionNotAvailable``: never processed), the others are read to their end.
@@ -71,7 +73,7 @@ from httpcore._async.http2 import (
 from httpcore._trace import Trace
 
 from fetchpool.engine._httpcore.h2_support import (
-    DrainingStateMachine,
+    DrainingH2Connection,
     StreamSlots,
     peer_finished,
     receive_window,
@@ -107,7 +109,7 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._h2_state.state_machine = DrainingStateMachine()
+        self._h2_state = DrainingH2Connection(config=self.CONFIG)
         self._slots = StreamSlots(0)
         self._settings_seen = False  # the server's first SETTINGS arrived (its stream limit is known)
         # Looked up once: get_extra_info builds anyio's whole attribute table per call, and every
