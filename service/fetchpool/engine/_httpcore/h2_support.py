@@ -69,10 +69,9 @@ class DrainingH2Connection(h2.connection.H2Connection):
         self.state_machine = DrainingStateMachine()
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
-        unsent = self._data_to_send  # h2 replaces the buffer (it does not empty this one)
-        result = super()._receive_goaway_frame(frame)
-        unsent += self._data_to_send
-        self._data_to_send = unsent
+        unsent = bytes(self._data_to_send)  # a copy: h2 may empty the buffer in place or replace it
+        result = super()._receive_goaway_frame(frame)  # empties it (checks.py pins this source)
+        self._data_to_send = bytearray(unsent) + self._data_to_send
         return result
 
 
