@@ -102,6 +102,22 @@ def test_a_draining_connection_still_sends_the_window_update_the_server_needs() 
     assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 1 for e in events)
 
 
+def test_frames_for_streams_the_goaway_refused_are_not_written_after_it() -> None:
+    client, server = _pair(draining=True)
+    client.send_headers(1, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(":status", "200")])
+    for _ in range(3):
+        server.send_data(1, b"x" * 16_000)
+    client.receive_data(server.data_to_send())
+    client.acknowledge_received_data(48_000, 1)  # a connection WINDOW_UPDATE queued, not yet written
+    client.send_headers(3, REQUEST, end_stream=True)  # queued too, but stream 3 will be refused
+    client.receive_data(hyperframe.frame.GoAwayFrame(0, last_stream_id=1).serialize())
+    events = server.receive_data(client.data_to_send())
+    # The connection's and stream 1's updates; nothing of stream 3's request.
+    assert sorted((type(e).__name__, e.stream_id) for e in events) == [("WindowUpdated", 0), ("WindowUpdated", 1)]
+
+
 def test_a_connection_closed_for_another_reason_stays_closed() -> None:
     client, _ = _pair(draining=True)
     client.close_connection()  # our own GOAWAY: nothing more may be received

@@ -71,8 +71,24 @@ class DrainingH2Connection(h2.connection.H2Connection):
     def _receive_goaway_frame(self, frame: Any) -> Any:
         unsent = bytes(self._data_to_send)  # a copy: h2 may empty the buffer in place or replace it
         result = super()._receive_goaway_frame(frame)  # empties it (checks.py pins this source)
-        self._data_to_send = bytearray(unsent) + self._data_to_send
+        self._data_to_send = bytearray(_frames_up_to(unsent, frame.last_stream_id)) + self._data_to_send
         return result
+
+
+def _frames_up_to(data: bytes, last_stream_id: int) -> bytes:
+    """The frames of ``data`` (whole serialized frames) for the connection or for streams up to
+    ``last_stream_id``. The others are for streams a GOAWAY refused: the server ignores them, and
+    every byte written late to a closing connection is one more that a proxy may still hold
+    unread when it closes the tunnel (its reset then destroys answers it had not passed on).
+    No HEADERS can follow on this connection, so dropping some leaves no HPACK state to keep.
+    ``data`` unchanged if it does not parse as whole frames."""
+    kept, at = bytearray(), 0
+    while at + 9 <= len(data):  # frame header: length (3 bytes), type, flags, stream id (4)
+        end = at + 9 + int.from_bytes(data[at:at + 3], "big")
+        if int.from_bytes(data[at + 5:at + 9], "big") & 0x7FFF_FFFF <= last_stream_id:
+            kept += data[at:end]
+        at = end
+    return bytes(kept) if at == len(data) else data
 
 
 class StreamSlots:
