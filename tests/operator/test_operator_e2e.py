@@ -351,7 +351,11 @@ async def test_the_budget_holds_through_scaling_an_operator_outage_and_a_silent_
         timings["D: others at 14"] = await wait_until(
             lambda: all_at([p0, p1, p2, p3], 14), timeout=DEADLINE, what="D: (60 - 2) / 4 = 14 beside the silent pod"
         )
-        assert cluster.fetchpool_status()["fleetConnections"] == 58
+
+        async def fleet_recorded() -> bool:  # the status is written after the pods took their limits
+            return cluster.fetchpool_status()["fleetConnections"] == 58
+
+        await wait_until(fleet_recorded, timeout=DEADLINE, what="status: fleetConnections 58 (4 x 14 + the silent 2)")
 
         # --- E: scale down to 3; web-3 and the silent web-4 drain, then go ---------------------------
         t_drain = time.monotonic()
