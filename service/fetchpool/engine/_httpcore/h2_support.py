@@ -60,8 +60,8 @@ class DrainingH2Connection(h2.connection.H2Connection):
     now"). But the peer still answers the streams it accepted, and for those it needs our
     WINDOW_UPDATEs (RFC 9113 §6.8): an update a stream had queued just before the reader took in
     the GOAWAY vanished, and nginx, its connection window spent, then sent nothing more; ~50
-    responses of a 1,000-request connection waited for their read timeout (seen about once in
-    five proxied GOAWAY test runs, where the GOAWAY arrives while updates wait for the write lock).
+    responses of a 1,000-request connection waited for their read timeout (about one whole test
+    suite run in five; the GOAWAY arrives while updates wait for the write lock).
     """
 
     def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
