@@ -67,10 +67,12 @@ def test_a_draining_connection_receives_the_streams_the_peer_still_answers() -> 
         client.send_headers(7, REQUEST, end_stream=True)
 
 
-def _update_queued_then_goaway(client: h2.connection.H2Connection, server: h2.connection.H2Connection) -> int:
+def _update_queued_then_goaway(client: h2.connection.H2Connection, server: h2.connection.H2Connection,
+                               also_queued: int | None = None) -> int:
     """The server spends most of its connection window on stream 1; the client reads it all, so
-    h2 queues a connection WINDOW_UPDATE; before it is written, the server's GOAWAY (stream 1
-    accepted) is read. Returns the server's connection window left."""
+    h2 queues a connection WINDOW_UPDATE (and the request of stream ``also_queued``, if given);
+    before they are written, the server's GOAWAY (stream 1 accepted) is read. Returns the
+    server's connection window left."""
     client.send_headers(1, REQUEST, end_stream=True)
     server.receive_data(client.data_to_send())
     server.send_headers(1, [(":status", "200")])
@@ -79,6 +81,8 @@ def _update_queued_then_goaway(client: h2.connection.H2Connection, server: h2.co
     client.receive_data(server.data_to_send())
     client.acknowledge_received_data(48_000, 1)
     assert client._data_to_send, "h2 queued no WINDOW_UPDATE: the premise of the test is gone"
+    if also_queued is not None:
+        client.send_headers(also_queued, REQUEST, end_stream=True)
     client.receive_data(hyperframe.frame.GoAwayFrame(0, last_stream_id=1).serialize())
     return server.outbound_flow_control_window
 
@@ -104,15 +108,7 @@ def test_a_draining_connection_still_sends_the_window_update_the_server_needs() 
 
 def test_frames_for_streams_the_goaway_refused_are_not_written_after_it() -> None:
     client, server = _pair(draining=True)
-    client.send_headers(1, REQUEST, end_stream=True)
-    server.receive_data(client.data_to_send())
-    server.send_headers(1, [(":status", "200")])
-    for _ in range(3):
-        server.send_data(1, b"x" * 16_000)
-    client.receive_data(server.data_to_send())
-    client.acknowledge_received_data(48_000, 1)  # a connection WINDOW_UPDATE queued, not yet written
-    client.send_headers(3, REQUEST, end_stream=True)  # queued too, but stream 3 will be refused
-    client.receive_data(hyperframe.frame.GoAwayFrame(0, last_stream_id=1).serialize())
+    _update_queued_then_goaway(client, server, also_queued=3)  # stream 3: above the last stream id
     events = server.receive_data(client.data_to_send())
     # The connection's and stream 1's updates; nothing of stream 3's request.
     assert sorted((type(e).__name__, e.stream_id) for e in events) == [("WindowUpdated", 0), ("WindowUpdated", 1)]
