@@ -114,6 +114,32 @@ def test_frames_for_streams_the_goaway_refused_are_not_written_after_it() -> Non
     assert sorted((type(e).__name__, e.stream_id) for e in events) == [("WindowUpdated", 0), ("WindowUpdated", 1)]
 
 
+def test_no_window_update_is_written_once_every_accepted_stream_has_ended() -> None:
+    # A proxy that closes its tunnel while such late bytes sit unread in it resets the connection
+    # and destroys the answers it had not passed on yet: nothing is written that nobody needs.
+    client, server = _pair(draining=True)
+    for stream_id in (1, 3):
+        client.send_headers(stream_id, REQUEST, end_stream=True)
+    server.receive_data(client.data_to_send())
+    for stream_id in (1, 3):
+        server.send_headers(stream_id, [(":status", "200")])
+        server.send_data(stream_id, b"x" * 16_000)
+    server.send_data(1, b"x" * 16_000, end_stream=True)
+    client.receive_data(hyperframe.frame.GoAwayFrame(0, last_stream_id=3).serialize() + server.data_to_send())
+    client.acknowledge_received_data(32_000, 1)
+    client.acknowledge_received_data(16_000, 3)
+    # Stream 3 still receives: the connection's update goes (and stream 3's own, once due).
+    events = server.receive_data(client.data_to_send())
+    assert [(e.stream_id, e.delta) for e in events if isinstance(e, h2.events.WindowUpdated)] == [(0, 48_000)]
+    server.send_data(3, b"x" * 16_000)
+    server.send_data(3, b"x" * 16_000)
+    server.send_data(3, b"x" * 1_000, end_stream=True)
+    client.receive_data(server.data_to_send())
+    client.acknowledge_received_data(33_000, 3)
+    assert client._data_to_send, "h2 queued no WINDOW_UPDATE: the premise of the test is gone"
+    assert client.data_to_send() == b""
+
+
 def test_a_connection_closed_for_another_reason_stays_closed() -> None:
     client, _ = _pair(draining=True)
     client.close_connection()  # our own GOAWAY: nothing more may be received

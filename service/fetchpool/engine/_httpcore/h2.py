@@ -422,6 +422,8 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
             timeout = request.extensions.get("timeout", {}).get("write")
         async with self._write_lock:
             data = self._h2_state.data_to_send()
+            if not data:  # only updates no stream needs any more (DrainingH2Connection)
+                return
             try:
                 if self._write_exception is not None:
                     raise self._write_exception

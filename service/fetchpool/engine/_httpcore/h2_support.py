@@ -7,10 +7,13 @@ import asyncio
 import collections
 import contextlib
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import h2.config
 import h2.connection
+import h2.stream
+import hyperframe.frame
 
 _IN = h2.connection.ConnectionInputs
 # What may still happen on a connection the peer is closing gracefully: its frames for the
@@ -20,6 +23,9 @@ _DRAINING_INPUTS = frozenset({
     _IN.RECV_RST_STREAM, _IN.RECV_PRIORITY, _IN.RECV_ALTERNATIVE_SERVICE, _IN.RECV_PUSH_PROMISE,
     _IN.SEND_WINDOW_UPDATE, _IN.SEND_RST_STREAM, _IN.SEND_PING, _IN.SEND_SETTINGS,
 })
+# States of a stream that may still receive DATA, so that needs our WINDOW_UPDATEs.
+_RECEIVING = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_WINDOW_UPDATE = hyperframe.frame.WindowUpdateFrame.type
 #: Bytes the peer may send ahead of what we have read, at most, per connection and per stream
 #: (httpcore advertises 16 MiB). See :func:`receive_window`.
 RECEIVE_WINDOW = 1 << 20
@@ -66,26 +72,48 @@ class DrainingH2Connection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration | None = None) -> None:
         super().__init__(config=config)
-        self.state_machine = DrainingStateMachine()
+        self.state_machine = self._machine = DrainingStateMachine()
+        self._last_accepted = 0  # the peer's GOAWAY's last stream id, once it has sent one
 
     def _receive_goaway_frame(self, frame: Any) -> Any:
         unsent = bytes(self._data_to_send)  # a copy: h2 may empty the buffer in place or replace it
         result = super()._receive_goaway_frame(frame)  # empties it (checks.py pins this source)
-        self._data_to_send = bytearray(_frames_up_to(unsent, frame.last_stream_id)) + self._data_to_send
+        self._last_accepted = frame.last_stream_id
+        self._data_to_send = bytearray(_frames(unsent, lambda kind, stream_id: stream_id <= frame.last_stream_id)) \
+            + self._data_to_send
         return result
 
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        """h2's, but once the peer has said GOAWAY and every stream it accepted has received its
+        last frame, without WINDOW_UPDATEs: the peer sends nothing more that they could be for.
 
-def _frames_up_to(data: bytes, last_stream_id: int) -> bytes:
-    """The frames of ``data`` (whole serialized frames) for the connection or for streams up to
-    ``last_stream_id``. The others are for streams a GOAWAY refused: the server ignores them, and
-    every byte written late to a closing connection is one more that a proxy may still hold
-    unread when it closes the tunnel (its reset then destroys answers it had not passed on).
-    No HEADERS can follow on this connection, so dropping some leaves no HPACK state to keep.
-    ``data`` unchanged if it does not parse as whole frames."""
-    kept, at = bytearray(), 0
-    while at + 9 <= len(data):  # frame header: length (3 bytes), type, flags, stream id (4)
-        end = at + 9 + int.from_bytes(data[at:at + 3], "big")
-        if int.from_bytes(data[at + 5:at + 9], "big") & 0x7FFF_FFFF <= last_stream_id:
+        Every byte written late to a closing connection is one more that a proxy may still hold
+        unread when it closes the tunnel: tinyproxy and microsocks then reset it, which destroys
+        the answers they had not passed on yet (and the request goes again)."""
+        data = super().data_to_send(amount)
+        if data and self._machine.draining and not self._answers_to_come():
+            data = _frames(data, lambda kind, stream_id: kind != _WINDOW_UPDATE)
+        return data
+
+    def _answers_to_come(self) -> bool:
+        """Whether a stream the peer's GOAWAY accepted may still receive DATA."""
+        return any(stream_id <= self._last_accepted and stream.state_machine.state in _RECEIVING
+                   for stream_id, stream in self.streams.items())
+
+
+def _frames(data: bytes, keep: Callable[[int | None, int], bool]) -> bytes:
+    """The frames of ``data`` (whole serialized frames) for which ``keep(frame type, stream id)``
+    is true; ``data`` unchanged if it does not parse as whole frames.
+
+    After a GOAWAY, the frames for streams above its last stream id are dropped: the server
+    ignores them, and every byte written late to a closing connection is one more that a proxy may
+    still hold unread when it closes the tunnel (its reset then destroys answers it had not passed
+    on). No HEADERS can follow on this connection, so dropping some leaves no HPACK state to keep."""
+    kept, at, view = bytearray(), 0, memoryview(data)
+    while at + 9 <= len(data):  # a frame header is 9 bytes; its body is not parsed
+        frame, length = hyperframe.frame.Frame.parse_frame_header(view[at:at + 9])
+        end = at + 9 + length
+        if keep(frame.type, frame.stream_id):
             kept += data[at:end]
         at = end
     return bytes(kept) if at == len(data) else data
