@@ -198,6 +198,11 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
     if isinstance(exc, httpx.TooManyRedirects):
         return ErrorKind.TOO_MANY_REDIRECTS, text
     if isinstance(exc, httpx.NetworkError | httpcore.NetworkError | ConnectionError):
+        # httpx's ReadError or WriteError often says nothing more: the socket's error does
+        # ("Connection reset by peer", "Broken pipe").
+        reason = next((c.strerror for c in chain if isinstance(c, OSError) and c.strerror), "")
+        if reason and reason not in text:
+            text = f"{text}: {reason}"
         if via_proxy and connecting_to_proxy:
             return ErrorKind.PROXY, f"proxy connection failed: {text}"
         return ErrorKind.NETWORK, f"connection failed: {text}"

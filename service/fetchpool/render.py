@@ -263,6 +263,7 @@ def verbose_lines(result: pb.FetchResult) -> list[str]:
     lines.append(f"* {result.attempts} attempt(s); pool wait {t.pool_wait_seconds:.3f} s, connect "
                  f"{t.connect_seconds:.3f} s, proxy {t.proxy_connect_seconds:.3f} s, TLS {t.tls_seconds:.3f} s, "
                  f"first byte {t.ttfb_seconds:.3f} s, total {t.total_seconds:.3f} s")
+    lines += [f"* sent again after: {reason}" for reason in result.retry_reasons]
     lines.append(f"* body {result.body_size} bytes" + (", decoded from its Content-Encoding"
                                                         if result.content_decoded else "")
                  + (f", encoding {result.encoding}" if result.encoding else ""))

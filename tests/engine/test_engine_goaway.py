@@ -3,7 +3,8 @@ with a graceful GOAWAY after ``keepalive_requests`` streams, directly and throug
 
 No result is lost to a GOAWAY: every page comes back 200 with the file's exact bytes; nginx
 served each URI exactly once (a request goes twice only when the first send provably never got
-an answer, and in this fault-free run none can be); the requests waiting for a connection that
+an answer, and in this fault-free run none can be, except where a relay destroys answers: see
+RESETTING_RELAYS); the requests waiting for a connection that
 went away share the next one, so connections opened stay close to pages / keepalive_requests;
 and the invariant of §2 holds afterwards. All problems of a run are reported together.
 """
@@ -28,13 +29,30 @@ CONCURRENCY = 64
 #: Connections nginx may see beyond pages / keepalive_requests (rounded up), as a fraction of
 #: that ideal, plus one: the last connection of a batch may end early, never a burst.
 SPARE_CONNECTIONS = 0.1
+#: Relays that reset a tunnel when bytes of ours arrive after the server has closed it: tinyproxy
+#: and microsocks close their client socket as soon as the server's end is read, whatever they
+#: still have to pass on, and the kernel answers our next bytes with a reset that discards it.
+#: Packet captures of failing runs showed it: microsocks had passed on 683 KB of nginx's 768 KB
+#: when our next request (sent before the GOAWAY could reach us, that GOAWAY being among what was
+#: lost) met the closed socket. Answers destroyed so are fetched again by the retry policy. Such a
+#: second send is accepted through these relays only, and only when the page's result records a
+#: retry after a reset. squid half-closes and drains: through it, and directly, none is accepted.
+RESETTING_RELAYS = frozenset({"tinyproxy", "socks5"})
 
 
-def connection_problems(entries: list[dict[str, object]], pages: int, keepalive: int) -> list[str]:
-    """Problems of nginx's view of one batch: URIs sent twice, more connections than pages need."""
+def resends_after_resets(outcome: Outcome) -> int:
+    """How many of ``outcome``'s sends were repeated because the connection was reset."""
+    return sum(reason.startswith("NETWORK:") and "reset by peer" in reason for reason in outcome.retry_reasons)
+
+
+def connection_problems(entries: list[dict[str, object]], pages: int, keepalive: int,
+                        excused: dict[str, int] | None = None) -> list[str]:
+    """Problems of nginx's view of one batch: URIs sent twice (beyond ``excused``: URI -> extra
+    sends accepted), more connections than pages need."""
     problems = []
+    excused = excused or {}
     sent = collections.Counter(entry["request_uri"] for entry in entries)
-    twice = {uri: n for uri, n in sent.items() if n > 1}
+    twice = {uri: n for uri, n in sent.items() if n > 1 + excused.get(str(uri), 0)}
     if twice:
         problems.append(f"{len(twice)} pages were sent to nginx more than once though every first send was "
                         f"answered, e.g. {list(twice.items())[:3]}")
@@ -115,7 +133,9 @@ async def test_a_site_in_one_batch_survives_every_goaway(
         problems += [p for p in connection_problems(entries, len(specs), nginx.keepalive_requests)
                      if "more than once" not in p and "connections for" not in p and "distinct pages" not in p]
     else:
-        problems += connection_problems(entries, len(specs), nginx.keepalive_requests)
+        excused = {f"/doc/{page}?run={run}": resends_after_resets(o) for page, o in results.items()
+                   if route in RESETTING_RELAYS}
+        problems += connection_problems(entries, len(specs), nginx.keepalive_requests, excused)
     stats = engine.snapshots()[0]  # the batch's, before the invariant's probe adds its own
     try:
         await assert_engine_invariant(engine, [nginx.https_url], app_server, f"the {route} batch")

@@ -4,12 +4,17 @@ version, whether the body was decoded, and cookies kept per session."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import socket
+import struct
+import uuid
 
 import httpx
 import pytest
 from enginekit import make_settings
+from fetchpool.config import RetryPolicy
 from fetchpool.engine import FetchSpec
 from fetchpool.errors import ErrorKind
 from support import AppServer, Certs
@@ -135,3 +140,45 @@ async def test_keep_cookies_without_a_session_key_is_an_invalid_argument(make_en
     engine = await make_engine(make_settings(certs))
     outcome = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo", keep_cookies=True))
     assert outcome.error_kind is ErrorKind.INVALID_ARGUMENT and "session_key" in outcome.error_message
+
+
+async def _cut_once_server(body: bytes) -> tuple[asyncio.Server, list[int]]:
+    """A plain HTTP/1.1 server whose first answer is cut by a reset (SO_LINGER 0) after the
+    headers and half the body; later connections get the whole answer. Returns it and the count
+    of requests it received."""
+    seen = [0]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        seen[0] += 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+        if seen[0] == 1:
+            writer.write(body[:len(body) // 2])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the client reads the headers before the reset
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            writer.write(body)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0), seen
+
+
+async def test_retry_reasons_say_why_each_send_was_repeated(make_engine, certs: Certs,
+                                                            app_server: AppServer) -> None:
+    engine = await make_engine(make_settings(certs, retry=RetryPolicy(attempts=3, backoff_base=0.01)))
+    status = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/flaky?key=reasons-{uuid.uuid4()}&fail=1"))
+    assert status.status_code == 200 and status.attempts == 2 and status.retry_reasons == ["status 503"]
+    first = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo"))
+    assert first.attempts == 1 and first.retry_reasons == []
+
+    body = b"x" * 200_000
+    server, seen = await _cut_once_server(body)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        cut = await engine.fetch(FetchSpec(url=f"http://127.0.0.1:{port}/page"))
+    assert cut.ok and cut.body == body and seen[0] == 2 and cut.attempts == 2
+    [reason] = cut.retry_reasons
+    # The socket's error, not only httpx's bare ReadError: a reset is what a relay's abort looks like.
+    assert reason.startswith("NETWORK: connection failed: ") and "Connection reset by peer" in reason, reason

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,9 @@ def test_a_terminal_shows_status_headers_and_the_text_in_its_own_encoding(
     assert SAMPLE_TEXTS["ja"] in body  # not mojibake
     status, out, _ = _cli("fetch", "--target", service.target, "-v", f"{app_server.http_url}/redirect/2", tty=True)
     assert status == 0 and "* 1 attempt(s); pool wait" in out and "total" in out and out.rstrip().endswith("done")
+    flaky = f"{app_server.http_url}/flaky?key=cli-{uuid.uuid4()}&fail=1"
+    status, out, _ = _cli("fetch", "--target", service.target, "-v", flaky, tty=True)
+    assert status == 0 and "* 2 attempt(s); pool wait" in out and "* sent again after: status 503\n" in out
 
 
 @pytest.mark.parametrize(("lang", "encoding"), [("fr", "cp1252"), ("ja", "shift_jis"), ("zh", "gbk")])

@@ -59,12 +59,14 @@ def test_every_engine_field_is_converted() -> None:
         url="http://a/", final_url="https://b/", status_code=200, body="é".encode("cp1252"),
         headers=[("Content-Type", "text/plain; charset=windows-1252"), ("Content-Encoding", "gzip")],
         redirects=[("http://a/", 301), ("https://a/", 302)], remote_address="192.0.2.1:443",
-        tls_version="TLSv1.3", content_decoded=True,
+        tls_version="TLSv1.3", content_decoded=True, attempts=3,
+        retry_reasons=["NETWORK: connection failed: ReadError: Connection reset by peer", "status 503"],
     )
     result = result_to_proto(outcome, "r", 3, include_text=True)
     assert [(r.url, r.status_code) for r in result.redirects] == [("http://a/", 301), ("https://a/", 302)]
     assert (result.remote_address, result.tls_version, result.content_decoded) == ("192.0.2.1:443", "TLSv1.3", True)
     assert (result.encoding, result.text, result.body_size) == ("windows-1252", "é", 1)
+    assert result.attempts == 3 and list(result.retry_reasons) == outcome.retry_reasons
     assert result_to_proto(outcome, "r", 3).text == ""  # text only when asked for
     failed = result_to_proto(Outcome(url="http://a/", error_kind=ErrorKind.DNS, error_message="no"), "r", 0)
     assert failed.encoding == "" and failed.error.kind == pb.FetchError.DNS

@@ -45,6 +45,7 @@ TEND_INTERVAL = 1.0
 PROXY_FAULTS = frozenset({401, 407, 502, 503, 504})
 #: Sends of one attempt repeated at most when a reused connection went away before any response.
 RESENDS = 3
+_REFUSED = "GOAWAY: the server refused the request without processing it"
 
 
 def _origin(url: httpx.URL) -> str:
@@ -324,6 +325,8 @@ class Engine:
                     if not holding:
                         break
                 pool.retries_total += 1
+                outcome.retry_reasons.append(f"{failure.kind.name}: {failure}" if failure is not None
+                                             else f"status {outcome.status_code}")
                 start = time.monotonic()
                 await asyncio.sleep(delay)
                 recorder.add("retry.backoff", start, time.monotonic(), attempt=attempt + 1)
@@ -365,10 +368,12 @@ class Engine:
         while True:
             try:
                 response = await self._hop(spec, request, pool, recorder, outcome, cap)
-            except (httpx.ProtocolError, httpx.ReadError, httpx.WriteError):
+            except (httpx.ProtocolError, httpx.ReadError, httpx.WriteError) as exc:
                 if resends_left and not recorder.responded and not recorder.connected:
                     resends_left -= 1
                     outcome.attempts += 1
+                    kind, message = classify(exc, via_proxy=pool.proxy)
+                    outcome.retry_reasons.append(f"{kind.name}: {message}")
                     pool.retries_total += 1
                     continue
                 raise
@@ -403,6 +408,7 @@ class Engine:
             finally:
                 # A GOAWAY that refused the request sent it again on another connection.
                 outcome.attempts += max(0, recorder.sends - 1)
+                outcome.retry_reasons += [_REFUSED] * (recorder.sends - 1)
             outcome.connection_reused = lease.reused
             check_headers(response, self.settings.fetch)
             if session:

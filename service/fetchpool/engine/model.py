@@ -51,6 +51,9 @@ class Outcome:
     ``remote_address`` is "ip:port" of the peer the last response came from (the target,
     or the proxy); ``tls_version`` that of the connection to the target ("TLSv1.3"; "" for
     cleartext); ``content_decoded`` says ``body`` was decoded from its Content-Encoding.
+    ``retry_reasons`` say, in order, why a send was repeated (``attempts`` - 1 of them): the
+    failure's kind and message ("NETWORK: connection failed: ... reset by peer"), "status 503"
+    for a retried status, or "GOAWAY: ..." for a request the server refused unprocessed.
     """
 
     url: str
@@ -69,6 +72,7 @@ class Outcome:
     remote_address: str = ""
     tls_version: str = ""
     content_decoded: bool = False
+    retry_reasons: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -58,6 +58,7 @@ def result_to_proto(outcome: Outcome, request_id: str, index: int, *, include_te
         remote_address=outcome.remote_address,
         tls_version=outcome.tls_version,
         content_decoded=outcome.content_decoded,
+        retry_reasons=outcome.retry_reasons,
     )
     add_header = result.headers.add
     for name, value in outcome.headers:

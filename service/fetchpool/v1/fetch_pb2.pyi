@@ -130,7 +130,7 @@ class FetchError(_message.Message):
     def __init__(self, kind: _Optional[_Union[FetchError.Kind, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FetchResult(_message.Message):
-    __slots__ = ("id", "index", "url", "final_url", "status_code", "headers", "body", "http_version", "connection_reused", "timings", "error", "pool", "attempts", "body_size", "part", "more_parts", "encoding", "text", "redirects", "remote_address", "tls_version", "content_decoded")
+    __slots__ = ("id", "index", "url", "final_url", "status_code", "headers", "body", "http_version", "connection_reused", "timings", "error", "pool", "attempts", "body_size", "part", "more_parts", "encoding", "text", "redirects", "remote_address", "tls_version", "content_decoded", "retry_reasons")
     ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class FetchResult(_message.Message):
     REMOTE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TLS_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTENT_DECODED_FIELD_NUMBER: _ClassVar[int]
+    RETRY_REASONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     index: int
     url: str
@@ -175,7 +176,8 @@ class FetchResult(_message.Message):
     remote_address: str
     tls_version: str
     content_decoded: bool
-    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., url: _Optional[str] = ..., final_url: _Optional[str] = ..., status_code: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., http_version: _Optional[str] = ..., connection_reused: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[FetchError, _Mapping]] = ..., pool: _Optional[str] = ..., attempts: _Optional[int] = ..., body_size: _Optional[int] = ..., part: _Optional[int] = ..., more_parts: _Optional[bool] = ..., encoding: _Optional[str] = ..., text: _Optional[str] = ..., redirects: _Optional[_Iterable[_Union[Redirect, _Mapping]]] = ..., remote_address: _Optional[str] = ..., tls_version: _Optional[str] = ..., content_decoded: _Optional[bool] = ...) -> None: ...
+    retry_reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., url: _Optional[str] = ..., final_url: _Optional[str] = ..., status_code: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., http_version: _Optional[str] = ..., connection_reused: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[FetchError, _Mapping]] = ..., pool: _Optional[str] = ..., attempts: _Optional[int] = ..., body_size: _Optional[int] = ..., part: _Optional[int] = ..., more_parts: _Optional[bool] = ..., encoding: _Optional[str] = ..., text: _Optional[str] = ..., redirects: _Optional[_Iterable[_Union[Redirect, _Mapping]]] = ..., remote_address: _Optional[str] = ..., tls_version: _Optional[str] = ..., content_decoded: _Optional[bool] = ..., retry_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PoolLimits(_message.Message):
     __slots__ = ("max_connections", "max_keepalive_connections", "keepalive_expiry", "pool_timeout", "max_connections_per_host", "max_requests")
