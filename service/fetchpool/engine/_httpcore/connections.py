@@ -18,6 +18,7 @@ abandoned by its cancelled request sends them back to the pool for another conne
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -33,6 +34,7 @@ from httpcore._trace import Trace
 
 from fetchpool.engine._httpcore.h2 import GracefulHTTP2Connection
 from fetchpool.engine._httpcore.h2_support import reserve_receive_buffer, stream_info
+from fetchpool.engine._httpcore.limits import RequestLimits
 from fetchpool.engine._httpcore.shield import shielded
 
 # httpcore's loggers, so trace events keep httpcore's names ("connection.connect_tcp", ...).
@@ -170,7 +172,7 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
 
     def __init__(self, origin: Origin, opener: Callable[[Request, Step], Awaitable[AsyncNetworkStream]], *,
                  http2: bool, keepalive_expiry: float | None, protocols: MutableMapping[OriginKey, bool],
-                 max_requests: int = 0) -> None:
+                 max_requests: int = 0, learned: RequestLimits | None = None) -> None:
         self._origin = origin
         self._key = (origin.scheme, origin.host, origin.port)
         self._opener = opener
@@ -183,7 +185,9 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
         self._lock = asyncio.Lock()
         self._entering = 0  # requests inside handle_async_request
         self._max_requests = max_requests  # 0: no limit
+        self._learned = learned if learned is not None else RequestLimits()
         self._started = 0
+        self._promised = 0
         self._retiring = False
 
     async def handle_async_request(self, request: Request) -> Response:
@@ -220,8 +224,13 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
             ssl_object = stream_info(stream, "ssl_object")
             http2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
             self._remember(http2)
-            kind = GracefulHTTP2Connection if http2 else AsyncHTTP11Connection
-            self._connection = kind(origin=self._origin, stream=stream, keepalive_expiry=self._keepalive_expiry)
+            if http2:
+                self._connection = GracefulHTTP2Connection(
+                    origin=self._origin, stream=stream, keepalive_expiry=self._keepalive_expiry,
+                    on_refusing_goaway=functools.partial(self._learned.refused_after, self._key))
+            else:
+                self._connection = AsyncHTTP11Connection(origin=self._origin, stream=stream,
+                                                         keepalive_expiry=self._keepalive_expiry)
 
     def _remember(self, http2: bool) -> None:
         if self._origin.scheme != b"https":
@@ -230,11 +239,26 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
             self._protocols.pop(next(iter(self._protocols)))
         self._protocols[self._key] = http2
 
+    def _request_limit(self) -> int:
+        """``max_requests`` or the limit learned for its origin (``limits.py``), the lower; 0: none."""
+        limits = [n for n in (self._max_requests, self._learned.limit(self._key)) if n > 0]
+        return min(limits) if limits else 0
+
+    def promise(self) -> None:
+        """The pool assigned it a request (see :meth:`unpromised`)."""
+        self._promised += 1
+
+    def unpromised(self) -> int | None:
+        """Requests the pool may still assign to it under its request limit (those it was
+        assigned count, even when one went elsewhere after all); None without a limit."""
+        limit = self._request_limit()
+        return max(0, limit - self._promised) if limit else None
+
     @property
     def retiring(self) -> bool:
         """Whether it takes no new request: :meth:`retire` was called, or it started its last
-        (``max_requests``, counted as requests start, so HTTP/2 streams cannot overshoot it)."""
-        return self._retiring or 0 < self._max_requests <= self._started
+        (its request limit, counted as requests start, so HTTP/2 streams cannot overshoot it)."""
+        return self._retiring or 0 < self._request_limit() <= self._started
 
     def retire(self) -> None:
         """Take no new request; those in flight finish (the pool closes it once idle)."""

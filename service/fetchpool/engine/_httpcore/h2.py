@@ -46,7 +46,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import h2.config
@@ -107,8 +107,11 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
     # upper-case or connection-specific fields) malformed; Go's client rejects it too.
     CONFIG = h2.config.H2Configuration(validate_inbound_headers=True)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_refusing_goaway: Callable[[int], None] | None = None, **kwargs: Any) -> None:
+        """httpcore's arguments; ``on_refusing_goaway(n)`` is called when the server's graceful
+        GOAWAY accepted ``n`` streams and refused later ones we had opened (``limits.py``)."""
         super().__init__(*args, **kwargs)
+        self._on_refusing_goaway = on_refusing_goaway
         self._h2_state = DrainingH2Connection(config=self.CONFIG)
         self._slots = StreamSlots(0)
         self._settings_seen = False  # the server's first SETTINGS arrived (its stream limit is known)
@@ -304,6 +307,10 @@ class GracefulHTTP2Connection(AsyncHTTP2Connection):
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._connection_terminated = event
             self._wake(self._waiters.keys())
+            last = event.last_stream_id or 0
+            if (self._on_refusing_goaway is not None and event.error_code == h2.errors.ErrorCodes.NO_ERROR
+                    and self._h2_state.highest_outbound_stream_id > last):
+                self._on_refusing_goaway((last + 1) // 2)  # client streams are odd: 1, 3, 5, ...
 
     def _wake(self, keys: Iterable[int]) -> None:
         for key in list(keys):

@@ -20,7 +20,10 @@ made (direct, HTTP proxy or SOCKS5), so httpx's own transport keeps working unch
   gave, else ``h2.MAX_STREAMS``). The next request gets another connection, up to
   ``max_connections``, instead of queueing behind a full one (Go's
   ``StrictMaxConcurrentStreams = false``); beyond that it waits here, in order. httpcore 1.0.9
-  sends every request to an HTTP/2 connection that is not closing, where it waits for a stream;
+  sends every request to an HTTP/2 connection that is not closing, where it waits for a stream.
+  Nor more, in all, than the connection's request limit (``max_requests_per_connection``, or
+  the one learned from its origin's GOAWAYs: ``limits.py``), so no request of ours is on its way
+  when a server ends the connection at that limit;
 - ``_close_connections`` cannot be stopped half-way by a cancellation (see ``shield.py``), so
   a connection removed from the pool always has its socket closed.
 """
@@ -36,6 +39,7 @@ from httpcore import AsyncConnectionInterface, Origin
 
 from fetchpool.engine._httpcore import connections as conn
 from fetchpool.engine._httpcore.h2 import MAX_STREAMS, GracefulHTTP2Connection
+from fetchpool.engine._httpcore.limits import RequestLimits
 from fetchpool.engine._httpcore.shield import shielded
 
 
@@ -52,6 +56,7 @@ class PoolMixin:
     _network_backend: httpcore.AsyncNetworkBackend
     _protocols: dict[conn.OriginKey, bool]
     _stream_limits: dict[conn.OriginKey, int]  # the last SETTINGS_MAX_CONCURRENT_STREAMS per origin
+    _request_limits: RequestLimits  # requests per connection its origins' servers allow
     orphans_closed: int  # public: the engine counts them among the connections it retired
     max_requests_per_connection: int  # 0: no limit
     # AsyncHTTPProxy's and AsyncSOCKSProxy's settings (read only on those pools).
@@ -83,7 +88,8 @@ class PoolMixin:
 
     def _pool_connection(self, origin: Origin, opener: Any, *, http2: bool) -> conn.PoolConnection:
         return conn.PoolConnection(origin, opener, http2=http2, keepalive_expiry=self._keepalive_expiry,
-                                   protocols=self._protocols, max_requests=self.max_requests_per_connection)
+                                   protocols=self._protocols, max_requests=self.max_requests_per_connection,
+                                   learned=self._request_limits)
 
     def _assign_requests_to_connections(self) -> list[AsyncConnectionInterface]:
         """httpcore's rules (reuse an available connection, else open one under
@@ -115,7 +121,7 @@ class PoolMixin:
             return closing
 
         # Connections that can take more requests now -> how many more (in the pool's order).
-        room = {c: spare for c in kept if c.is_available() and (spare := self._capacity(c) - load[id(c)]) > 0}
+        room = {c: spare for c in kept if c.is_available() and (spare := self._room(c, load[id(c)])) > 0}
         blocked: set[conn.OriginKey] = set()  # origins no connection can take more of in this pass
         for pool_request in queued:
             origin = pool_request.request.url.origin
@@ -144,18 +150,27 @@ class PoolMixin:
             if chosen is None:
                 chosen = self.create_connection(origin)
                 self._connections.append(chosen)
-                room[chosen] = self._capacity(chosen) if chosen.is_available() else 1
+                room[chosen] = max(1, self._room(chosen, 0)) if chosen.is_available() else 1
             load[id(chosen)] += 1
             room[chosen] -= 1
             if not room[chosen]:
                 del room[chosen]
             pool_request.assign_to_connection(chosen)
+            if isinstance(chosen, conn.PoolConnection):
+                chosen.promise()
         return closing
 
-    def _capacity(self, connection: AsyncConnectionInterface) -> int:
-        """Requests ``connection`` can carry at once (see the module docstring)."""
+    def _room(self, connection: AsyncConnectionInterface, load: int) -> int:
+        """More requests ``connection``, carrying ``load``, can take now (see the module docstring),
+        within what its request limit leaves (``PoolConnection.unpromised``)."""
         if not isinstance(connection, conn.PoolConnection):
-            return 1  # plain HTTP forwarded through a proxy: HTTP/1.1
+            return 1 - load  # plain HTTP forwarded through a proxy: HTTP/1.1
+        room = self._capacity(connection) - load
+        unpromised = connection.unpromised()
+        return room if unpromised is None else min(room, unpromised)
+
+    def _capacity(self, connection: conn.PoolConnection) -> int:
+        """Requests ``connection`` can carry at once."""
         inner = connection.connection
         key: conn.OriginKey = connection._key  # this package's own class
         if isinstance(inner, GracefulHTTP2Connection):
@@ -184,5 +199,6 @@ def install(pool: httpcore.AsyncConnectionPool, max_requests_per_connection: int
         pool.__class__ = type(f"Fetchpool{cls.__name__}", (PoolMixin, cls), {})
     pool._protocols = {}  # type: ignore[attr-defined]
     pool._stream_limits = {}  # type: ignore[attr-defined]
+    pool._request_limits = RequestLimits()  # type: ignore[attr-defined]
     pool.orphans_closed = 0  # type: ignore[attr-defined]
     pool.max_requests_per_connection = max_requests_per_connection  # type: ignore[attr-defined]
