@@ -21,9 +21,9 @@ made (direct, HTTP proxy or SOCKS5), so httpx's own transport keeps working unch
   ``max_connections``, instead of queueing behind a full one (Go's
   ``StrictMaxConcurrentStreams = false``); beyond that it waits here, in order. httpcore 1.0.9
   sends every request to an HTTP/2 connection that is not closing, where it waits for a stream.
-  Nor more, in all, than the connection's request limit (``max_requests_per_connection``, or
-  the one learned from its origin's GOAWAYs: ``limits.py``), so no request of ours is on its way
-  when a server ends the connection at that limit;
+  Over its life a connection is given no more requests than its request limit
+  (``max_requests_per_connection``, or the one learned from its origin's GOAWAYs: ``limits.py``),
+  so none of ours is on its way when a server ends the connection at that limit;
 - ``_close_connections`` cannot be stopped half-way by a cancellation (see ``shield.py``), so
   a connection removed from the pool always has its socket closed.
 """
