@@ -149,16 +149,18 @@ async def test_a_site_in_one_batch_survives_every_goaway(
 
 @pytest.mark.parametrize("route", ROUTES)
 async def test_a_servers_request_limit_is_learned_so_its_goaway_refuses_nothing(
-    route: str, transport: str, request: pytest.FixtureRequest, make_engine: ..., proxy_url: ..., certs: Certs,
-    doc_pages: list[str], nginx_goaway: Nginx,
+    route: str, transport: str, make_engine: ..., proxy_url: ..., certs: Certs, doc_pages: list[str],
+    nginx_goaway: Nginx,
 ) -> None:
     """nginx ends each connection after 20 requests; 64 in flight, the first connections get more
     than that and its GOAWAY refuses the rest (sent again elsewhere). Once two connections ended
     at 20, connections to it take 20 requests each: the next batch has no request refused, and
     no more connections than its pages need. (Without the learning, 20-50 % of the second batch's
     requests were refused, on every route.)"""
-    if transport == "curl":  # README, "Transports": libcurl cannot retire one connection
-        request.applymarker(pytest.mark.xfail(strict=True, reason="curl cannot cap requests per connection"))
+    if transport == "curl":
+        # README, "Transports": libcurl cannot retire one connection, so there is nothing to learn
+        # into; and it resends refused streams itself, unseen, so this test cannot tell either way.
+        pytest.skip("libcurl has no per-connection request limit, and hides GOAWAY refusals")
     engine = await make_engine(make_settings(certs, proxy=proxy_url(route)))
 
     async def batch(pages: list[str]) -> list[Outcome]:
