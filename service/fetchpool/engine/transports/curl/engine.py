@@ -23,7 +23,6 @@ or its ``tls_insecure_skip_verify`` ones.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import socket
 import time
@@ -37,6 +36,7 @@ from fetchpool.config import PoolLimits, PoolPolicy
 from fetchpool.engine.guard import VERDICT_TTL, TargetGuard
 from fetchpool.engine.transports.base import RECORDER_EXTENSION
 from fetchpool.engine.transports.curl import facts
+from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
 from fetchpool.engine.transports.curl.ledger import Ledger
 
@@ -61,7 +61,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self._limits = limits
         self._policy = policy
         self._max_header_bytes = max_header_bytes
-        self._multi: pycurl.AsyncCurlMulti | None = None
+        self._multi: Multi | None = None
         self._free: list[pycurl.Curl] = []
         self._opening: dict[pycurl.Curl, Exchange] = {}  # easy -> the exchange it serves now
         self.in_flight: set[Exchange] = set()
@@ -83,6 +83,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         if self._multi is None:
             self._multi = self._new_multi()
+        multi = self._multi
         easy = self._free.pop() if self._free else self._new_easy()
         ex = Exchange(easy, request, loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
                       max_header_bytes=self._max_header_bytes, release=self._release)
@@ -90,49 +91,44 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self._prepare(ex, request, resolve)
         self._opening[easy] = ex
         try:
-            done = self._multi.add_handle(easy)
+            multi.add(easy)
         except BaseException:
             self._opening.pop(easy, None)
             self._free.append(easy)
             raise
         self.in_flight.add(ex)
-        done.add_done_callback(lambda future: self._finished(ex, future))
         if opener is not None:
             ex.headers_ready.add_done_callback(opener)
         try:
             await ex.headers_ready
         except asyncio.CancelledError:
+            self._let_go(ex)
             self.abort(ex)
+            raise
+        except BaseException:
+            self._let_go(ex)
             raise
         facts.report(ex)
         self._count_use(ex)
+        peer = PeerInfo((easy.getinfo(pycurl.PRIMARY_IP), easy.getinfo(pycurl.PRIMARY_PORT)))
+        self._let_go(ex)
         return httpx.Response(ex.status, headers=ex.headers, stream=Body(ex, self.abort),
-                              extensions={"http_version": ex.version,
-                                          "network_stream": PeerInfo((easy.getinfo(pycurl.PRIMARY_IP),
-                                                                      easy.getinfo(pycurl.PRIMARY_PORT)))})
+                              extensions={"http_version": ex.version, "network_stream": peer})
 
-    def _finished(self, ex: Exchange, future: asyncio.Future[Any]) -> None:
-        """The multi's future of ``ex`` is done (completed, failed, or cancelled by abort() or
-        aclose()): report the outcome, and only now let the easy handle serve another request.
+    def _let_go(self, ex: Exchange) -> None:
+        """The request's coroutine read what it needs from the easy handle (see _release)."""
+        ex.held = False
+        if ex.done:
+            self._release(ex)
 
-        Why only now: pycurl 7.49's AsyncCurlMulti runs its own done-callback of that future
-        (registered before this one) to drop the handle, and it looks the handle up by the easy
-        handle alone; had the easy been reused by a new transfer in between, that stale callback
-        would remove the new transfer and leave its future pending for ever (seen as a request
-        that hangs until its total timeout, about 1 in 300 fetches when transfers end in errors
-        while others are aborted)."""
-        if self._opening.get(ex.easy) is ex:
-            del self._opening[ex.easy]
-            if self._multi is not None:
-                self._free.append(ex.easy)
-            else:
-                ex.easy.close()
-        if future.cancelled() or ex.done:
-            return  # stopped by abort() or aclose(), which finished the exchange
-        failed = future.exception()
+    def _finished(self, easy: pycurl.Curl, failed: pycurl.error | None) -> None:
+        """libcurl completed (``failed`` None) or failed the transfer of ``easy``: report the
+        outcome; the easy handle can serve another request."""
+        ex = self._opening[easy]
+        if ex.done:
+            return
         error = None
         if failed is not None:
-            assert isinstance(failed, pycurl.error), failed
             if not ex.headers_ready.done():
                 facts.report(ex, failed)
             error = facts.to_exception(failed, ex)
@@ -145,14 +141,22 @@ class CurlEngine(httpx.AsyncBaseTransport):
         stream, or closes its HTTP/1.1 connection mid-response; the easy handle is reusable."""
         if ex.done:
             return
-        multi = self._multi
-        if multi is not None and not multi.closed:
-            with contextlib.suppress(RuntimeError):  # already completed: its completion is queued
-                multi.remove_handle(ex.easy)
+        if self._multi is not None:
+            self._multi.remove(ex.easy)
         ex.finished(httpx.ReadError("the transfer was stopped", request=ex.request))
 
     def _release(self, ex: Exchange) -> None:
+        """``ex`` is finished: the request is no longer in flight and its easy handle may serve
+        another, unless the request's coroutine has yet to read the transfer's facts from it
+        (``ex.held``): libcurl completes a transfer inside the ``socket_action`` that received its
+        last bytes, before that coroutine resumes, and the handle must not be taken by another
+        request (or closed by an upkeep that saw nothing in flight) in between."""
+        if ex.held:
+            return
         self.in_flight.discard(ex)
+        if self._opening.get(ex.easy) is ex:
+            del self._opening[ex.easy]
+            self._free.append(ex.easy)
 
     def _count_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)
@@ -239,13 +243,13 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     # -- handles --
 
-    def _new_multi(self) -> pycurl.AsyncCurlMulti:
-        multi = pycurl.AsyncCurlMulti()
+    def _new_multi(self) -> Multi:
+        multi = Multi(self._finished)
         multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
         self._apply(multi)
         return multi
 
-    def _apply(self, multi: pycurl.AsyncCurlMulti) -> None:
+    def _apply(self, multi: Multi) -> None:
         limits = self._limits
         multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, limits.max_connections)
         multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, limits.max_connections_per_host)
@@ -317,9 +321,11 @@ class CurlEngine(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         multi, self._multi = self._multi, None
         if multi is not None:
-            await multi.aclose()  # libcurl closes every connection it holds
+            multi.close()  # libcurl closes every connection it holds
         for ex in list(self.in_flight):
             ex.finished(httpx.ReadError("the pool was closed", request=ex.request))
+        # Handles still held by a request's coroutine (see _release) come back later: they are
+        # closed when collected.
         for easy in self._free:
             easy.close()
         self._free.clear()

@@ -31,7 +31,7 @@ class Exchange:
 
     __slots__ = (
         "addresses", "buffered", "chunks", "done", "easy", "error", "fd", "header_bytes", "headers",
-        "headers_ready", "max_header_bytes", "opened", "paused", "recorder", "refused", "release",
+        "headers_ready", "held", "max_header_bytes", "opened", "paused", "recorder", "refused", "release",
         "reported", "request", "status", "t0", "t_tunnel", "tunnel", "version", "waiter",
     )
 
@@ -59,6 +59,7 @@ class Exchange:
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
         self.done = False
+        self.held = True  # the request's coroutine has yet to read the transfer's facts (CurlEngine._let_go)
         self.reported = False
         self.error: BaseException | None = None
         self.refused = ""  # an address the guard refused
