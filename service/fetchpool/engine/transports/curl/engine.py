@@ -80,12 +80,11 @@ class CurlEngine(httpx.AsyncBaseTransport):
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses, resolve = await self._pin(host, port) if self._guard is not None else (None, "")
         opener = await self._gate((url.scheme, host, port)) if url.scheme == "https" else None
-        loop = asyncio.get_running_loop()
         if self._multi is None:
             self._multi = self._new_multi()
         multi = self._multi
         easy = self._free.pop() if self._free else self._new_easy()
-        ex = Exchange(easy, request, loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
+        ex = Exchange(easy, request, multi.loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
                       max_header_bytes=self._max_header_bytes, release=self._release)
         ex.recorder = request.extensions.get(RECORDER_EXTENSION)
         self._prepare(ex, request, resolve)
@@ -168,6 +167,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         most = self._policy.max_requests_per_connection
         if most and connection.uses >= most:
             ex.easy.setopt(pycurl.FORBID_REUSE, 1)  # closed when this transfer is done
+            ex.easy.settings = None  # type: ignore[attr-defined]  # the next transfer sets FORBID_REUSE again
             self.retired += 1
 
     # -- the guard --
@@ -261,8 +261,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
         if self._multi is not None:
             self._apply(self._multi)
 
-    def _new_easy(self) -> pycurl.Curl:
-        easy = pycurl.Curl()
+    def _new_easy(self) -> _Easy:
+        easy = _Easy()
         s = easy.setopt
         s(pycurl.NOSIGNAL, 1)
         s(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
@@ -279,35 +279,52 @@ class CurlEngine(httpx.AsyncBaseTransport):
         return easy
 
     def _prepare(self, ex: Exchange, request: httpx.Request, resolve: str) -> None:
-        s = ex.easy.setopt
+        """Set the options of ``ex``'s transfer. An easy handle keeps its options from one
+        transfer to the next, so those that are most often the same as last time (the request
+        headers, the method, timeouts and limits) are set only when they changed."""
+        easy: _Easy = ex.easy  # type: ignore[assignment]
+        s = easy.setopt
         s(pycurl.URL, str(request.url))
-        # Only https can turn out HTTP/2; over plain HTTP/1.1 libcurl would wait for a first
-        # response before it opens a second connection to the origin.
-        s(pycurl.PIPEWAIT, request.url.scheme == "https")
-        headers = [b"%s: %s" % (k, v) for k, v in request.headers.raw if k.lower() not in _OWN]
-        headers.append(b"Expect:")  # no 100-continue round trip
-        s(pycurl.HTTPHEADER, headers)
-        method = request.method
-        body = request.content if method not in ("GET", "HEAD") else b""
-        if method == "HEAD":
-            s(pycurl.NOBODY, 1)
-        else:
-            s(pycurl.HTTPGET, 1)  # also clears NOBODY and a previous body
-        if body:
-            s(pycurl.POSTFIELDSIZE, len(body))
-            s(pycurl.COPYPOSTFIELDS, body)
-        s(pycurl.CUSTOMREQUEST, None if method in ("GET", "HEAD") or (method == "POST" and body) else method)
         s(pycurl.HEADERFUNCTION, ex.on_header)
         s(pycurl.WRITEFUNCTION, ex.on_body)
+        raw = request.headers.raw
+        if raw != easy.raw_headers:
+            easy.raw_headers = raw
+            headers = [b"%s: %s" % (k, v) for k, v in raw if k.lower() not in _OWN]
+            headers.append(b"Expect:")  # no 100-continue round trip
+            s(pycurl.HTTPHEADER, headers)
+        method = request.method
+        if method != easy.method or method not in ("GET", "HEAD"):
+            easy.method = method
+            body = request.content if method not in ("GET", "HEAD") else b""
+            if method == "HEAD":
+                s(pycurl.NOBODY, 1)
+            else:
+                s(pycurl.HTTPGET, 1)  # also clears NOBODY and a previous body
+            if body:
+                s(pycurl.POSTFIELDSIZE, len(body))
+                s(pycurl.COPYPOSTFIELDS, body)
+            s(pycurl.CUSTOMREQUEST, None if method in ("GET", "HEAD") or (method == "POST" and body) else method)
         timeouts = request.extensions.get("timeout") or {}
-        connect, read = timeouts.get("connect"), timeouts.get("read")
+        settings = (request.url.scheme, timeouts.get("connect"), timeouts.get("read"), resolve, self._limits,
+                    self._policy)
+        if settings != easy.settings:
+            easy.settings = settings
+            self._set(easy, *settings)
+
+    def _set(self, easy: pycurl.Curl, scheme: str, connect: float | None, read: float | None, resolve: str,
+             limits: PoolLimits, policy: PoolPolicy) -> None:
+        s = easy.setopt
+        # Only https can turn out HTTP/2; over plain HTTP/1.1 libcurl would wait for a first
+        # response before it opens a second connection to the origin.
+        s(pycurl.PIPEWAIT, scheme == "https")
         s(pycurl.CONNECTTIMEOUT_MS, int(connect * 1000) if connect else 0)
         s(pycurl.LOW_SPEED_LIMIT, 1 if read else 0)
         s(pycurl.LOW_SPEED_TIME, max(1, math.ceil(read)) if read else 0)
         s(pycurl.RESOLVE, [resolve] if resolve else [])
-        s(pycurl.MAXAGE_CONN, max(1, math.ceil(self._limits.keepalive_expiry)))
-        s(pycurl.MAXLIFETIME_CONN, math.ceil(self._policy.max_connection_age))
-        s(pycurl.FORBID_REUSE, 0 if self._limits.max_keepalive_connections else 1)
+        s(pycurl.MAXAGE_CONN, max(1, math.ceil(limits.keepalive_expiry)))
+        s(pycurl.MAXLIFETIME_CONN, math.ceil(policy.max_connection_age))
+        s(pycurl.FORBID_REUSE, 0 if limits.max_keepalive_connections else 1)
 
     async def close_idle(self) -> int:
         """Close every connection, when no request is in flight (libcurl has no call that
@@ -334,6 +351,18 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     async def __aexit__(self, *args: Any) -> None:
         await self.aclose()
+
+
+class _Easy(pycurl.Curl):
+    """An easy handle, and what was set on it for its last transfer (see CurlEngine._prepare)."""
+
+    __slots__ = ("method", "raw_headers", "settings")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw_headers: list[tuple[bytes, bytes]] | None = None
+        self.method = ""
+        self.settings: tuple[Any, ...] | None = None
 
 
 class _Handed:

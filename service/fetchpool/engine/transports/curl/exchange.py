@@ -169,7 +169,7 @@ class Exchange:
     async def more(self) -> None:
         """Wait until a body chunk arrives or the transfer ends (libcurl's low-speed limit
         bounds the wait: ``read`` timeout)."""
-        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        waiter = self.waiter = self.headers_ready.get_loop().create_future()
         try:
             await waiter
         finally:
