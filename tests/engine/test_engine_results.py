@@ -4,12 +4,15 @@ version, whether the body was decoded, and cookies kept per session."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import time
 
 import httpx
 import pytest
 from enginekit import make_settings
+from fetchpool.config import PoolLimits
 from fetchpool.engine import FetchSpec
 from fetchpool.errors import ErrorKind
 from support import AppServer, Certs
@@ -135,3 +138,30 @@ async def test_keep_cookies_without_a_session_key_is_an_invalid_argument(make_en
     engine = await make_engine(make_settings(certs))
     outcome = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo", keep_cookies=True))
     assert outcome.error_kind is ErrorKind.INVALID_ARGUMENT and "session_key" in outcome.error_message
+
+
+async def test_a_response_completed_before_its_request_resumed_keeps_what_it_reports(
+        make_engine, certs: Certs, app_server: AppServer) -> None:
+    """One fetch after another, each response whole in one read, while the pools' upkeep runs at
+    every turn of the loop and finds every idle connection expired: every fetch gets its response
+    and its facts. On curl, a transfer completes inside libcurl before its request's coroutine
+    resumes; the upkeep ran in between, saw nothing in flight, closed the pool and with it the
+    easy handle the coroutine was about to read the transfer's facts from (INTERNAL: "cannot
+    invoke getinfo() - no curl handle")."""
+    engine = await make_engine(make_settings(certs, limits=PoolLimits(keepalive_expiry=0.001, pool_timeout=3.0)))
+    running = True
+
+    async def upkeep() -> None:
+        while running:
+            for pool in engine.pools:
+                await pool.tend(time.monotonic())
+            await asyncio.sleep(0)
+
+    tender = asyncio.create_task(upkeep())
+    try:
+        outcomes = [await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo?i={i}")) for i in range(100)]
+    finally:
+        running = False
+        await tender
+    failed = [(o.error_kind, o.error_message) for o in outcomes if not o.ok]
+    assert failed == [] and all(o.status_code == 200 and o.http_version for o in outcomes)
