@@ -4,6 +4,7 @@
     python -m bench.profile_service --reps 3 --no-profile --transport curl
     git archive main service | tar -x -C /tmp/main && \\
         python -m bench.profile_service --baseline-src /tmp/main/service     # this code against main's
+    python -m bench.profile_service --transport curl --baseline-src /tmp/main/service --baseline-transport curl
 
 Each run starts a fresh ``fetchpool serve`` (as ``make bench`` does), sends one FetchMany of N
 distinct URLs with concurrency C through a real gRPC caller, and counts the service process's CPU
@@ -75,6 +76,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="this code's fetchpool serve transport (its default); the baseline runs on its own default")
     ap.add_argument("--baseline-src", default="",
                     help="a source tree's service/ folder to measure against, round by round (PYTHONPATH)")
+    ap.add_argument("--baseline-transport", default="",
+                    help="the baseline's transport (FETCHPOOL_TRANSPORT; default: its own default), e.g. curl to "
+                         "compare one transport's code before and after a change")
     ap.add_argument("--out", default=str(BENCH / "results"))
     return ap.parse_args(argv)
 
@@ -86,7 +90,9 @@ def _median(values: list[float]) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     transport = a.transport or default_transport()
-    versions = {CURRENT: {}} | ({BASELINE: {"PYTHONPATH": a.baseline_src}} if a.baseline_src else {})
+    baseline_env = {"PYTHONPATH": a.baseline_src} | (
+        {"FETCHPOOL_TRANSPORT": a.baseline_transport} if a.baseline_transport else {})
+    versions = {CURRENT: {}} | ({BASELINE: baseline_env} if a.baseline_src else {})
     cell = Cell(*a.cell.split("/"))
     outdir = Path(a.out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in list(versions) if rep % 2 else list(versions)[::-1]:
                 env.service_env = versions[name]
                 log(f"round {rep}: {name}")
-                # The baseline runs on its own default transport: its serve may have no --transport.
+                # The baseline runs on its own default transport (its serve may have no --transport),
+                # or on the one --baseline-transport names, through the environment.
                 key = run_key("fp-many", transport) if name == CURRENT else "fp-many"
                 runs[name].append(runner.run(key, cell, rep))
         for name in versions if not a.no_profile else ():
@@ -118,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                         for r in rs] for name, rs in runs.items()}
     ratios = [c / b for c, b in zip(per_fetch[CURRENT], per_fetch.get(BASELINE, []), strict=False) if c and b]
     result = {"cell": cell.key, "n": a.n, "c": a.c, "transport": transport, "baseline_src": a.baseline_src,
+              "baseline_transport": a.baseline_transport or "its default",
               "cpu_ms_per_fetch": per_fetch,
               "median": {name: _median([v for v in vs if v]) for name, vs in per_fetch.items()},
               "ratio_per_round": ratios, "ratio_median": _median(ratios),
@@ -132,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(result: dict[str, Any]) -> str:
+    baseline = (f"; baseline: the service from {result['baseline_src']} on {result['baseline_transport']} transport, "
+                "alternating with this code round by round") if result["baseline_src"] else ""
     lines = [f"# Service CPU per fetch, {result['cell']}\n",
              f"- one FetchMany of {result['n']:,} URLs, concurrency {result['c']}, transport {result['transport']}, "
-             "a fresh `fetchpool serve` per run" + (f"; baseline: the service from {result['baseline_src']}, "
-                                                    "alternating with this code round by round"
-                                                    if result["baseline_src"] else "")]
+             f"a fresh `fetchpool serve` per run{baseline}"]
     for name, values in result["cpu_ms_per_fetch"].items():
         shown = ", ".join(f"{v:.3f}" if v else "failed" for v in values)
         lines.append(f"- {name}: service CPU ms per fetch per round {shown}; "

@@ -9,12 +9,13 @@ import gzip
 import json
 import socket
 import struct
+import time
 import uuid
 
 import httpx
 import pytest
 from enginekit import make_settings
-from fetchpool.config import RetryPolicy
+from fetchpool.config import PoolLimits, RetryPolicy
 from fetchpool.engine import FetchSpec
 from fetchpool.errors import ErrorKind
 from support import AppServer, Certs
@@ -182,3 +183,30 @@ async def test_retry_reasons_say_why_each_send_was_repeated(make_engine, certs: 
     [reason] = cut.retry_reasons
     # The socket's error, not only httpx's bare ReadError: a reset is what a relay's abort looks like.
     assert reason.startswith("NETWORK: connection failed: ") and "Connection reset by peer" in reason, reason
+
+
+async def test_a_response_completed_before_its_request_resumed_keeps_what_it_reports(
+        make_engine, certs: Certs, app_server: AppServer) -> None:
+    """One fetch after another, each response whole in one read, while the pools' upkeep runs at
+    every turn of the loop and finds every idle connection expired: every fetch gets its response
+    and its facts. On curl, a transfer completes inside libcurl before its request's coroutine
+    resumes; the upkeep ran in between, saw nothing in flight, closed the pool and with it the
+    easy handle the coroutine was about to read the transfer's facts from (INTERNAL: "cannot
+    invoke getinfo() - no curl handle")."""
+    engine = await make_engine(make_settings(certs, limits=PoolLimits(keepalive_expiry=0.001, pool_timeout=3.0)))
+    running = True
+
+    async def upkeep() -> None:
+        while running:
+            for pool in engine.pools:
+                await pool.tend(time.monotonic())
+            await asyncio.sleep(0)
+
+    tender = asyncio.create_task(upkeep())
+    try:
+        outcomes = [await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo?i={i}")) for i in range(100)]
+    finally:
+        running = False
+        await tender
+    failed = [(o.error_kind, o.error_message) for o in outcomes if not o.ok]
+    assert failed == [] and all(o.status_code == 200 and o.http_version for o in outcomes)

@@ -1,6 +1,7 @@
 """The ``curl`` transport: libcurl (with nghttp2 and OpenSSL, as pycurl's wheels bundle them)
 under the same ``httpx.AsyncClient``, one multi handle per pool (and one more for requests that
-skip certificate checks), driven by pycurl's own asyncio integration (``AsyncCurlMulti``).
+skip certificate checks), driven by the running asyncio loop (``driver.py``: libcurl's
+multi-socket API, as pycurl's ``AsyncCurlMulti`` does, with less work per transfer).
 
 Why it exists, measured (issue 15's evaluation): through the same client, libcurl's HTTP/2 costs
 about a fifth of the CPU per request of httpcore + h2, and it reports what fetchpool promises

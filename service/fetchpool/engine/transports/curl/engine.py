@@ -23,7 +23,6 @@ or its ``tls_insecure_skip_verify`` ones.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import socket
 import time
@@ -37,6 +36,7 @@ from fetchpool.config import PoolLimits, PoolPolicy
 from fetchpool.engine.guard import VERDICT_TTL, TargetGuard
 from fetchpool.engine.transports.base import RECORDER_EXTENSION
 from fetchpool.engine.transports.curl import facts
+from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
 from fetchpool.engine.transports.curl.ledger import Ledger
 
@@ -61,7 +61,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self._limits = limits
         self._policy = policy
         self._max_header_bytes = max_header_bytes
-        self._multi: pycurl.AsyncCurlMulti | None = None
+        self._multi: Multi | None = None
         self._free: list[pycurl.Curl] = []
         self._opening: dict[pycurl.Curl, Exchange] = {}  # easy -> the exchange it serves now
         self.in_flight: set[Exchange] = set()
@@ -80,59 +80,54 @@ class CurlEngine(httpx.AsyncBaseTransport):
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses, resolve = await self._pin(host, port) if self._guard is not None else (None, "")
         opener = await self._gate((url.scheme, host, port)) if url.scheme == "https" else None
-        loop = asyncio.get_running_loop()
         if self._multi is None:
             self._multi = self._new_multi()
+        multi = self._multi
         easy = self._free.pop() if self._free else self._new_easy()
-        ex = Exchange(easy, request, loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
+        ex = Exchange(easy, request, multi.loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
                       max_header_bytes=self._max_header_bytes, release=self._release)
         ex.recorder = request.extensions.get(RECORDER_EXTENSION)
         self._prepare(ex, request, resolve)
         self._opening[easy] = ex
         try:
-            done = self._multi.add_handle(easy)
+            multi.add(easy)
         except BaseException:
             self._opening.pop(easy, None)
             self._free.append(easy)
             raise
         self.in_flight.add(ex)
-        done.add_done_callback(lambda future: self._finished(ex, future))
         if opener is not None:
             ex.headers_ready.add_done_callback(opener)
         try:
             await ex.headers_ready
         except asyncio.CancelledError:
+            self._let_go(ex)
             self.abort(ex)
+            raise
+        except BaseException:
+            self._let_go(ex)
             raise
         facts.report(ex)
         self._count_use(ex)
+        peer = PeerInfo((easy.getinfo(pycurl.PRIMARY_IP), easy.getinfo(pycurl.PRIMARY_PORT)))
+        self._let_go(ex)
         return httpx.Response(ex.status, headers=ex.headers, stream=Body(ex, self.abort),
-                              extensions={"http_version": ex.version,
-                                          "network_stream": PeerInfo((easy.getinfo(pycurl.PRIMARY_IP),
-                                                                      easy.getinfo(pycurl.PRIMARY_PORT)))})
+                              extensions={"http_version": ex.version, "network_stream": peer})
 
-    def _finished(self, ex: Exchange, future: asyncio.Future[Any]) -> None:
-        """The multi's future of ``ex`` is done (completed, failed, or cancelled by abort() or
-        aclose()): report the outcome, and only now let the easy handle serve another request.
+    def _let_go(self, ex: Exchange) -> None:
+        """The request's coroutine read what it needs from the easy handle (see _release)."""
+        ex.held = False
+        if ex.done:
+            self._release(ex)
 
-        Why only now: pycurl 7.49's AsyncCurlMulti runs its own done-callback of that future
-        (registered before this one) to drop the handle, and it looks the handle up by the easy
-        handle alone; had the easy been reused by a new transfer in between, that stale callback
-        would remove the new transfer and leave its future pending for ever (seen as a request
-        that hangs until its total timeout, about 1 in 300 fetches when transfers end in errors
-        while others are aborted)."""
-        if self._opening.get(ex.easy) is ex:
-            del self._opening[ex.easy]
-            if self._multi is not None:
-                self._free.append(ex.easy)
-            else:
-                ex.easy.close()
-        if future.cancelled() or ex.done:
-            return  # stopped by abort() or aclose(), which finished the exchange
-        failed = future.exception()
+    def _finished(self, easy: pycurl.Curl, failed: pycurl.error | None) -> None:
+        """libcurl completed (``failed`` None) or failed the transfer of ``easy``: report the
+        outcome; the easy handle can serve another request."""
+        ex = self._opening[easy]
+        if ex.done:
+            return
         error = None
         if failed is not None:
-            assert isinstance(failed, pycurl.error), failed
             if not ex.headers_ready.done():
                 facts.report(ex, failed)
             error = facts.to_exception(failed, ex)
@@ -145,14 +140,22 @@ class CurlEngine(httpx.AsyncBaseTransport):
         stream, or closes its HTTP/1.1 connection mid-response; the easy handle is reusable."""
         if ex.done:
             return
-        multi = self._multi
-        if multi is not None and not multi.closed:
-            with contextlib.suppress(RuntimeError):  # already completed: its completion is queued
-                multi.remove_handle(ex.easy)
+        if self._multi is not None:
+            self._multi.remove(ex.easy)
         ex.finished(httpx.ReadError("the transfer was stopped", request=ex.request))
 
     def _release(self, ex: Exchange) -> None:
+        """``ex`` is finished: the request is no longer in flight and its easy handle may serve
+        another, unless the request's coroutine has yet to read the transfer's facts from it
+        (``ex.held``): libcurl completes a transfer inside the ``socket_action`` that received its
+        last bytes, before that coroutine resumes, and the handle must not be taken by another
+        request (or closed by an upkeep that saw nothing in flight) in between."""
+        if ex.held:
+            return
         self.in_flight.discard(ex)
+        if self._opening.get(ex.easy) is ex:
+            del self._opening[ex.easy]
+            self._free.append(ex.easy)
 
     def _count_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)
@@ -164,6 +167,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         most = self._policy.max_requests_per_connection
         if most and connection.uses >= most:
             ex.easy.setopt(pycurl.FORBID_REUSE, 1)  # closed when this transfer is done
+            ex.easy.settings = None  # type: ignore[attr-defined]  # the next transfer sets FORBID_REUSE again
             self.retired += 1
 
     # -- the guard --
@@ -239,13 +243,13 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     # -- handles --
 
-    def _new_multi(self) -> pycurl.AsyncCurlMulti:
-        multi = pycurl.AsyncCurlMulti()
+    def _new_multi(self) -> Multi:
+        multi = Multi(self._finished)
         multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
         self._apply(multi)
         return multi
 
-    def _apply(self, multi: pycurl.AsyncCurlMulti) -> None:
+    def _apply(self, multi: Multi) -> None:
         limits = self._limits
         multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, limits.max_connections)
         multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, limits.max_connections_per_host)
@@ -257,8 +261,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
         if self._multi is not None:
             self._apply(self._multi)
 
-    def _new_easy(self) -> pycurl.Curl:
-        easy = pycurl.Curl()
+    def _new_easy(self) -> _Easy:
+        easy = _Easy()
         s = easy.setopt
         s(pycurl.NOSIGNAL, 1)
         s(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
@@ -275,35 +279,52 @@ class CurlEngine(httpx.AsyncBaseTransport):
         return easy
 
     def _prepare(self, ex: Exchange, request: httpx.Request, resolve: str) -> None:
-        s = ex.easy.setopt
+        """Set the options of ``ex``'s transfer. An easy handle keeps its options from one
+        transfer to the next, so those that are most often the same as last time (the request
+        headers, the method, timeouts and limits) are set only when they changed."""
+        easy: _Easy = ex.easy  # type: ignore[assignment]
+        s = easy.setopt
         s(pycurl.URL, str(request.url))
-        # Only https can turn out HTTP/2; over plain HTTP/1.1 libcurl would wait for a first
-        # response before it opens a second connection to the origin.
-        s(pycurl.PIPEWAIT, request.url.scheme == "https")
-        headers = [b"%s: %s" % (k, v) for k, v in request.headers.raw if k.lower() not in _OWN]
-        headers.append(b"Expect:")  # no 100-continue round trip
-        s(pycurl.HTTPHEADER, headers)
-        method = request.method
-        body = request.content if method not in ("GET", "HEAD") else b""
-        if method == "HEAD":
-            s(pycurl.NOBODY, 1)
-        else:
-            s(pycurl.HTTPGET, 1)  # also clears NOBODY and a previous body
-        if body:
-            s(pycurl.POSTFIELDSIZE, len(body))
-            s(pycurl.COPYPOSTFIELDS, body)
-        s(pycurl.CUSTOMREQUEST, None if method in ("GET", "HEAD") or (method == "POST" and body) else method)
         s(pycurl.HEADERFUNCTION, ex.on_header)
         s(pycurl.WRITEFUNCTION, ex.on_body)
+        raw = request.headers.raw
+        if raw != easy.raw_headers:
+            easy.raw_headers = raw
+            headers = [b"%s: %s" % (k, v) for k, v in raw if k.lower() not in _OWN]
+            headers.append(b"Expect:")  # no 100-continue round trip
+            s(pycurl.HTTPHEADER, headers)
+        method = request.method
+        if method != easy.method or method not in ("GET", "HEAD"):
+            easy.method = method
+            body = request.content if method not in ("GET", "HEAD") else b""
+            if method == "HEAD":
+                s(pycurl.NOBODY, 1)
+            else:
+                s(pycurl.HTTPGET, 1)  # also clears NOBODY and a previous body
+            if body:
+                s(pycurl.POSTFIELDSIZE, len(body))
+                s(pycurl.COPYPOSTFIELDS, body)
+            s(pycurl.CUSTOMREQUEST, None if method in ("GET", "HEAD") or (method == "POST" and body) else method)
         timeouts = request.extensions.get("timeout") or {}
-        connect, read = timeouts.get("connect"), timeouts.get("read")
+        settings = (request.url.scheme, timeouts.get("connect"), timeouts.get("read"), resolve, self._limits,
+                    self._policy)
+        if settings != easy.settings:
+            easy.settings = settings
+            self._set(easy, *settings)
+
+    def _set(self, easy: pycurl.Curl, scheme: str, connect: float | None, read: float | None, resolve: str,
+             limits: PoolLimits, policy: PoolPolicy) -> None:
+        s = easy.setopt
+        # Only https can turn out HTTP/2; over plain HTTP/1.1 libcurl would wait for a first
+        # response before it opens a second connection to the origin.
+        s(pycurl.PIPEWAIT, scheme == "https")
         s(pycurl.CONNECTTIMEOUT_MS, int(connect * 1000) if connect else 0)
         s(pycurl.LOW_SPEED_LIMIT, 1 if read else 0)
         s(pycurl.LOW_SPEED_TIME, max(1, math.ceil(read)) if read else 0)
         s(pycurl.RESOLVE, [resolve] if resolve else [])
-        s(pycurl.MAXAGE_CONN, max(1, math.ceil(self._limits.keepalive_expiry)))
-        s(pycurl.MAXLIFETIME_CONN, math.ceil(self._policy.max_connection_age))
-        s(pycurl.FORBID_REUSE, 0 if self._limits.max_keepalive_connections else 1)
+        s(pycurl.MAXAGE_CONN, max(1, math.ceil(limits.keepalive_expiry)))
+        s(pycurl.MAXLIFETIME_CONN, math.ceil(policy.max_connection_age))
+        s(pycurl.FORBID_REUSE, 0 if limits.max_keepalive_connections else 1)
 
     async def close_idle(self) -> int:
         """Close every connection, when no request is in flight (libcurl has no call that
@@ -317,9 +338,11 @@ class CurlEngine(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         multi, self._multi = self._multi, None
         if multi is not None:
-            await multi.aclose()  # libcurl closes every connection it holds
+            multi.close()  # libcurl closes every connection it holds
         for ex in list(self.in_flight):
             ex.finished(httpx.ReadError("the pool was closed", request=ex.request))
+        # Handles still held by a request's coroutine (see _release) come back later: they are
+        # closed when collected.
         for easy in self._free:
             easy.close()
         self._free.clear()
@@ -328,6 +351,18 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     async def __aexit__(self, *args: Any) -> None:
         await self.aclose()
+
+
+class _Easy(pycurl.Curl):
+    """An easy handle, and what was set on it for its last transfer (see CurlEngine._prepare)."""
+
+    __slots__ = ("method", "raw_headers", "settings")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw_headers: list[tuple[bytes, bytes]] | None = None
+        self.method = ""
+        self.settings: tuple[Any, ...] | None = None
 
 
 class _Handed:

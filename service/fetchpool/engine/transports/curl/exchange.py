@@ -31,8 +31,8 @@ class Exchange:
 
     __slots__ = (
         "addresses", "buffered", "chunks", "done", "easy", "error", "fd", "header_bytes", "headers",
-        "headers_ready", "max_header_bytes", "opened", "paused", "recorder", "refused", "release",
-        "reported", "request", "status", "t0", "t_tunnel", "tunnel", "version", "waiter",
+        "headers_ready", "held", "lines", "max_header_bytes", "opened", "paused", "ready", "recorder", "refused",
+        "release", "reported", "request", "status", "t0", "t_tunnel", "tunnel", "version", "waiter",
     )
 
     def __init__(self, easy: pycurl.Curl, request: httpx.Request, loop: asyncio.AbstractEventLoop, *,
@@ -47,8 +47,10 @@ class Exchange:
         self.release = release
         self.status = 0
         self.version = b"HTTP/1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # the final block's fields, once it ended
+        self.lines: list[bytes] = []  # the lines of the block being received, its status line first
         self.header_bytes = 0
+        self.ready = False  # the final header block ended (headers_ready is set)
         self.opened = 0  # sockets this request opened (0: it rode a pooled connection)
         self.fd = -1  # the socket it uses, once known
         self.t0 = time.monotonic()
@@ -59,6 +61,7 @@ class Exchange:
         self.paused = False
         self.waiter: asyncio.Future[None] | None = None
         self.done = False
+        self.held = True  # the request's coroutine has yet to read the transfer's facts (CurlEngine._let_go)
         self.reported = False
         self.error: BaseException | None = None
         self.refused = ""  # an address the guard refused
@@ -66,33 +69,57 @@ class Exchange:
     # -- libcurl callbacks (inside socket_action) --
 
     def on_header(self, line: bytes) -> int | None:
-        if self.headers_ready.done():
+        # libcurl calls this once per line (pycurl has no call per header block), about nine
+        # times per response: a field line of the block being received (its status line already
+        # kept, so ``lines`` is not empty) is only counted and kept; the fields are split once,
+        # when the block ends (_block_ended). Everything else goes through _other_line.
+        lines = self.lines
+        if len(line) > 2 and lines and not self.ready:
+            self.header_bytes += len(line)
+            if self.header_bytes > self.max_header_bytes:
+                return self._too_large()
+            lines.append(line)
+            return None
+        return self._other_line(line)
+
+    def _other_line(self, line: bytes) -> int | None:
+        if self.ready:
             return None  # trailers: not part of the response httpx sees
         if line[:5] == b"HTTP/":
             version, _, rest = line.partition(b" ")
             self.version, self.status = version.rstrip(b"\r\n"), int(rest[:3] or b"0")
-            self.headers = []
+            self.lines = [line]
             self.header_bytes = 0
             return None
         if line in (b"\r\n", b"\n"):
-            if self.status < 200:
-                return None  # an interim (1xx) block
-            if self.tunnel and self.opened and not self.t_tunnel:
-                # The first final block on a connection this request opened through an HTTP
-                # proxy is the proxy's answer to CONNECT, not the target's response.
-                self.t_tunnel = time.monotonic()
-                return None
-            self.headers_ready.set_result(None)
+            self._block_ended()
             return None
         self.header_bytes += len(line)
         if self.header_bytes > self.max_header_bytes:
-            self.error = FetchFailed(ErrorKind.TOO_LARGE,
-                                     f"response header block over {self.max_header_bytes} bytes")
-            return -1  # libcurl ends the transfer (CURLE_WRITE_ERROR)
-        name, colon, value = line.partition(b":")
-        if colon:
-            self.headers.append((name.strip(), value.strip()))
+            return self._too_large()
+        self.lines.append(line)
         return None
+
+    def _too_large(self) -> int:
+        self.error = FetchFailed(ErrorKind.TOO_LARGE, f"response header block over {self.max_header_bytes} bytes")
+        return -1  # libcurl ends the transfer (CURLE_WRITE_ERROR)
+
+    def _block_ended(self) -> None:
+        lines, self.lines = self.lines, []
+        if self.status < 200:
+            return  # an interim (1xx) block
+        if self.tunnel and self.opened and not self.t_tunnel:
+            # The first final block on a connection this request opened through an HTTP
+            # proxy is the proxy's answer to CONNECT, not the target's response.
+            self.t_tunnel = time.monotonic()
+            return
+        headers = self.headers
+        for field in lines[1:] if lines and lines[0][:5] == b"HTTP/" else lines:
+            name, colon, value = field.partition(b":")
+            if colon:
+                headers.append((name.strip(), value.strip()))
+        self.ready = True
+        self.headers_ready.set_result(None)
 
     def on_body(self, data: bytes) -> int | None:
         if self.buffered >= BUFFER_BYTES:
@@ -142,7 +169,7 @@ class Exchange:
     async def more(self) -> None:
         """Wait until a body chunk arrives or the transfer ends (libcurl's low-speed limit
         bounds the wait: ``read`` timeout)."""
-        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        waiter = self.waiter = self.headers_ready.get_loop().create_future()
         try:
             await waiter
         finally:
