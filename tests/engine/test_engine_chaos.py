@@ -125,6 +125,9 @@ async def run_chaos(run: Run, servers: Servers) -> None:
                 f"{len(wrong)} responses are not the file's bytes (e.g. {specs[wrong[0]].url}: "
                 f"{results[wrong[0]].status_code}, {len(results[wrong[0]].body)} bytes); {faults}"
             )
+            unexplained = [(o.attempts, o.retry_reasons) for o in results.values()
+                           if o.attempts != 1 + len(o.retry_reasons)]
+            assert not unexplained, f"sends repeated without a reason (attempts, reasons): {unexplained[:3]}"
             if run.early:
                 quitters = [o for o in results.values() if not o.ok and o.attempts < RETRY.attempts]
                 assert not quitters, (

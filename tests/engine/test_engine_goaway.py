@@ -121,6 +121,9 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     wrong = [page for page, o in results.items() if o.ok and o.body != (doc_root / page).read_bytes()]
     if wrong:
         problems.append(f"{len(wrong)} pages came back with other bytes than the file's, e.g. {wrong[:3]}")
+    unexplained = [o.url for o in results.values() if o.attempts != 1 + len(o.retry_reasons)]
+    if unexplained:
+        problems.append(f"{len(unexplained)} results repeated a send without a reason, e.g. {unexplained[:3]}")
     if {o.http_version for o in results.values() if o.ok} != {"HTTP/2"}:
         problems.append(f"HTTP versions {sorted({o.http_version for o in results.values()})}, not only HTTP/2")
     entries = [e for e in nginx.access_log(since, min_entries=len(specs)) if f"run={run}" in e["request_uri"]]
