@@ -48,6 +48,11 @@ RESENDS = 3
 _REFUSED = "GOAWAY: the server refused the request without processing it"
 
 
+def _reason(kind: ErrorKind, message: str) -> str:
+    """A failure as ``Outcome.retry_reasons`` gives it: "NETWORK: connection failed: ..."."""
+    return f"{kind.name}: {message}"
+
+
 def _origin(url: httpx.URL) -> str:
     return f"{url.scheme}://{url.host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
@@ -325,7 +330,7 @@ class Engine:
                     if not holding:
                         break
                 pool.retries_total += 1
-                outcome.retry_reasons.append(f"{failure.kind.name}: {failure}" if failure is not None
+                outcome.retry_reasons.append(_reason(failure.kind, str(failure)) if failure is not None
                                              else f"status {outcome.status_code}")
                 start = time.monotonic()
                 await asyncio.sleep(delay)
@@ -372,8 +377,7 @@ class Engine:
                 if resends_left and not recorder.responded and not recorder.connected:
                     resends_left -= 1
                     outcome.attempts += 1
-                    kind, message = classify(exc, via_proxy=pool.proxy)
-                    outcome.retry_reasons.append(f"{kind.name}: {message}")
+                    outcome.retry_reasons.append(_reason(*classify(exc, via_proxy=pool.proxy)))
                     pool.retries_total += 1
                     continue
                 raise

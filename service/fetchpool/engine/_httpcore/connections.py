@@ -34,17 +34,13 @@ from httpcore._trace import Trace
 
 from fetchpool.engine._httpcore.h2 import GracefulHTTP2Connection
 from fetchpool.engine._httpcore.h2_support import reserve_receive_buffer, stream_info
-from fetchpool.engine._httpcore.limits import RequestLimits
+from fetchpool.engine._httpcore.limits import OriginKey, RequestLimits, remember
 from fetchpool.engine._httpcore.shield import shielded
 
 # httpcore's loggers, so trace events keep httpcore's names ("connection.connect_tcp", ...).
 _DIRECT = logging.getLogger("httpcore.connection")
 _PROXY = logging.getLogger("httpcore.proxy")
 _SOCKS = logging.getLogger("httpcore.socks")
-#: Most origins whose negotiated protocol is remembered per pool.
-PROTOCOL_MEMORY = 10_000
-#: An origin as a dictionary key (httpcore's ``Origin`` is not hashable).
-OriginKey = tuple[bytes, bytes, int]
 
 
 class Step:
@@ -235,14 +231,14 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
     def _remember(self, http2: bool) -> None:
         if self._origin.scheme != b"https":
             return
-        if len(self._protocols) >= PROTOCOL_MEMORY and self._key not in self._protocols:
-            self._protocols.pop(next(iter(self._protocols)))
-        self._protocols[self._key] = http2
+        remember(self._protocols, self._key, http2)
 
     def _request_limit(self) -> int:
         """``max_requests`` or the limit learned for its origin (``limits.py``), the lower; 0: none."""
-        limits = [n for n in (self._max_requests, self._learned.limit(self._key)) if n > 0]
-        return min(limits) if limits else 0
+        learned = self._learned.limit(self._key)
+        if not (learned and self._max_requests):
+            return learned or self._max_requests
+        return min(learned, self._max_requests)
 
     def promise(self) -> None:
         """The pool assigned it a request (see :meth:`unpromised`)."""

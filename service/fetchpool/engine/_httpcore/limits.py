@@ -13,14 +13,21 @@ the server's GOAWAY then meets no request of ours. A graceful shutdown's GOAWAY 
 restarting) ends connections at counts that differ; one that differs from a learned limit drops it.
 A server that raises its limit later is not noticed (connections keep retiring at the old one,
 as often as before the limit was learned).
+
+:func:`remember` bounds every per-origin memory of a pool (this one, the protocol negotiated, the
+stream limit).
 """
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import MutableMapping
+from typing import TypeAlias, TypeVar
 
-OriginKey: TypeAlias = tuple[bytes, bytes, int]  # (scheme, host, port), as httpcore's Origin
-#: Most origins remembered per pool.
+V = TypeVar("V")
+
+#: An origin as a dictionary key (httpcore's ``Origin`` is not hashable): (scheme, host, port).
+OriginKey: TypeAlias = tuple[bytes, bytes, int]
+#: Most origins a pool remembers anything about (a protocol, a stream or request limit).
 MEMORY = 10_000
 
 
@@ -39,17 +46,18 @@ class RequestLimits:
         if accepted < 1:
             return
         if self._last.get(key) == accepted:
-            _put(self._learned, key, accepted)
+            remember(self._learned, key, accepted)
         else:
             self._learned.pop(key, None)
-        _put(self._last, key, accepted)
+        remember(self._last, key, accepted)
 
     def limit(self, key: OriginKey) -> int:
         """Requests a connection to ``key`` should take at most; 0 when none was learned."""
         return self._learned.get(key, 0)
 
 
-def _put(memory: dict[OriginKey, int], key: OriginKey, value: int) -> None:
+def remember(memory: MutableMapping[OriginKey, V], key: OriginKey, value: V) -> None:
+    """``memory[key] = value``, forgetting the oldest origin first when ``memory`` is full."""
     if key not in memory and len(memory) >= MEMORY:
         memory.pop(next(iter(memory)))  # the oldest
     memory[key] = value

@@ -39,7 +39,7 @@ from httpcore import AsyncConnectionInterface, Origin
 
 from fetchpool.engine._httpcore import connections as conn
 from fetchpool.engine._httpcore.h2 import MAX_STREAMS, GracefulHTTP2Connection
-from fetchpool.engine._httpcore.limits import RequestLimits
+from fetchpool.engine._httpcore.limits import RequestLimits, remember
 from fetchpool.engine._httpcore.shield import shielded
 
 
@@ -177,9 +177,7 @@ class PoolMixin:
             streams = inner.stream_capacity
             if streams is not None:
                 if self._stream_limits.get(key) != streams:
-                    if len(self._stream_limits) >= conn.PROTOCOL_MEMORY:
-                        self._stream_limits.pop(next(iter(self._stream_limits)))
-                    self._stream_limits[key] = streams
+                    remember(self._stream_limits, key, streams)
                 return streams
         elif inner is not None:
             return 1  # HTTP/1.1
