@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import os
 import re
 import socket
 import ssl
@@ -120,6 +121,16 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def _with_socket_error(text: str, chain: list[BaseException]) -> str:
+    """``text`` and the socket's error from ``chain``, when it does not say it already: httpx's
+    ReadError says nothing more, anyio's connect "All connection attempts failed"; the socket
+    says "Connection reset by peer", "Connection refused"."""
+    error = next((c for c in chain if isinstance(c, OSError) and (c.errno or c.strerror)), None)
+    # The errno's own words: asyncio's connect says "Connect call failed ('10.0.0.1', 80)" for them.
+    reason = "" if error is None else os.strerror(error.errno) if error.errno else str(error.strerror)
+    return f"{text}: {reason}" if reason and reason not in text else text
+
+
 def proxy_status(exc: BaseException) -> int | None:
     """The status a proxy gave to our CONNECT (httpcore's ProxyError says "<status> <reason>"), if any."""
     import httpcore
@@ -182,6 +193,7 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
             if connecting_to_proxy:
                 return ErrorKind.PROXY, f"proxy host did not resolve: {text}"
             return ErrorKind.DNS, f"host did not resolve: {text}"
+        text = _with_socket_error(text, chain)
         if connecting_to_proxy:
             return ErrorKind.PROXY, f"could not connect to the proxy: {text}"
         return ErrorKind.CONNECT, f"could not connect: {text}"
@@ -198,11 +210,7 @@ def classify(exc: BaseException, *, via_proxy: bool = False, connecting_to_proxy
     if isinstance(exc, httpx.TooManyRedirects):
         return ErrorKind.TOO_MANY_REDIRECTS, text
     if isinstance(exc, httpx.NetworkError | httpcore.NetworkError | ConnectionError):
-        # httpx's ReadError or WriteError often says nothing more: the socket's error does
-        # ("Connection reset by peer", "Broken pipe").
-        reason = next((c.strerror for c in chain if isinstance(c, OSError) and c.strerror), "")
-        if reason and reason not in text:
-            text = f"{text}: {reason}"
+        text = _with_socket_error(text, chain)
         if via_proxy and connecting_to_proxy:
             return ErrorKind.PROXY, f"proxy connection failed: {text}"
         return ErrorKind.NETWORK, f"connection failed: {text}"

@@ -185,6 +185,18 @@ async def test_retry_reasons_say_why_each_send_was_repeated(make_engine, certs: 
     assert reason.startswith("NETWORK: connection failed: ") and "Connection reset by peer" in reason, reason
 
 
+async def test_a_refused_connection_says_so(make_engine, certs: Certs) -> None:
+    with socket.socket() as probe:  # a port with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    engine = await make_engine(make_settings(certs, retry=RetryPolicy(attempts=2, backoff_base=0.01)))
+    outcome = await engine.fetch(FetchSpec(url=f"http://127.0.0.1:{port}/"))
+    assert outcome.error_kind is ErrorKind.CONNECT and outcome.attempts == 2
+    # The socket's words, not only the connector's "All connection attempts failed".
+    assert "Connection refused" in outcome.error_message, outcome.error_message
+    assert outcome.retry_reasons == [f"CONNECT: {outcome.error_message}"]
+
+
 async def test_a_response_completed_before_its_request_resumed_keeps_what_it_reports(
         make_engine, certs: Certs, app_server: AppServer) -> None:
     """One fetch after another, each response whole in one read, while the pools' upkeep runs at

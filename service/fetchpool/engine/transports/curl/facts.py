@@ -9,6 +9,7 @@ header callback, ``Exchange.t_tunnel``). A SOCKS5 handshake is inside ``connect`
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 
@@ -113,7 +114,9 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
     if code in (pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_RESOLVE_PROXY):
         return _caused(httpx.ConnectError(text, request=request), socket.gaierror(socket.EAI_NONAME, text))
     if code == pycurl.E_COULDNT_CONNECT:
-        return httpx.ConnectError(text, request=request)
+        errno = g(pycurl.OS_ERRNO)  # the socket's error ("Connection refused"), which the text lacks
+        error = httpx.ConnectError(text, request=request)
+        return _caused(error, OSError(errno, os.strerror(errno))) if errno else error
     if code == pycurl.E_PEER_FAILED_VERIFICATION:
         return _caused(httpx.ConnectError(text, request=request), ssl.SSLCertVerificationError(text))
     if code == pycurl.E_SSL_CONNECT_ERROR:
