@@ -32,6 +32,7 @@ __all__ = [
     "connection_of",
     "connections",
     "make_transport",
+    "open_sockets",
     "orphans_closed",
     "peer_closed",
     "retiring",
@@ -79,6 +80,14 @@ def apply_limits(transport: httpx.AsyncHTTPTransport, *, max_connections: int, m
 def connections(transport: httpx.AsyncHTTPTransport) -> list[httpcore.AsyncConnectionInterface]:
     """The pool's connections (a copy), through httpcore's public ``connections`` property."""
     return _pool(transport).connections
+
+
+def open_sockets(transport: httpx.AsyncHTTPTransport) -> int:
+    """The pool's connections whose socket is open, opening or closing: those in its list and
+    those it took out of it and is closing (``PoolConnection.socket_open``)."""
+    pool = _pool(transport)
+    return sum(owner.socket_open if (owner := _socket_owner(c)) is not None else not c.is_closed()
+               for c in [*pool.connections, *pool.closing])  # type: ignore[attr-defined]
 
 
 def orphans_closed(transport: httpx.AsyncHTTPTransport) -> int:

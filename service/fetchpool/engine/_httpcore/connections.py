@@ -157,6 +157,32 @@ async def open_socks5(request: Request, step: Step, *, proxy: Origin, auth: tupl
     return await _start_tls(request, step, stream, ssl_context, server_hostname, alpn, _SOCKS)
 
 
+class _CountedUntilClosed:
+    """An HTTP/1.1 or HTTP/2 connection that says it is ``closing`` until its socket is closed.
+
+    httpcore marks a connection CLOSED before it closes the socket, and asyncio closes the
+    descriptor on the loop's next turn (anyio's close waits for that turn). In between the pool
+    would count one connection fewer than the OS shows (``PoolConnection.socket_open``).
+    """
+
+    closing = False
+
+    async def aclose(self) -> None:
+        self.closing = True
+        try:
+            await super().aclose()  # type: ignore[misc]
+        finally:
+            self.closing = False
+
+
+class _HTTP11Connection(_CountedUntilClosed, AsyncHTTP11Connection):
+    pass
+
+
+class _HTTP2Connection(_CountedUntilClosed, GracefulHTTP2Connection):
+    pass
+
+
 class PoolConnection(httpcore.AsyncConnectionInterface):
     """One pooled connection to ``origin``: opened by the first request assigned to it, then
     HTTP/1.1 or HTTP/2 as ALPN says.
@@ -221,11 +247,11 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
             http2 = ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2"
             self._remember(http2)
             if http2:
-                self._connection = GracefulHTTP2Connection(
+                self._connection = _HTTP2Connection(
                     origin=self._origin, stream=stream, keepalive_expiry=self._keepalive_expiry,
                     on_refusing_goaway=functools.partial(self._learned.refused_after, self._key))
             else:
-                self._connection = AsyncHTTP11Connection(origin=self._origin, stream=stream,
+                self._connection = _HTTP11Connection(origin=self._origin, stream=stream,
                                                          keepalive_expiry=self._keepalive_expiry)
 
     def _remember(self, http2: bool) -> None:
@@ -274,6 +300,15 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
     def connection(self) -> httpcore.AsyncConnectionInterface | None:
         """The HTTP/1.1 or HTTP/2 connection, once opened."""
         return self._connection
+
+    @property
+    def socket_open(self) -> bool:
+        """Whether its socket is open (or opening): unlike ``not is_closed()``, still true while
+        the connection closes it."""
+        inner = self._connection
+        if inner is None:
+            return self._failure is None
+        return not inner.is_closed() or (isinstance(inner, _CountedUntilClosed) and inner.closing)
 
     def can_handle_request(self, origin: Origin) -> bool:
         return origin == self._origin

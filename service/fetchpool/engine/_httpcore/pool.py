@@ -25,7 +25,8 @@ made (direct, HTTP proxy or SOCKS5), so httpx's own transport keeps working unch
   (``max_requests_per_connection``, or the one learned from its origin's GOAWAYs: ``limits.py``),
   so none of ours is on its way when a server ends the connection at that limit;
 - ``_close_connections`` cannot be stopped half-way by a cancellation (see ``shield.py``), so
-  a connection removed from the pool always has its socket closed.
+  a connection removed from the pool always has its socket closed; until it is, the
+  connection is in the pool's ``closing`` set, and counted as open.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class PoolMixin:
     _stream_limits: dict[conn.OriginKey, int]  # the last SETTINGS_MAX_CONCURRENT_STREAMS per origin
     _request_limits: RequestLimits  # requests per connection its origins' servers allow
     orphans_closed: int  # public: the engine counts them among the connections it retired
+    closing: set[AsyncConnectionInterface]  # public: out of the list, their sockets still closing
     max_requests_per_connection: int  # 0: no limit
     # AsyncHTTPProxy's and AsyncSOCKSProxy's settings (read only on those pools).
     _proxy_url: httpcore.URL
@@ -186,7 +188,15 @@ class PoolMixin:
 
     async def _close_connections(self, closing: list[AsyncConnectionInterface]) -> None:
         if closing:
-            await shielded(super()._close_connections(closing))  # type: ignore[misc]
+            # Out of the pool's list already, and closed one after another: counted until closed.
+            self.closing.update(closing)
+            await shielded(self._close_counted(closing))
+
+    async def _close_counted(self, closing: list[AsyncConnectionInterface]) -> None:
+        try:
+            await super()._close_connections(closing)  # type: ignore[misc]
+        finally:
+            self.closing.difference_update(closing)
 
 
 def install(pool: httpcore.AsyncConnectionPool, max_requests_per_connection: int) -> None:
@@ -199,4 +209,5 @@ def install(pool: httpcore.AsyncConnectionPool, max_requests_per_connection: int
     pool._stream_limits = {}  # type: ignore[attr-defined]
     pool._request_limits = RequestLimits()  # type: ignore[attr-defined]
     pool.orphans_closed = 0  # type: ignore[attr-defined]
+    pool.closing = set()  # type: ignore[attr-defined]
     pool.max_requests_per_connection = max_requests_per_connection  # type: ignore[attr-defined]

@@ -78,8 +78,8 @@ class HttpcoreTransport(PoolTransport):
             )
 
     def counts(self) -> ConnectionCounts:
-        connections = self._connections()
-        return ConnectionCounts(open=len(connections), idle=sum(c.is_idle() for c in connections))
+        idle = sum(c.is_idle() for c in self._connections())
+        return ConnectionCounts(open=sum(compat.open_sockets(t) for t in self._transports()), idle=idle)
 
     def open_connections(self) -> dict[Hashable, str]:
         return {c: "HTTP/2" if "HTTP/2" in c.info() else "HTTP/1.1" for c in self._connections()}
