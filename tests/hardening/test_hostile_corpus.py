@@ -111,6 +111,12 @@ def redirect_not_followed(result: pb.FetchResult, h: HostileServers, key: str) -
     assert h.recorder.snapshot(key + "-target").requests == 0
 
 
+def redirect_refused(result: pb.FetchResult, h: HostileServers, key: str) -> None:
+    """A redirect to no fetch target is refused in fetchpool's words, and not listed as followed."""
+    assert result.error.message.startswith("redirect to "), result.error.message
+    assert list(result.redirects) == []
+
+
 def hung_up_early(result: pb.FetchResult, h: HostileServers, key: str) -> None:
     """The fetch ended at its deadline, closing the connection, long before the server was done."""
     assert result.timings.total_seconds < SLOW + 5
@@ -150,6 +156,10 @@ def header(name: str, value: str) -> Callable[[pb.FetchRequest], None]:
 
 def insecure(request: pb.FetchRequest) -> None:
     request.tls_insecure_skip_verify = True
+
+
+def not_following(request: pb.FetchRequest) -> None:
+    request.follow_redirects = False
 
 
 def negative_body_limit(request: pb.FetchRequest) -> None:
@@ -215,7 +225,8 @@ CORPUS: list[Case] = [
     Case("url-no-host", fixed("http:///ok"), K.INVALID_URL),
     Case("url-malformed-idna-host", fixed("http://xn--.invalid/ok"), K.INVALID_URL),
     Case("url-space-in-host", fixed("http://a b/ok"), K.INVALID_URL),
-    Case("redirect-to-malformed-idna-host", redirect_to(lambda h, k: "http://xn--.invalid/ok"), K.INVALID_URL),
+    Case("redirect-to-malformed-idna-host", redirect_to(lambda h, k: "http://xn--.invalid/ok"), K.INVALID_URL,
+         check=redirect_refused),
     Case("url-bad-ipv6", fixed("http://[::1/ok"), K.INVALID_URL),
     Case("url-too-long", netloc("http://127.0.0.1:{port}/" + "a" * 70_000), K.INVALID_URL),
     Case("header-nul", http("/ok"), K.INVALID_ARGUMENT, tweak=header("X-Nul", "a\x00b")),
@@ -255,8 +266,13 @@ CORPUS: list[Case] = [
     Case("redirect-to-itself", http("/redirect-self"), K.TOO_MANY_REDIRECTS),
     Case("redirect-ping-pong", http("/redirect-a"), K.TOO_MANY_REDIRECTS),
     Case("redirect-endless-chain", http("/redirect-inf"), K.TOO_MANY_REDIRECTS),
-    Case("redirect-to-ftp", http("/redirect-to?to=ftp%3A%2F%2F127.0.0.1%2Fx"), K.INVALID_URL),
-    Case("redirect-bad-location", http("/redirect-bad-location"), K.PROTOCOL),
+    Case("redirect-to-ftp", http("/redirect-to?to=ftp%3A%2F%2F127.0.0.1%2Fx"), K.INVALID_URL,
+         check=redirect_refused),
+    Case("redirect-to-unclosed-ipv6", http("/redirect-to?to=http%3A%2F%2F%5Bbad%2Fx"), K.INVALID_URL,
+         check=redirect_refused),
+    Case("redirect-bad-location", http("/redirect-bad-location"), K.INVALID_URL, check=redirect_refused),
+    Case("redirect-bad-location-not-followed", http("/redirect-bad-location"), OK, status=302,
+         tweak=not_following),
     Case("redirect-without-location", http("/redirect-no-location"), OK, status=302),
     # --- Broken HTTP/1.1.
     Case("reset-mid-body", http("/reset-mid-body"), K.NETWORK),

@@ -1,8 +1,9 @@
 """The pod's one ``httpx.AsyncClient``, trimmed on the hot path.
 
 Besides ``engine/_httpcore`` (httpx's transport, httpcore, h2), the one module that reaches into
-httpx's internals: it replaces ``AsyncClient._send_single_request``. The client checks, when
-made, that the method replaced and the one calling it are those of httpx 0.28.1
+httpx's internals: it replaces ``AsyncClient._send_single_request`` and
+``_send_handling_redirects``. The client checks, when made, that the methods replaced, the one
+calling them and the redirect builder it calls are those of httpx 0.28.1
 (``_httpcore/checks.verify_client``, on every transport).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import idna
 from httpx._models import request_context
 
 from fetchpool.engine._httpcore.checks import verify_client
@@ -30,6 +32,13 @@ class PoolClient(httpx.AsyncClient):
     - ``BoundAsyncStream``, one more async generator every body chunk passes through, whose only
       job is ``response.elapsed`` (which fetchpool does not read: its phases time the fetch).
 
+    Its ``_send_handling_redirects`` sends one request and, for a redirect, builds the request
+    it points to as ``response.next_request`` (the engine follows redirects itself, and counts
+    and checks them). httpx's would also run event hooks (fetchpool has none), and it fails
+    the whole fetch when a Location is no URL, although a fetch that does not follow redirects
+    has its response. Here such a response has no ``next_request``, and the engine says why
+    it cannot follow it.
+
     The rest is httpx 0.28.1's as it is. Raises ConfigError when made under an httpx whose
     method replaced here, or the one calling it, differs (``checks.verify_client``).
     """
@@ -47,4 +56,17 @@ class PoolClient(httpx.AsyncClient):
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.request = request
         response.default_encoding = self._default_encoding
+        return response
+
+    async def _send_handling_redirects(self, request: httpx.Request, follow_redirects: bool,
+                                       history: list[httpx.Response]) -> httpx.Response:
+        response = await self._send_single_request(request)
+        if response.has_redirect_location:
+            try:
+                response.next_request = self._build_redirect_request(request, response)
+            except (httpx.RemoteProtocolError, httpx.InvalidURL, idna.IDNAError):
+                pass  # "Invalid URL in location header", or a host that is no IDNA name: see the docstring
+            except BaseException:  # nothing else is raised there in httpx 0.28.1; never leak the stream
+                await response.aclose()
+                raise
         return response

@@ -33,7 +33,7 @@ from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff,
 from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, Router
 from fetchpool.engine.sessions import SessionCookies
 from fetchpool.engine.transports import RECORDER_EXTENSION, TransportConfig, make_transport
-from fetchpool.engine.validate import check
+from fetchpool.engine.validate import check, url_problem
 from fetchpool.errors import ConfigError, ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
 from fetchpool.redact import redact_url
 
@@ -382,12 +382,17 @@ class Engine:
                     continue
                 raise
             next_request = response.next_request
-            if not (follow and next_request is not None):
+            if not (follow and response.has_redirect_location):
                 return
+            if next_request is None:  # PoolClient found its Location no URL
+                location = redact_url(response.headers["location"])
+                raise FetchFailed(ErrorKind.INVALID_URL, f"redirect to {location!r}: not a URL")
             seen.add(outcome.final_url)  # the URL of the hop just made (str(url) on the first)
             if len(seen) > fetch.max_redirects:
                 raise FetchFailed(ErrorKind.TOO_MANY_REDIRECTS, f"more than {fetch.max_redirects} redirects")
             target = str(next_request.url)
+            if problem := url_problem(next_request.url):
+                raise FetchFailed(ErrorKind.INVALID_URL, f"redirect to {redact_url(target)}: {problem}")
             if target in seen:
                 raise FetchFailed(ErrorKind.TOO_MANY_REDIRECTS, f"redirect loop back to {redact_url(target)}")
             seen.add(target)

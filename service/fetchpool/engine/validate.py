@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import httpx
+import idna
 
 from fetchpool.config import Timeouts
 from fetchpool.engine.model import FetchSpec
@@ -31,6 +32,24 @@ def _unclosed_ipv6(url: str) -> str | None:
     return None
 
 
+def url_problem(url: httpx.URL) -> str:
+    """What makes ``url`` no fetch target (not an absolute http(s) URL with a valid host and
+    port), in a sentence; "" when it is one. Applies to redirect targets too."""
+    if url.scheme not in ("http", "https"):
+        return f"unsupported scheme {url.scheme!r}: only http and https" if url.scheme else "URL is not absolute"
+    try:
+        host = url.host
+    except idna.IDNAError as exc:  # httpx decodes an "xn--" name on first use, not when parsing
+        return f"invalid host name: {exc}"
+    if not host:
+        return "URL has no host"
+    if not _HOST.match(url.raw_host):
+        return f"invalid host {host!r}"
+    if url.port is not None and not 0 < url.port < 65536:
+        return f"port {url.port} is out of range"
+    return ""
+
+
 def check(spec: FetchSpec, timeouts: Timeouts) -> tuple[str, httpx.URL, float]:
     """``(method, URL, total timeout in seconds)`` of a valid spec.
 
@@ -41,17 +60,9 @@ def check(spec: FetchSpec, timeouts: Timeouts) -> tuple[str, httpx.URL, float]:
         url = httpx.URL(spec.url)
     except (httpx.InvalidURL, TypeError) as exc:
         raise FetchFailed(ErrorKind.INVALID_URL, f"invalid URL: {_unclosed_ipv6(spec.url) or exc}") from None
-    if url.scheme not in ("http", "https"):
-        raise FetchFailed(
-            ErrorKind.INVALID_URL,
-            f"unsupported scheme {url.scheme!r}: only http and https" if url.scheme else "URL is not absolute",
-        )
-    if not url.host:
-        raise FetchFailed(ErrorKind.INVALID_URL, "URL has no host")
-    if not _HOST.match(url.raw_host):
-        raise FetchFailed(ErrorKind.INVALID_URL, f"invalid host {url.host!r}")
-    if url.port is not None and not 0 < url.port < 65536:
-        raise FetchFailed(ErrorKind.INVALID_URL, f"port {url.port} is out of range")
+    problem = url_problem(url)
+    if problem:
+        raise FetchFailed(ErrorKind.INVALID_URL, problem)
     method = (spec.method or "GET").upper()
     if not _TOKEN.match(method):
         raise FetchFailed(ErrorKind.INVALID_ARGUMENT, f"invalid method {spec.method!r}")

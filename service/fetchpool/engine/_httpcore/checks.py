@@ -38,12 +38,16 @@ SOURCES = {
     "h2.connection:H2Connection._receive_goaway_frame": "adb9adfae94088c4",
     "httpx._transports.default:AsyncHTTPTransport.__init__": "433c33239d86ec87",
 }
-#: The same for the httpx method ``engine._client.PoolClient`` replaces (``_send_single_request``,
-#: with the ``request_context`` it keeps) and the one that calls it: checked by
+#: The same for the httpx methods ``engine._client.PoolClient`` replaces (``_send_single_request``
+#: with the ``request_context`` it keeps, ``_send_handling_redirects``), the one that calls them
+#: and the redirect builder it calls (and whose "no URL" error it expects): checked by
 #: :func:`verify_client`, whatever the transport (the client is the same on every one).
 CLIENT_SOURCES = {
     "httpx._client:AsyncClient._send_single_request": "339c8a224990002f",
     "httpx._client:AsyncClient._send_handling_redirects": "88dba22b42995950",
+    "httpx._client:AsyncClient._send_handling_auth": "73be9fe146881fca",
+    "httpx._client:AsyncClient._build_redirect_request": "94360dbc86ace7c4",
+    "httpx._client:AsyncClient._redirect_url": "77347a71d28837ea",
     "httpx._models:request_context": "e8b21fd7b402c1aa",
 }
 
