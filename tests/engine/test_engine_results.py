@@ -185,6 +185,19 @@ async def test_retry_reasons_say_why_each_send_was_repeated(make_engine, certs: 
     assert reason.startswith("NETWORK: connection failed: ") and "Connection reset by peer" in reason, reason
 
 
+async def test_a_retry_the_budget_skipped_is_said_in_the_error(make_engine, certs: Certs) -> None:
+    """With a retry budget of 0, a reset mid-body is not retried, and the error says why this
+    fetch got one attempt where the policy allows three."""
+    retry = RetryPolicy(attempts=3, backoff_base=0.01, budget_ratio=0.0, budget_min=0)
+    engine = await make_engine(make_settings(certs, retry=retry))
+    server, seen = await _cut_once_server(b"x" * 200_000)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        cut = await engine.fetch(FetchSpec(url=f"http://127.0.0.1:{port}/page"))
+    assert cut.error_kind is ErrorKind.NETWORK and cut.attempts == 1 and seen[0] == 1 and cut.retry_reasons == []
+    assert cut.error_message.endswith("(not retried: the retry budget is spent)"), cut.error_message
+
+
 async def test_a_refused_connection_says_so(make_engine, certs: Certs) -> None:
     with socket.socket() as probe:  # a port with nothing listening on it
         probe.bind(("127.0.0.1", 0))

@@ -328,6 +328,8 @@ class Engine:
                 if not proxy_blamed:
                     holding = self._budget.try_acquire()
                     if not holding:
+                        if failure is not None:  # say why this one got fewer attempts than others
+                            failure = FetchFailed(failure.kind, f"{failure} (not retried: the retry budget is spent)")
                         break
                 pool.retries_total += 1
                 outcome.retry_reasons.append(_reason(failure.kind, str(failure)) if failure is not None
