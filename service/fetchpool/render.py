@@ -47,6 +47,8 @@ HINTS = {
                         "(at most the service's --max-request-timeout)",
     "TLS": "the TLS handshake with the target failed (no TLS version or cipher in common, or the target "
            "refused the handshake): check the URL's scheme and port",
+    "NETWORK": "the connection was reset or closed during the exchange, by the target or something between; "
+               "it was sent again as far as the retry policy allows (-v says why each send was repeated)",
     "PROXY": "the forward proxy failed: check the service's --proxy",
     "PROXY_AUTH": "the forward proxy refused the credentials in the service's --proxy URL",
     "UNAVAILABLE": "the service is shutting down: send the item again",
@@ -56,9 +58,9 @@ HINTS = {
 
 #: Kinds said of several causes: the hint follows what the message names (the first key found,
 #: in lower case; otherwise HINTS[kind]). TOO_LARGE is said of a body, a header block and a whole
-#: result message; TLS of a target that answers in plain text (OpenSSL reads its first bytes as a
-#: TLS record of a wrong version or length: Python's ssl and libcurl quote OpenSSL), of a
-#: certificate and of a handshake.
+#: result message; INVALID_URL of a URL given and of a redirect's; TLS of a target that answers
+#: in plain text (OpenSSL reads its first bytes as a TLS record of a wrong version or length:
+#: Python's ssl and libcurl quote OpenSSL), of a certificate and of a handshake.
 HINTS_BY_MESSAGE = {
     "TOO_LARGE": (
         ("parser's limit", "the header block is larger than the HTTP client reads at all (100 KiB): no setting "
@@ -68,6 +70,8 @@ HINTS_BY_MESSAGE = {
                    "or --max-header-count"),
         ("one message", "the result exceeds the largest message the service sends: raise its --max-message-bytes"),
     ),
+    "INVALID_URL": (("redirect to", "the target redirected to an address that is not an http(s) URL: "
+                                    "-v shows the redirect's status and headers"),),
     "TLS": tuple((key, "the target does not speak TLS on that port (is it http://?)") for key in (
         "wrong version number", "wrong_version_number", "record layer failure", "record_layer_failure",
         "packet length too long")) + tuple(

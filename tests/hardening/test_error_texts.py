@@ -24,6 +24,8 @@ def test_each_failure_reads_clearly_and_says_what_to_do(start_service: ..., host
         hostile.http("/headers-big?n=200000"): "TOO_LARGE",
         hostile.http("/redirect-self?k=texts"): "TOO_MANY_REDIRECTS",
         "http://[::1/": "INVALID_URL",
+        hostile.http("/redirect-bad-location?k=texts"): "INVALID_URL",
+        hostile.http("/reset-mid-body?k=texts"): "NETWORK",
     }
     urls = list(expected)
     done = run_cli("fetch", "--target", service.target, *urls, timeout=120)
@@ -41,9 +43,11 @@ def test_each_failure_reads_clearly_and_says_what_to_do(start_service: ..., host
     assert results["http://[::1/"]["error"]["message"] == "invalid URL: the IPv6 address '[::1' is not closed with ']'"
     for url in urls[2:4]:
         assert "header" in results[url]["error"]["message"] or "libcurl" in results[url]["error"]["message"]
+    assert results[urls[6]]["error"]["message"] == "redirect to 'http://[::1': not a URL"
     summary = {line.split(" failed with ")[1].split(":")[0]: line for line in done.err.splitlines()}
-    assert set(summary) == {"PROTOCOL", "TOO_LARGE", "TOO_MANY_REDIRECTS", "INVALID_URL"}, done.err
+    assert set(summary) == {"PROTOCOL", "TOO_LARGE", "TOO_MANY_REDIRECTS", "INVALID_URL", "NETWORK"}, done.err
     assert all(": " in line.split(" failed with ")[1] for line in summary.values()), done.err  # a hint each
+    assert "-v says why each send was repeated" in summary["NETWORK"]
     too_large = [line for line in done.err.splitlines() if "TOO_LARGE" in line]
     assert too_large and all(HEADER_HINT.search(line) and "max_body_bytes" not in line for line in too_large)
     assert "--max-redirects" in summary["TOO_MANY_REDIRECTS"] and "scheme and port" in summary["PROTOCOL"]
