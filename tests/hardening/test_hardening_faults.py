@@ -130,6 +130,41 @@ def test_sigterm_during_a_large_batch_loses_nothing(start_service: ..., hostile:
     assert [r.id for r in finished if hostile.recorder.snapshot(f"{key}-{r.id}").requests != 1] == []
 
 
+def test_a_second_signal_ends_the_grace_period_at_once(start_service: ..., hostile: HostileServers,
+                                                       transport: str) -> None:
+    """Ctrl-C twice: the first starts the drain (60 s of grace), the second stops the fetches
+    still in flight now; each comes back UNAVAILABLE, none is lost, and the service exits."""
+    service = start_service("--grace-period", "60")
+    group = f"hurry-{transport}"
+    requests = [_request(hostile.http(f"/hold?s=40&g={group}&k={group}-{i}"), id=str(i), timeout=50)
+                for i in range(8)]
+    results: list[pb.FetchResult] = []
+    caller = Caller(service.target)
+
+    def consume() -> None:
+        results.extend(caller.fetch_stub.FetchMany(pb.FetchManyRequest(requests=requests, concurrency=8), timeout=90))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            call = pool.submit(consume)
+            _until(lambda: hostile.recorder.active(group) == len(requests), 20, "every fetch at the target")
+            service.interrupt()
+            _until(lambda: caller.health() != SERVING, 10, "the drain to start")
+            time.sleep(0.5)
+            assert not call.done(), "the first signal alone ended the call"
+            hurried = time.monotonic()
+            service.interrupt()
+            call.result(timeout=15)
+            exit_code = service.wait(15)
+            took = time.monotonic() - hurried
+        finally:
+            caller.close()
+    assert exit_code == 0 and took < 15, took
+    assert sorted(int(r.id) for r in results) == list(range(len(requests)))
+    assert {K.Kind.Name(r.error.kind) for r in results} == {"UNAVAILABLE"}, results[0]
+    assert "second signal" in service.output()
+
+
 def _new_calls_are_refused(caller: Caller, hostile: HostileServers) -> bool:
     """After SIGTERM: health leaves SERVING and a new call is refused UNAVAILABLE (bounded)."""
     deadline = time.monotonic() + 10

@@ -88,6 +88,10 @@ class FetchpoolService(ServerProcess):
         """Send SIGTERM (start a drain) without waiting."""
         self._signal_group(signal.SIGTERM)
 
+    def interrupt(self) -> None:
+        """Send SIGINT (Ctrl-C) without waiting."""
+        self._signal_group(signal.SIGINT)
+
     def wait(self, timeout: float) -> int:
         """Wait for the process to exit; returns its exit status."""
         assert self._proc is not None

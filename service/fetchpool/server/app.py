@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -151,7 +151,9 @@ async def serve(
 
     Drain: health turns NOT_SERVING, new calls get UNAVAILABLE, batch items not
     yet started return UNAVAILABLE results, in-flight calls get
-    ``settings.server.grace_period`` seconds, then the HTTP client is closed.
+    ``settings.server.grace_period`` seconds, then the HTTP client is closed. A second signal
+    ends the grace period at once: fetches still in flight stop, and their calls answer them
+    UNAVAILABLE.
     ``on_started`` receives the bound port; ``on_engine`` the engine, before serving starts
     (telemetry reads its pools). Raises ConfigError for bad settings or a listen address in use,
     and RuntimeError when gRPC cannot bind it otherwise.
@@ -189,10 +191,9 @@ async def serve(
         _check_port_free(settings.server.listen)  # taken since the first check: say so
         raise RuntimeError(f"cannot listen on {settings.server.listen}: {exc}") from None
     stop = stop or asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: in-flight calls get no more time
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, stop.set)
+    _on_signals(loop, stop.set)
     async with engine:
         await server.start()
         for service in ("", FETCH_SERVICE, ADMIN_SERVICE):
@@ -206,7 +207,9 @@ async def serve(
         try:
             await stop.wait()
         finally:
-            logger.info("draining: up to %.3g s for in-flight calls", settings.server.grace_period)
+            _on_signals(loop, hurry.set)
+            logger.info("draining: up to %.3g s for in-flight calls (a second SIGINT or SIGTERM stops them now)",
+                        settings.server.grace_period)
             grace = settings.server.grace_period
             drained_by = loop.time() + grace
             await health_servicer.enter_graceful_shutdown()
@@ -215,14 +218,34 @@ async def serve(
             # fetch calls get UNAVAILABLE. Near the end of the grace period, fetches still
             # running are stopped so that their calls can still answer them (UNAVAILABLE).
             margin = min(2.0, grace / 5)
-            if not await fetch_servicer.wait_idle(grace - margin):
-                logger.warning("grace period ending: stopping the fetches still in flight")
+            if not await _idle_unless(fetch_servicer.wait_idle(grace - margin), hurry):
+                logger.warning("%s: stopping the fetches still in flight",
+                               "second signal" if hurry.is_set() else "grace period ending")
                 engine.abort_in_flight()
-                await fetch_servicer.wait_idle(margin)
+                await fetch_servicer.wait_idle(margin)  # their calls answer them (UNAVAILABLE)
             if watcher is not None:
                 watcher.cancel()
-            await server.stop(max(0.0, drained_by - loop.time()))
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.remove_signal_handler(signum)
+            await server.stop(0.0 if hurry.is_set() else max(0.0, drained_by - loop.time()))
+            _on_signals(loop, None)
     logger.info("stopped")
+
+
+def _on_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None] | None) -> None:
+    """Call ``handler`` on SIGTERM and SIGINT (None: the default action again), where the loop can."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            if handler is None:
+                loop.remove_signal_handler(signum)
+            else:
+                loop.add_signal_handler(signum, handler)
+
+
+async def _idle_unless(idle: Awaitable[bool], hurry: asyncio.Event) -> bool:
+    """What ``idle`` answers, or False as soon as ``hurry`` is set."""
+    waiting, hurried = asyncio.ensure_future(idle), asyncio.ensure_future(hurry.wait())
+    try:
+        done, _ = await asyncio.wait({waiting, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        return waiting in done and waiting.result()
+    finally:
+        waiting.cancel()
+        hurried.cancel()
