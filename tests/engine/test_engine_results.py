@@ -198,6 +198,16 @@ async def test_a_retry_the_budget_skipped_is_said_in_the_error(make_engine, cert
     assert cut.error_message.endswith("(not retried: the retry budget is spent)"), cut.error_message
 
 
+async def test_a_response_that_never_came_has_no_time_to_first_byte(make_engine, certs: Certs,
+                                                                     app_server: AppServer) -> None:
+    engine = await make_engine(make_settings(certs, retry=RetryPolicy(attempts=1)))
+    late = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/delay?s=5", timeout=0.5))
+    assert late.error_kind is ErrorKind.TIMEOUT and late.timings.total >= 0.5
+    assert late.timings.ttfb == 0.0, late.timings
+    came = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/delay?s=0.2"))
+    assert came.ok and 0.2 <= came.timings.ttfb < came.timings.total, came.timings
+
+
 async def test_a_refused_connection_says_so(make_engine, certs: Certs) -> None:
     with socket.socket() as probe:  # a port with nothing listening on it
         probe.bind(("127.0.0.1", 0))

@@ -211,6 +211,6 @@ class PhaseRecorder:
                 t.proxy_connect += duration
             elif phase.name == "tls":
                 t.tls += duration
-            elif phase.name == "response.headers":
+            elif phase.name == "response.headers" and not phase.failed:  # a first byte that came
                 t.ttfb += duration
         return t
