@@ -261,9 +261,13 @@ def verbose_lines(result: pb.FetchResult) -> list[str]:
         # The last answer redirects too: a loop, the --max-redirects-th redirect, or not followed.
         lines.append(f"* redirect {result.status_code} from {result.final_url or result.url} to {location}, "
                      "not followed")
-    peer = result.remote_address or "?"
-    lines.append(f"* peer {peer} via pool {result.pool or '?'}, {result.http_version or '-'}, "
-                 f"{result.tls_version or 'no TLS'}, connection {'reused' if result.connection_reused else 'new'}")
+    peer = f"peer {result.remote_address}" if result.remote_address else "no answer"
+    https = (result.final_url or result.url).startswith("https:")
+    # No version over https: no handshake completed, or the transport does not report it (curl).
+    tls = result.tls_version or ("TLS version unknown" if https and result.http_version else
+                                 "no TLS session" if https else "no TLS")
+    lines.append(f"* {peer} via pool {result.pool or '?'}, {result.http_version or '-'}, {tls}, "
+                 f"connection {'reused' if result.connection_reused else 'new'}")
     lines.append(f"* {result.attempts} attempt(s); pool wait {t.pool_wait_seconds:.3f} s, connect "
                  f"{t.connect_seconds:.3f} s, proxy {t.proxy_connect_seconds:.3f} s, TLS {t.tls_seconds:.3f} s, "
                  f"first byte {t.ttfb_seconds:.3f} s, total {t.total_seconds:.3f} s")

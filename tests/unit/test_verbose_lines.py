@@ -1,0 +1,28 @@
+"""``fetch -v``'s peer line says what is known: no peer when nothing answered, and over https
+whether a TLS session was made when the transport does not report its version."""
+
+from __future__ import annotations
+
+import pytest
+from fetchpool.render import verbose_lines
+from fetchpool.v1 import fetch_pb2 as pb
+
+
+def _peer_line(result: pb.FetchResult) -> str:
+    return next(line for line in verbose_lines(result) if " via pool " in line)
+
+
+@pytest.mark.parametrize(("result", "line"), [
+    (pb.FetchResult(url="https://a.example/", remote_address="192.0.2.1:443", pool="direct", http_version="HTTP/2",
+                    tls_version="TLSv1.3"), "* peer 192.0.2.1:443 via pool direct, HTTP/2, TLSv1.3, connection new"),
+    # The curl transport reports no TLS version.
+    (pb.FetchResult(url="https://a.example/", remote_address="192.0.2.1:443", pool="direct", http_version="HTTP/2",
+                    connection_reused=True),
+     "* peer 192.0.2.1:443 via pool direct, HTTP/2, TLS version unknown, connection reused"),
+    # A handshake that failed, a connection refused.
+    (pb.FetchResult(url="https://a.example/", pool="direct"), "* no answer via pool direct, -, no TLS session, "
+                                                               "connection new"),
+    (pb.FetchResult(url="http://a.example/", pool="direct"), "* no answer via pool direct, -, no TLS, connection new"),
+])
+def test_the_peer_line_says_what_is_known(result: pb.FetchResult, line: str) -> None:
+    assert _peer_line(result) == line
