@@ -112,8 +112,11 @@ def _concurrency(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= 2**31 - 1:
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (server default) or positive, got {text}")
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"at most {2**31 - 1} (the service caps it at its --max-batch-concurrency), "
+                                         f"got {text}")
     return value
 
 

@@ -68,7 +68,7 @@ def _save(path: str, body: bytes) -> None:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        raise OutputFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise OutputFailed(f"cannot write -o {path}: {exc.strerror or exc}") from None
 
 
 def show(result: Any, args: argparse.Namespace, terminal: bool, several: bool) -> None:

@@ -211,3 +211,10 @@ def test_a_refused_token_file_is_named(start_service: ..., nginx: Nginx, tmp_pat
         assert status == 2 and err.endswith("; pass the service's token with --token-file FILE\n"), err
     wrong.write_text("s3cret\n")
     assert _cli("stats", "--target", service.target, "--token-file", str(wrong), "--deadline", "30")[0] == 0
+
+
+def test_a_concurrency_out_of_range_is_named_for_what_it_is() -> None:
+    done = run_cli("fetch", "--concurrency", "99999999999999999999", "http://example.com/")
+    assert done.status == 2 and "--concurrency: at most 2147483647" in done.err, done.err
+    done = run_cli("fetch", "--concurrency", "-1", "http://example.com/")
+    assert done.status == 2 and "--concurrency: must be 0 (server default) or positive, got -1" in done.err, done.err

@@ -39,7 +39,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_fetching(
     assert not (tmp_path / "new.html").exists() and kept.read_text() == "before"
     # A write that fails only when it happens (a full device) is said as clearly.
     done = run_cli("fetch", "--target", service.target, "-o", "/dev/full", url)
-    assert done.status == 2 and done.err == "fetchpool fetch: cannot write /dev/full: No space left on device\n"
+    assert done.status == 2 and done.err == "fetchpool fetch: cannot write -o /dev/full: No space left on device\n"
     done = run_cli("fetch", "--target", service.target, "-o", str(tmp_path / "page.html"), url)
     assert done.status == 0 and (tmp_path / "page.html").read_bytes() == (nginx.root / "small.html").read_bytes()
 
