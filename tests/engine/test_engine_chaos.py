@@ -44,6 +44,14 @@ CONCURRENCY = 16
 EARLY_STAGES = (*BEFORE_RESPONSE, "headers")
 
 
+def usable_stages(route: str, protocol: str, early: bool) -> tuple[str, ...]:
+    """The stages a connection of ``route`` has: no proxy stage direct, nor for plain HTTP through
+    an HTTP proxy (forwarded in absolute form, no CONNECT); no TLS over plain HTTP."""
+    tunnel = route == "socks5" or (route != "direct" and protocol == "h2")
+    return tuple(s for s in (EARLY_STAGES if early else STAGES)
+                 if not (s == "proxy" and not tunnel) and not (s == "tls" and protocol == "h1"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """One chaos run: ``route`` direct or a proxy kind (the relay then sits in front of the proxy),
@@ -89,7 +97,9 @@ async def run_chaos(run: Run, servers: Servers) -> None:
     base = servers.nginx.https_url if run.protocol == "h2" else servers.nginx.http_url
     via = servers.proxy_url(run.route)
     upstream = ("127.0.0.1", int((via or base).rsplit(":", 1)[1]))
-    stages = run.stages or (EARLY_STAGES if run.early else STAGES)
+    # A fault planned for a stage the route has not never fires; too few fired (3 on 13 connections,
+    # curl direct, when a sixth went to "proxy") fails the run's floor below.
+    stages = run.stages or usable_stages(run.route, run.protocol, run.early)
     plan = chaos.mix(run.rate, stages, run.actions, offsets=BEFORE_ANY_RESPONSE if run.early else None)
     rng = random.Random(run.seed)
     files = {"/small.html": servers.site_root / "small.html", "/large.html": servers.site_root / "large.html"}
@@ -171,12 +181,7 @@ def runs(draw: st.DrawFn) -> Run:
     route = draw(st.sampled_from(ROUTES))
     protocol = draw(st.sampled_from(["h1", "h2"]))
     early = draw(st.booleans())
-    # Only stages the connection has: no proxy stage direct, nor for plain HTTP through an HTTP
-    # proxy (forwarded in absolute form, no CONNECT); no TLS over plain HTTP.
-    tunnel = route == "socks5" or (route != "direct" and protocol == "h2")
-    usable = [s for s in (EARLY_STAGES if early else STAGES)
-              if not (s == "proxy" and not tunnel) and not (s == "tls" and protocol == "h1")]
-    stages = tuple(draw(st.sets(st.sampled_from(usable), min_size=1)))
+    stages = tuple(draw(st.sets(st.sampled_from(usable_stages(route, protocol, early)), min_size=1)))
     actions = tuple(draw(st.sets(st.sampled_from(["reset", "half_close"]), min_size=1)))
     rate = draw(st.sampled_from([0.3, 0.5, 0.7]))
     seed = draw(st.integers(0, 2**16))
