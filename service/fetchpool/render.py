@@ -48,7 +48,8 @@ HINTS = {
     "TLS": "the TLS handshake with the target failed (no TLS version or cipher in common, or the target "
            "refused the handshake): check the URL's scheme and port",
     "NETWORK": "the connection was reset or closed during the exchange, by the target or something between; "
-               "it was sent again as far as the retry policy allows (-v says why each send was repeated)",
+               "a GET or other idempotent request was sent again as far as the retry policy allows (-v says "
+               "why each send was repeated)",
     "PROXY": "the forward proxy failed: check the service's --proxy",
     "PROXY_AUTH": "the forward proxy refused the credentials in the service's --proxy URL",
     "UNAVAILABLE": "the service is shutting down: send the item again",

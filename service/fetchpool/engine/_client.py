@@ -33,14 +33,15 @@ class PoolClient(httpx.AsyncClient):
       job is ``response.elapsed`` (which fetchpool does not read: its phases time the fetch).
 
     Its ``_send_handling_redirects`` sends one request and, for a redirect, builds the request
-    it points to as ``response.next_request`` (the engine follows redirects itself, and counts
-    and checks them). httpx's would also run event hooks (fetchpool has none), and it fails
-    the whole fetch when a Location is no URL, although a fetch that does not follow redirects
-    has its response. Here such a response has no ``next_request``, and the engine says why
-    it cannot follow it.
+    it points to as ``response.next_request``; it never follows it (``follow_redirects`` is
+    unused: the engine follows redirects itself, and counts and checks them). httpx's would
+    also run event hooks (fetchpool has none), and it fails the whole fetch when a Location is
+    no URL, although a fetch that does not follow redirects has its response. Here such a
+    response has no ``next_request``, and the engine says why it cannot follow it.
 
     The rest is httpx 0.28.1's as it is. Raises ConfigError when made under an httpx whose
-    method replaced here, or the one calling it, differs (``checks.verify_client``).
+    methods replaced here, the one calling them or the redirect builder differ
+    (``checks.verify_client``).
     """
 
     def __init__(self, **kwargs: Any) -> None:

@@ -252,7 +252,7 @@ class PoolConnection(httpcore.AsyncConnectionInterface):
                     on_refusing_goaway=functools.partial(self._learned.refused_after, self._key))
             else:
                 self._connection = _HTTP11Connection(origin=self._origin, stream=stream,
-                                                         keepalive_expiry=self._keepalive_expiry)
+                                                     keepalive_expiry=self._keepalive_expiry)
 
     def _remember(self, http2: bool) -> None:
         if self._origin.scheme != b"https":
