@@ -55,11 +55,23 @@ def test_every_prefix_is_a_network_or_refused(address: ipaddress.IPv4Address | i
             TargetGuard(True, (), (rule,))
 
 
+def _ends_in_a_name(name: str) -> bool:
+    """The last label has a letter and is no number: "0x" and "0x1f" are hexadecimal numbers
+    (WHATWG's "ends in a number"), so such rules are addresses."""
+    last = name.rsplit(".", 1)[-1]
+    return any(c.isalpha() for c in last) and not re.fullmatch(r"0x[0-9a-f]*", last)
+
+
 @given(st.lists(st.from_regex(r"[a-z0-9*]([a-z0-9*-]{0,20}[a-z0-9*])?", fullmatch=True), min_size=1, max_size=4)
-       .map(".".join).filter(lambda name: any(c.isalpha() for c in name.rsplit(".", 1)[-1])))
+       .map(".".join).filter(_ends_in_a_name))
 def test_names_ending_in_a_label_with_a_letter_are_host_patterns(name: str) -> None:
     guard = TargetGuard(True, (), (name,))
     assert not guard.address_allowed("8.8.8.8", name.replace("*", "x"))
+
+
+def test_a_rule_ending_in_a_hexadecimal_label_is_an_address() -> None:
+    with pytest.raises(ConfigError, match="denied target '0x' is not a valid address or CIDR"):
+        TargetGuard(True, (), ("0x",))
 
 
 def test_rules_in_ipv4_mapped_form_match_what_they_name() -> None:
