@@ -14,6 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# gRPC core writes some transport events at INFO on stderr when GRPC_VERBOSITY is unset (absl's
+# default), e.g. "Got goaway [2] ... Cancelling all calls" as the service drains; the CLI says
+# what a failed call means itself. A GRPC_VERBOSITY the user sets still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import grpc
 
 from fetchpool import output
