@@ -59,9 +59,10 @@ HINTS = {
 
 #: Kinds said of several causes: the hint follows what the message names (the first key found,
 #: in lower case; otherwise HINTS[kind]). TOO_LARGE is said of a body, a header block and a whole
-#: result message; INVALID_URL of a URL given and of a redirect's; TLS of a target that answers
-#: in plain text (OpenSSL reads its first bytes as a TLS record of a wrong version or length:
-#: Python's ssl and libcurl quote OpenSSL), of a certificate and of a handshake.
+#: result message; CONNECT of a refused connection and of a handshake cut short; INVALID_URL of
+#: a URL given and of a redirect's; TLS of a target that answers in plain text (OpenSSL reads its
+#: first bytes as a TLS record of a wrong version or length: Python's ssl and libcurl quote
+#: OpenSSL), of a certificate and of a handshake.
 HINTS_BY_MESSAGE = {
     "TOO_LARGE": (
         ("parser's limit", "the header block is larger than the HTTP client reads at all (100 KiB): no setting "
@@ -71,6 +72,8 @@ HINTS_BY_MESSAGE = {
                    "or --max-header-count"),
         ("one message", "the result exceeds the largest message the service sends: raise its --max-message-bytes"),
     ),
+    "CONNECT": (("tls handshake", "the target accepted the connection, then closed it during the TLS handshake: "
+                                  "does it speak TLS on that port (is it http://?)"),),
     "INVALID_URL": (("redirect to", "the target redirected to an address that is not an http(s) URL: "
                                     "-v shows the redirect's status and headers"),),
     "TLS": tuple((key, "the target does not speak TLS on that port (is it http://?)") for key in (
@@ -114,9 +117,10 @@ def forbidden_hint(message: str) -> str:
                 "the service refuses it on purpose (SSRF guard)")
     if is_global(given):
         return f"{address} is refused by the service's --deny-targets"
-    return ("the service refuses loopback, private and link-local targets (SSRF guard); to fetch this one, start "
-            f"the service with --allow-targets (e.g. FETCHPOOL_ALLOW_TARGETS={address}/{address.max_prefixlen} "
-            "make run)")
+    # The CLI does not know the service's rules: the hint adds to them, never replaces them.
+    return ("the service refuses loopback, private and link-local targets (SSRF guard); to fetch this one, add "
+            f"{address}/{address.max_prefixlen} to the service's --allow-targets (FETCHPOOL_ALLOW_TARGETS), "
+            "keeping the entries it already has")
 
 
 #: What gRPC core says when the peer answered, but not in HTTP/2 (an HTTP/1 server, ...).

@@ -107,9 +107,9 @@ def test_a_forbidden_address_is_named_with_a_rule_that_covers_it(start_service: 
     assert done.status == 1 and set(results) == set(urls)
     for url, address in urls.items():
         assert results[url] == {"kind": "FORBIDDEN_TARGET", "message": f"{address} is not an allowed address"}
-    for url, rule in [("http://10.0.0.1/", "FETCHPOOL_ALLOW_TARGETS=10.0.0.1/32 make run"),
-                      ("http://[fd00::1]/", "FETCHPOOL_ALLOW_TARGETS=fd00::1/128 make run"),
-                      ("http://[64:ff9b::a00:1]/", "FETCHPOOL_ALLOW_TARGETS=10.0.0.1/32 make run")]:
+    for url, rule in [("http://10.0.0.1/", "add 10.0.0.1/32 to the service's --allow-targets"),
+                      ("http://[fd00::1]/", "add fd00::1/128 to the service's --allow-targets"),
+                      ("http://[64:ff9b::a00:1]/", "add 10.0.0.1/32 to the service's --allow-targets")]:
         done = run_cli("fetch", "--target", service.target, url, stdout="tty")
         assert done.status == 1 and rule in done.out and "resolves to" not in done.out, done.out
     for url, network in [("http://169.254.169.254/", "169.254.0.0/16"), ("http://[fe80::1]/", "fe80::/10"),

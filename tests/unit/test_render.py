@@ -1,10 +1,11 @@
-"""``fetch -v``'s peer line says what is known: no peer when nothing answered, and over https
-whether a TLS session was made when the transport does not report its version."""
+"""What the CLI prints about a result: ``fetch -v``'s peer line says what is known (no peer when
+nothing answered; over https, whether a TLS session was made when the transport does not report
+its version), and a hint fits the cause its message names."""
 
 from __future__ import annotations
 
 import pytest
-from fetchpool.render import verbose_lines
+from fetchpool.render import HINTS, hint, verbose_lines
 from fetchpool.v1 import fetch_pb2 as pb
 
 
@@ -26,3 +27,15 @@ def _peer_line(result: pb.FetchResult) -> str:
 ])
 def test_the_peer_line_says_what_is_known(result: pb.FetchResult, line: str) -> None:
     assert _peer_line(result) == line
+
+
+@pytest.mark.parametrize(("kind", "message", "says"), [
+    ("CONNECT", "connection failed: ConnectError: Connection refused", HINTS["CONNECT"]),
+    # Both transports say this of a target that closes the connection on the ClientHello.
+    ("CONNECT", "the connection closed during the TLS handshake", "then closed it during the TLS handshake"),
+    ("INVALID_URL", "invalid URL: the IPv6 address '[::1' is not closed with ']'", HINTS["INVALID_URL"]),
+    ("INVALID_URL", "redirect to 'http://[::1': not a URL", "the target redirected to an address"),
+    ("NETWORK", "connection failed: ReadError: Connection reset by peer", "why each send was repeated"),
+])
+def test_a_hint_fits_the_cause_the_message_names(kind: str, message: str, says: str) -> None:
+    assert says in hint(kind, message)
