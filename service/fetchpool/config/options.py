@@ -178,7 +178,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("retry.max_retry_after", "--max-retry-after", "FETCHPOOL_MAX_RETRY_AFTER", _float,
            "seconds; a longer Retry-After is not waited for (the response is returned)"),
     Option("retry.budget_ratio", "--retry-budget", "FETCHPOOL_RETRY_BUDGET", _float,
-           "retries in progress at most this share of requests in flight (Envoy retry_budget)", metavar="RATIO"),
+           "retries in progress at most this share of requests in flight, and at least 3 at once (Envoy "
+           "retry_budget: budget_percent, min_retry_concurrency)", metavar="RATIO"),
     Option("pool.max_requests_per_connection", "--max-requests-per-connection",
            "FETCHPOOL_MAX_REQUESTS_PER_CONNECTION", _int, "retire a connection after this many requests; 0 = never"),
     Option("pool.max_connection_age", "--max-connection-age", "FETCHPOOL_MAX_CONNECTION_AGE", _float,
