@@ -199,13 +199,17 @@ async def test_a_retry_the_budget_skipped_is_said_in_the_error(make_engine, cert
 
 
 async def test_a_response_that_never_came_has_no_time_to_first_byte(make_engine, certs: Certs,
-                                                                     app_server: AppServer) -> None:
+                                                                     app_server: AppServer, transport: str) -> None:
     engine = await make_engine(make_settings(certs, retry=RetryPolicy(attempts=1)))
     late = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/delay?s=5", timeout=0.5))
     assert late.error_kind is ErrorKind.TIMEOUT and late.timings.total >= 0.5
     assert late.timings.ttfb == 0.0, late.timings
     came = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/delay?s=0.2"))
     assert came.ok and 0.2 <= came.timings.ttfb < came.timings.total, came.timings
+    # A timeout on the connection the last fetch left idle says it was reused (README "Transports":
+    # the curl transport reports nothing of a transfer the fetch's deadline stopped).
+    again = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/delay?s=5", timeout=0.5))
+    assert again.error_kind is ErrorKind.TIMEOUT and again.connection_reused is (transport == "httpcore"), again
 
 
 async def test_a_refused_connection_says_so(make_engine, certs: Certs) -> None:

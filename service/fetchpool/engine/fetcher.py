@@ -420,7 +420,8 @@ class Engine:
                 # A GOAWAY that refused the request sent it again on another connection.
                 outcome.attempts += max(0, recorder.sends - 1)
                 outcome.retry_reasons += [_REFUSED] * (recorder.sends - 1)
-            outcome.connection_reused = lease.reused
+                if recorder.sends:  # on a connection, answered or not (a timeout on a reused one too)
+                    outcome.connection_reused = lease.reused
             check_headers(response, self.settings.fetch)
             if session:
                 self._cookies.keep(session, response)
