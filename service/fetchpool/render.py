@@ -262,10 +262,13 @@ def verbose_lines(result: pb.FetchResult) -> list[str]:
     lines = [f"* {result.url}" + (f" -> {result.final_url}" if result.final_url and result.final_url != result.url
                                   else "")]
     lines += [f"* redirect {r.status_code} from {r.url}" for r in result.redirects]
-    if 300 <= result.status_code < 400 and (location := _header(result, "location")):
-        # The last answer redirects too: a loop, the --max-redirects-th redirect, or not followed.
-        lines.append(f"* redirect {result.status_code} from {result.final_url or result.url} to {location}, "
-                     "not followed")
+    last = result.redirects[-1] if result.redirects else None
+    answered_by = result.final_url or result.url
+    followed = last is not None and (last.url, last.status_code) == (answered_by, result.status_code)
+    if 300 <= result.status_code < 400 and (location := _header(result, "location")) and not followed:
+        # The last answer redirects too: a loop, the --max-redirects-th redirect, one to no URL,
+        # or not followed. (One followed whose next hop failed is listed above; the error says why.)
+        lines.append(f"* redirect {result.status_code} from {answered_by} to {location}, not followed")
     peer = f"peer {result.remote_address}" if result.remote_address else "no answer"
     https = (result.final_url or result.url).startswith("https:")
     # No version over https: no handshake completed, or the transport does not report it (curl).

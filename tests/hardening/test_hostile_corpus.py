@@ -270,6 +270,9 @@ CORPUS: list[Case] = [
          check=redirect_refused),
     Case("redirect-to-unclosed-ipv6", http("/redirect-to?to=http%3A%2F%2F%5Bbad%2Fx"), K.INVALID_URL,
          check=redirect_refused),
+    # httpx would send these to the redirecting host on port 80; typed, they are refused (no host).
+    Case("redirect-to-no-host", http("/redirect-to?to=http%3A%2F%2F%2Fok"), K.INVALID_URL, check=redirect_refused),
+    Case("redirect-to-no-authority", http("/redirect-to?to=http%3A%2Fok"), K.INVALID_URL, check=redirect_refused),
     Case("redirect-bad-location", http("/redirect-bad-location"), K.INVALID_URL, check=redirect_refused),
     Case("redirect-bad-location-not-followed", http("/redirect-bad-location"), OK, status=302,
          tweak=not_following),

@@ -39,3 +39,18 @@ def test_the_peer_line_says_what_is_known(result: pb.FetchResult, line: str) -> 
 ])
 def test_a_hint_fits_the_cause_the_message_names(kind: str, message: str, says: str) -> None:
     assert says in hint(kind, message)
+
+
+def _redirect_lines(result: pb.FetchResult) -> list[str]:
+    return [line for line in verbose_lines(result) if line.startswith("* redirect")]
+
+
+def test_a_redirect_is_said_followed_or_not_once() -> None:
+    location = [pb.Header(name="location", value="http://b.example/")]
+    # Followed, and the next hop failed (refused by the guard, say): listed, not "not followed".
+    failed_hop = pb.FetchResult(url="http://a.example/", final_url="http://a.example/", status_code=302,
+                                headers=location, redirects=[pb.Redirect(url="http://a.example/", status_code=302)])
+    assert _redirect_lines(failed_hop) == ["* redirect 302 from http://a.example/"]
+    # Not followed (follow_redirects false, a loop, too many): said so.
+    kept = pb.FetchResult(url="http://a.example/", final_url="http://a.example/", status_code=302, headers=location)
+    assert _redirect_lines(kept) == ["* redirect 302 from http://a.example/ to http://b.example/, not followed"]

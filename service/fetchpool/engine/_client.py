@@ -37,7 +37,9 @@ class PoolClient(httpx.AsyncClient):
     unused: the engine follows redirects itself, and counts and checks them). httpx's would
     also run event hooks (fetchpool has none), and it fails the whole fetch when a Location is
     no URL, although a fetch that does not follow redirects has its response. Here such a
-    response has no ``next_request``, and the engine says why it cannot follow it.
+    response has no ``next_request``, and the engine says why it cannot follow it. So has a
+    Location with a scheme and no host (``http:///x``, ``http:/x``): httpx would send it to the
+    request's host on the scheme's default port, a URL typed that way is refused (no host).
 
     The rest is httpx 0.28.1's as it is. Raises ConfigError when made under an httpx whose
     methods replaced here, the one calling them or the redirect builder differ
@@ -64,10 +66,17 @@ class PoolClient(httpx.AsyncClient):
         response = await self._send_single_request(request)
         if response.has_redirect_location:
             try:
-                response.next_request = self._build_redirect_request(request, response)
+                if not _no_host(response.headers["Location"]):
+                    response.next_request = self._build_redirect_request(request, response)
             except (httpx.RemoteProtocolError, httpx.InvalidURL, idna.IDNAError):
                 pass  # "Invalid URL in location header", or a host that is no IDNA name: see the docstring
             except BaseException:  # nothing else is raised there in httpx 0.28.1; never leak the stream
                 await response.aclose()
                 raise
         return response
+
+
+def _no_host(location: str) -> bool:
+    """Whether ``location`` is an absolute URL without a host. Raises httpx.InvalidURL."""
+    url = httpx.URL(location)
+    return bool(url.scheme) and not url.raw_host

@@ -33,7 +33,7 @@ from fetchpool.engine.retries import IDEMPOTENT, NOT_SENT, RetryBudget, backoff,
 from fetchpool.engine.routing import INSECURE_EXTENSION, POOL_EXTENSION, Router
 from fetchpool.engine.sessions import SessionCookies
 from fetchpool.engine.transports import RECORDER_EXTENSION, TransportConfig, make_transport
-from fetchpool.engine.validate import check, url_problem
+from fetchpool.engine.validate import check, location_problem, url_problem
 from fetchpool.errors import ConfigError, ErrorKind, FetchFailed, InvalidLimits, classify, proxy_status
 from fetchpool.redact import redact_url
 
@@ -386,9 +386,10 @@ class Engine:
             next_request = response.next_request
             if not (follow and response.has_redirect_location):
                 return
-            if next_request is None:  # PoolClient found its Location no URL
-                location = redact_url(response.headers["location"])
-                raise FetchFailed(ErrorKind.INVALID_URL, f"redirect to {location!r}: not a URL")
+            if next_request is None:  # PoolClient found its Location no URL, or one without a host
+                location = response.headers["location"]
+                raise FetchFailed(ErrorKind.INVALID_URL, f"redirect to {redact_url(location)!r}: "
+                                  f"{location_problem(location)}")
             seen.add(outcome.final_url)  # the URL of the hop just made (str(url) on the first)
             if len(seen) > fetch.max_redirects:
                 raise FetchFailed(ErrorKind.TOO_MANY_REDIRECTS, f"more than {fetch.max_redirects} redirects")

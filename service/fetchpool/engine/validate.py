@@ -50,6 +50,15 @@ def url_problem(url: httpx.URL) -> str:
     return ""
 
 
+def location_problem(location: str) -> str:
+    """Why a redirect's ``location`` cannot be followed, when the client built no request for it."""
+    try:
+        url = httpx.URL(location)
+    except httpx.InvalidURL:
+        return "not a URL"
+    return (url_problem(url) if url.scheme else "") or "not a URL"
+
+
 def check(spec: FetchSpec, timeouts: Timeouts) -> tuple[str, httpx.URL, float]:
     """``(method, URL, total timeout in seconds)`` of a valid spec.
 
