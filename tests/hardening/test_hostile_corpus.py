@@ -111,6 +111,11 @@ def redirect_not_followed(result: pb.FetchResult, h: HostileServers, key: str) -
     assert h.recorder.snapshot(key + "-target").requests == 0
 
 
+def assert_short(message: str) -> None:
+    """A message quotes a peer's or a caller's huge input in part, not whole."""
+    assert len(message) < 5000, f"{len(message)} characters: {message[:200]}..."
+
+
 def redirect_refused(result: pb.FetchResult, h: HostileServers, key: str) -> None:
     """A redirect to no fetch target is refused in fetchpool's words, and not listed as followed."""
     assert result.error.message.startswith("redirect to "), result.error.message
@@ -229,6 +234,10 @@ CORPUS: list[Case] = [
          check=redirect_refused),
     Case("url-bad-ipv6", fixed("http://[::1/ok"), K.INVALID_URL),
     Case("url-too-long", netloc("http://127.0.0.1:{port}/" + "a" * 70_000), K.INVALID_URL),
+    Case("url-host-too-long", fixed("http://" + "a" * 60_000 + ".example/"), K.INVALID_URL,
+         check=lambda result, h, k: assert_short(result.error.message)),
+    Case("redirect-to-a-huge-bad-host", redirect_to(lambda h, k: "http://[" + "a" * 60_000), K.INVALID_URL,
+         check=lambda result, h, k: assert_short(result.error.message)),
     Case("header-nul", http("/ok"), K.INVALID_ARGUMENT, tweak=header("X-Nul", "a\x00b")),
     Case("header-name-with-space", http("/ok"), K.INVALID_ARGUMENT, tweak=header("X Bad", "v")),
     Case("header-non-latin1-value", http("/ok"), K.INVALID_ARGUMENT, tweak=header("X-Euro", "€")),

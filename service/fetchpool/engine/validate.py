@@ -22,6 +22,12 @@ _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep
 _HOST = re.compile(rb"^(?:[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9]+)?)$")
 
 
+#: A DNS name's length at most (RFC 1035 §2.3.4, without the root's dot); an IP literal is shorter.
+_MAX_HOST = 253
+#: Characters of a bad host quoted in a message.
+_QUOTED = 80
+
+
 def _unclosed_ipv6(url: str) -> str | None:
     """What is wrong with ``url`` when its host opens an IPv6 literal and never closes it (httpx
     then reads the address's last colon as the port's: "Invalid port: ':1'"); None otherwise."""
@@ -44,7 +50,9 @@ def url_problem(url: httpx.URL) -> str:
     if not host:
         return "URL has no host"
     if not _HOST.match(url.raw_host):
-        return f"invalid host {host!r}"
+        return f"invalid host {host[:_QUOTED]!r}" + (f"... ({len(host)} characters)" if len(host) > _QUOTED else "")
+    if len(url.raw_host) > _MAX_HOST:
+        return f"host name of {len(url.raw_host)} characters: at most {_MAX_HOST} (RFC 1035)"
     if url.port is not None and not 0 < url.port < 65536:
         return f"port {url.port} is out of range"
     return ""
