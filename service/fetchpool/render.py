@@ -74,8 +74,8 @@ HINTS_BY_MESSAGE = {
     ),
     "CONNECT": (("tls handshake", "the target accepted the connection, then closed it during the TLS handshake: "
                                   "does it speak TLS on that port (is it http://?)"),),
-    "INVALID_URL": (("redirect to", "the target redirected to an address that is not an http(s) URL: "
-                                    "-v shows the redirect's status and headers"),),
+    "INVALID_URL": (("redirect to", "the target redirected to an address fetchpool cannot fetch (not an "
+                                    "http(s) URL with a host): its Location header says where"),),
     "TLS": tuple((key, "the target does not speak TLS on that port (is it http://?)") for key in (
         "wrong version number", "wrong_version_number", "record layer failure", "record_layer_failure",
         "packet length too long")) + tuple(
