@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 # gRPC core writes some transport events at INFO on stderr when GRPC_VERBOSITY is unset (absl's
-# default), e.g. "Got goaway [2] ... Cancelling all calls" as the service drains; the CLI says
-# what a failed call means itself. A GRPC_VERBOSITY the user sets still wins.
+# default), e.g. "Got goaway [2] ... Cancelling all calls" in `fetch` as the service drains; the
+# commands say what a failed call means themselves, and `serve` logs through Python's logging.
+# This applies to every command; a GRPC_VERBOSITY set in the environment still wins.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
