@@ -191,9 +191,10 @@ async def serve(
         _check_port_free(settings.server.listen)  # taken since the first check: say so
         raise RuntimeError(f"cannot listen on {settings.server.listen}: {exc}") from None
     stop = stop or asyncio.Event()
-    hurry = asyncio.Event()  # a second signal: in-flight calls get no more time
+    hurry = asyncio.Event()  # a signal once draining: in-flight calls get no more time
     loop = asyncio.get_running_loop()
-    _on_signals(loop, stop.set)
+    # One handler for every signal: two sent at once both arrive before the drain starts.
+    _on_signals(loop, lambda: (hurry if stop.is_set() else stop).set())
     async with engine:
         await server.start()
         for service in ("", FETCH_SERVICE, ADMIN_SERVICE):
@@ -207,7 +208,6 @@ async def serve(
         try:
             await stop.wait()
         finally:
-            _on_signals(loop, hurry.set)
             logger.info("draining: up to %.3g s for in-flight calls (a second SIGINT or SIGTERM stops them now)",
                         settings.server.grace_period)
             grace = settings.server.grace_period
@@ -225,7 +225,10 @@ async def serve(
                 await fetch_servicer.wait_idle(margin)  # their calls answer them (UNAVAILABLE)
             if watcher is not None:
                 watcher.cancel()
-            await server.stop(0.0 if hurry.is_set() else max(0.0, drained_by - loop.time()))
+            # A call whose handler ended may not have sent its status yet: stop(0) would cancel it
+            # (the caller sees UNAVAILABLE "Cancelling all calls" after its results). stop() returns
+            # as soon as every call ended, so a hurried drain waits at most the margin for that.
+            await server.stop(margin if hurry.is_set() else max(0.0, drained_by - loop.time()))
             _on_signals(loop, None)
     logger.info("stopped")
 
