@@ -193,7 +193,8 @@ async def serve(
     stop = stop or asyncio.Event()
     hurry = asyncio.Event()  # a signal once draining: in-flight calls get no more time
     loop = asyncio.get_running_loop()
-    # One handler for every signal: two sent at once both arrive before the drain starts.
+    # One handler for the service's whole life: any signal after the first hurries the drain,
+    # also one that arrives before the drain's clean-up has begun.
     _on_signals(loop, lambda: (hurry if stop.is_set() else stop).set())
     async with engine:
         await server.start()
