@@ -11,6 +11,7 @@ import grpc
 import pytest
 from fetchpool.client import FetchClient, make_request
 from fetchpool.v1 import fetch_pb2 as pb
+from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 from support import AppServer, Nginx, Tinyproxy
 from support.fetchpool_service import FetchpoolService
 from support.transports import every_transport  # noqa: F401  (every test here runs once per transport)
@@ -165,9 +166,29 @@ async def test_cancelling_mid_batch_releases_every_connection(
     assert stats.requests_waiting == 0
 
 
-async def test_whole_call_errors(start_service: ...) -> None:
+async def test_results_that_complete_together_share_packed_messages(
+    service: FetchpoolService, app_server: AppServer
+) -> None:
+    # 50 fetches in flight at once, each answered after 0.5 s: they complete within milliseconds
+    # of each other (measured: 11 messages on curl, where connections open one after another),
+    # faster than one message each could be written. tests/engine/test_batch_ready.py pins down
+    # which results go together.
+    requests = [make_request(f"{app_server.http_url}/delay?s=0.5&n={i}", id=str(i)) for i in range(50)]
+    batch = pb.FetchManyRequest(requests=requests, concurrency=50)
+    async with grpc.aio.insecure_channel(service.target) as channel:
+        stub = pb_grpc.FetchServiceStub(channel)
+        packed = [message async for message in stub.FetchManyPacked(batch, timeout=30)]
+        single = [message async for message in stub.FetchMany(batch, timeout=30)]
+    results = [result for message in packed for result in message.results]
+    assert sorted(r.index for r in results) == sorted(r.index for r in single) == list(range(50))
+    assert all(r.status_code == 200 and r.id == str(r.index) for r in [*results, *single])
+    assert len(packed) <= 25, f"50 results in {len(packed)} messages: {[len(m.results) for m in packed]}"
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one-per-message"])
+async def test_whole_call_errors(start_service: ..., packed: bool) -> None:
     service = start_service("--max-batch-size", "3")
-    async with FetchClient(service.target) as client:
+    async with FetchClient(service.target, packed=packed) as client:
         with pytest.raises(grpc.aio.AioRpcError) as empty:
             await _collect(client, [])
         assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT

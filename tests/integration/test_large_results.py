@@ -11,7 +11,7 @@ import grpc
 import pytest
 from fetchpool.client import FetchClient, make_request
 from support import Nginx
-from support.callers import ReflectedClient, run_node, whole
+from support.callers import ReflectedClient, run_node, unpacked, whole
 from support.fetchpool_service import FetchpoolService
 
 MiB = 1024 * 1024
@@ -60,15 +60,21 @@ def _check(results: dict[str, tuple[str, int, int]], pages: dict[str, str]) -> N
     assert results["small"][1] == 1 and results["refused"][2] == 0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["one-per-message", "packed"])
 def test_a_default_grpcio_caller_gets_every_result_of_a_batch(
-    large_service: FetchpoolService, nginx: Nginx, pages: dict[str, str]
+    large_service: FetchpoolService, nginx: Nginx, pages: dict[str, str], packed: bool
 ) -> None:
+    # Packed, every message stays within the caller's 4 MiB too (gRPC would end the call otherwise).
     with ReflectedClient(large_service.target) as client:
         requests = [client.request(id=i, url=url) for i, url in _batch(nginx)]
-        many = {r.id: (hashlib.sha256(r.body).hexdigest(), n, r.body_size)
-                for r, n in whole(client.fetch_many(requests, timeout=60))}
-        stream = {r.id: (hashlib.sha256(r.body).hexdigest(), n, r.body_size)
-                  for r, n in whole(client.fetch_stream(iter(requests), timeout=60))}
+        if packed:
+            many_messages = unpacked(client.fetch_many_packed(requests, timeout=60))
+            stream_messages = unpacked(client.fetch_stream_packed(iter(requests), timeout=60))
+        else:
+            many_messages = client.fetch_many(requests, timeout=60)
+            stream_messages = client.fetch_stream(iter(requests), timeout=60)
+        many = {r.id: (hashlib.sha256(r.body).hexdigest(), n, r.body_size) for r, n in whole(many_messages)}
+        stream = {r.id: (hashlib.sha256(r.body).hexdigest(), n, r.body_size) for r, n in whole(stream_messages)}
     _check(many, pages)
     _check(stream, pages)
 
@@ -77,7 +83,7 @@ async def test_a_default_grpc_js_caller_gets_every_result_of_a_batch(
     large_service: FetchpoolService, nginx: Nginx, pages: dict[str, str], node_clients: None
 ) -> None:
     requests = [{"id": i, "url": url} for i, url in _batch(nginx)]
-    for rpc in ("FetchMany", "FetchStream"):
+    for rpc in ("FetchMany", "FetchStream", "FetchManyPacked", "FetchStreamPacked"):
         results, done = await run_node({"target": large_service.target, "rpc": rpc, "requests": requests})
         assert done["code"] == 0, done
         _check({r["id"]: (r["sha256"], r["parts"], r["body_size"]) for r in results}, pages)

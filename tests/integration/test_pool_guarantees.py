@@ -1,6 +1,6 @@
 """Issue 12 through a real ``fetchpool serve`` and a real grpcio client: the doc site in one
 FetchMany through squid against nginx over TLS/HTTP/2 (GOAWAY at the request limit), and a storm
-of FetchStream/FetchMany calls cancelled by their caller. After each, the invariant of §2 holds
+of FetchStream/FetchMany calls (packed or not) cancelled by their caller. After each, the invariant of §2 holds
 for the service process (support.sockets: stats against the OS's view of its sockets, then the
 pool serves max_connections requests at once). The in-process twins are in tests/engine/.
 """
@@ -122,19 +122,23 @@ STORM_TOTAL = 1500
 STORM_BOUND_S = 40.0
 
 
-async def _cancelled_call(stub: pb_grpc.FetchServiceStub, request: pb.FetchRequest, stream: bool, after: float
+#: The streaming RPCs the storm calls, in turn.
+STORM_RPCS = ("FetchStream", "FetchMany", "FetchStreamPacked", "FetchManyPacked")
+
+
+async def _cancelled_call(stub: pb_grpc.FetchServiceStub, request: pb.FetchRequest, rpc: str, after: float
                           ) -> None:
-    """A FetchStream (held open) or FetchMany call, cancelled by the client ``after`` seconds."""
-    if stream:
+    """A call of ``rpc`` (a FetchStream* one held open), cancelled by the client ``after`` seconds."""
+    if rpc.startswith("FetchStream"):
         held = asyncio.Event()
 
         async def outgoing() -> AsyncIterator[pb.FetchRequest]:
             yield request
             await held.wait()  # ended by the cancellation
 
-        call = stub.FetchStream(outgoing(), timeout=30)
+        call = getattr(stub, rpc)(outgoing(), timeout=30)
     else:
-        call = stub.FetchMany(pb.FetchManyRequest(requests=[request]), timeout=30)
+        call = getattr(stub, rpc)(pb.FetchManyRequest(requests=[request]), timeout=30)
 
     async def drain() -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
@@ -163,7 +167,8 @@ async def test_a_storm_of_cancelled_calls_leaves_the_pool_at_full_width(
         async def one(n: int, after: float) -> None:
             base = app_server.https_url if n % 2 else app_server.http_url
             try:
-                await _cancelled_call(stub, make_request(f"{base}/delay?s=2&storm={n}", timeout=30), n % 4 < 2, after)
+                rpc = STORM_RPCS[n // 2 % len(STORM_RPCS)]  # each over both schemes
+                await _cancelled_call(stub, make_request(f"{base}/delay?s=2&storm={n}", timeout=30), rpc, after)
             finally:
                 gate.release()
 
@@ -176,5 +181,6 @@ async def test_a_storm_of_cancelled_calls_leaves_the_pool_at_full_width(
     assert launched >= 1000, f"only {launched} calls in {STORM_BOUND_S} s"
     async with FetchClient(service.target, timeout=60) as client:
         await assert_service_invariant(
-            service, client, [app_server.https_url], app_server, f"{launched} cancelled FetchStream/FetchMany calls"
+            service, client, [app_server.https_url], app_server,
+            f"{launched} cancelled FetchStream/FetchMany calls, packed or not",
         )

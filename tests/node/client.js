@@ -3,7 +3,8 @@
 //
 //   node client.js '<job JSON>'
 //
-// job: {target, rpc: "Fetch"|"FetchMany"|"FetchStream", requests: [FetchRequest...],
+// job: {target, rpc: "Fetch"|"FetchMany"|"FetchStream"|"FetchManyPacked"|"FetchStreamPacked",
+//       requests: [FetchRequest...],
 //       concurrency, max_message_bytes, deadline_ms, channel_options: {...}, proto_path: [dirs],
 //       steps: [{send: i} | {await: n} | {sleep_ms: ms}]  (FetchStream only; default: send all)}
 // Prints one JSON line per whole result ({id, index, status_code, error_kind, error_message,
@@ -79,7 +80,8 @@ function done(error) {
 }
 
 function countParts(call) {
-  call.on('data', (message) => partsSeen.set(message.index, message.part + 1));
+  const count = (message) => partsSeen.set(message.index, message.part + 1);
+  call.on('data', (message) => (message.results ? message.results.forEach(count) : count(message)));
 }
 
 if (job.rpc === 'Fetch') {
@@ -87,15 +89,15 @@ if (job.rpc === 'Fetch') {
     if (result) print(result);
     done(error);
   });
-} else if (job.rpc === 'FetchMany') {
-  const call = client.FetchMany(
+} else if (job.rpc.startsWith('FetchMany')) {
+  const call = client[job.rpc](
     { requests: job.requests, concurrency: job.concurrency || 0, max_message_bytes: job.max_message_bytes || 0 }, options);
   countParts(call);
   wholeResults(call, print);
   call.on('error', done);
   call.on('end', () => done(null));
 } else {
-  const call = client.FetchStream(options);
+  const call = client[job.rpc](options);
   countParts(call);
   let received = 0;
   const waiters = [];

@@ -76,7 +76,7 @@ class ReflectedClient:
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
         self.messages = {
             name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"fetchpool.v1.{name}"))
-            for name in ("FetchRequest", "FetchManyRequest", "FetchResult")
+            for name in ("FetchRequest", "FetchManyRequest", "FetchResult", "FetchResults")
         }
 
     def __enter__(self) -> ReflectedClient:
@@ -88,11 +88,11 @@ class ReflectedClient:
     def request(self, **fields: Any) -> Any:
         return self.messages["FetchRequest"](**fields)
 
-    def _method(self, name: str, kind: str, request_type: str) -> Any:
+    def _method(self, name: str, kind: str, request_type: str, response_type: str = "FetchResult") -> Any:
         return getattr(self.channel, kind)(
             f"/fetchpool.v1.FetchService/{name}",
             request_serializer=self.messages[request_type].SerializeToString,
-            response_deserializer=self.messages["FetchResult"].FromString,
+            response_deserializer=self.messages[response_type].FromString,
         )
 
     def fetch(self, timeout: float | None = None, **fields: Any) -> Any:
@@ -105,6 +105,22 @@ class ReflectedClient:
 
     def fetch_stream(self, requests: Iterator[Any], timeout: float | None = None) -> Any:
         return self._method("FetchStream", "stream_stream", "FetchRequest")(requests, timeout=timeout)
+
+    def fetch_many_packed(self, requests: Iterable[Any], timeout: float | None = None, **fields: Any) -> Any:
+        """The FetchResults messages of a FetchManyPacked call (see :func:`unpacked`)."""
+        message = self.messages["FetchManyRequest"](requests=list(requests), **fields)
+        return self._method("FetchManyPacked", "unary_stream", "FetchManyRequest", "FetchResults")(
+            message, timeout=timeout)
+
+    def fetch_stream_packed(self, requests: Iterator[Any], timeout: float | None = None) -> Any:
+        return self._method("FetchStreamPacked", "stream_stream", "FetchRequest", "FetchResults")(
+            requests, timeout=timeout)
+
+
+def unpacked(messages: Iterable[Any]) -> Iterator[Any]:
+    """The results of FetchResults messages, in order (parts not joined: see :func:`whole`)."""
+    for message in messages:
+        yield from message.results
 
 
 def whole(messages: Iterable[Any]) -> Iterator[tuple[Any, int]]:

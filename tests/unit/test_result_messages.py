@@ -3,6 +3,10 @@ every engine-side field converted (server/parts.py, server/convert.py)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
+from fetchpool.client import reassemble
 from fetchpool.engine import FetchSpec, Outcome
 from fetchpool.errors import ErrorKind
 from fetchpool.server import parts
@@ -34,6 +38,38 @@ def test_parts_fit_the_limit_and_join_back(body: bytes, text: str, headers: int,
     joined.more_parts = False
     assert joined == pb.FetchResult.FromString(whole)
     assert all(m.status_code == 0 and not m.headers for m in messages[1:])
+
+
+async def _unpacked(messages: list[pb.FetchResults]) -> list[pb.FetchResult]:
+    async def each() -> AsyncIterator[pb.FetchResult]:
+        for message in messages:
+            for result in message.results:
+                yield result
+
+    return [result async for result in reassemble(each())]
+
+
+# Sizes around _SMALL (16 KiB, measured exactly below it, bounded above) and limits a few results fill.
+@settings(max_examples=150, deadline=None)
+@given(results=st.lists(st.tuples(st.integers(0, 90_000), st.integers(0, 3000), st.sampled_from([30_000, 64_000])),
+                        max_size=25))
+def test_packed_messages_fit_each_of_their_results_limits_and_unpack_to_the_results(
+    results: list[tuple[int, int, int]],
+) -> None:
+    given_results = [(pb.FetchResult(id=f"r{i}", index=i, status_code=200, body=b"b" * body, text="t" * text,
+                                     body_size=body), limit) for i, (body, text, limit) in enumerate(results)]
+    originals = [result.SerializeToString() for result, _ in given_results]
+    messages = parts.pack(given_results)
+    for message in messages:
+        assert message.results, "an empty message"
+        assert message.ByteSize() <= min(results[r.index][2] for r in message.results)
+    assert [r.SerializeToString() for r in asyncio.run(_unpacked(messages))] == originals
+
+
+def test_small_results_ready_together_go_in_one_message() -> None:
+    results = [(pb.FetchResult(id=str(i), index=i, body=b"x" * 2048, body_size=2048), 4 << 20) for i in range(100)]
+    [message] = parts.pack(results)
+    assert [r.index for r in message.results] == list(range(100))
 
 
 def test_message_limit_defaults_to_grpc_s_4_mib_within_the_server_ceiling() -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from fetchpool.engine.fetcher import Engine
@@ -121,11 +122,30 @@ class _Slots:
 async def run_batch(
     engine: Engine, items: AsyncIterable[tuple[K, FetchSpec]], concurrency: int, cutoff: float | None = None
 ) -> AsyncIterator[tuple[K, Outcome]]:
-    """Fetch every ``(key, spec)`` of ``items`` and yield ``(key, outcome)`` as each completes.
+    """Fetch every ``(key, spec)`` of ``items`` and yield ``(key, outcome)`` as each completes;
+    :func:`run_batch_ready` one at a time (see there)."""
+    # aclosing: closing this generator must close (cancel and await) the batch's fetches now.
+    async with contextlib.aclosing(run_batch_ready(engine, items, concurrency, cutoff, most=1)) as lists:
+        async for ready in lists:
+            yield ready[0]
 
-    At most ``concurrency`` items are in flight *or waiting to be consumed*, so a
-    slow consumer (gRPC flow control) slows the intake instead of piling results
-    up, and a 100,000-item batch holds at most ``concurrency`` results in memory.
+
+async def run_batch_ready(
+    engine: Engine,
+    items: AsyncIterable[tuple[K, FetchSpec]],
+    concurrency: int,
+    cutoff: float | None = None,
+    most: int = 0,
+) -> AsyncGenerator[list[tuple[K, Outcome]], None]:
+    """Fetch every ``(key, spec)`` of ``items``; yield the ``(key, outcome)`` pairs that have
+    completed, in completion order, as lists of every one ready (at most ``most``, 0: no bound).
+    A list is never held back for more to complete: the first outcome is yielded as soon as it
+    completes with those that completed meanwhile (while the consumer sent the last list).
+
+    At most ``concurrency`` items are in flight *or waiting to be consumed* (a list is consumed
+    when the consumer asks for the next), so a slow consumer (gRPC flow control) slows the
+    intake instead of piling results up, and a 100,000-item batch holds at most
+    ``concurrency`` results in memory.
     Every item yields exactly one outcome. Once the engine drains, items not yet
     started yield UNAVAILABLE outcomes at once (no longer waiting for a slot), and
     fetches the shutdown stops yield UNAVAILABLE too (see ``Engine.abort_in_flight``).
@@ -184,17 +204,28 @@ async def run_batch(
     feeding = True
     try:
         while feeding or yielded < counts["accepted"]:
+            ready: list[tuple[K, Outcome]] = []
+            held, failure = 0, None
             item = await results.get()
-            if item is _END:
-                feeding = False
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            key, outcome, held = item
-            yield key, outcome
-            yielded += 1
-            if held:
-                slots.release()
+            while True:
+                if item is _END:
+                    feeding = False
+                elif isinstance(item, BaseException):
+                    failure = item
+                    break
+                else:
+                    ready.append((item[0], item[1]))
+                    held += item[2]
+                if len(ready) == most or results.empty():
+                    break
+                item = results.get_nowait()
+            if ready:
+                yield ready
+                yielded += len(ready)
+                for _ in range(held):
+                    slots.release()
+            if failure is not None:
+                raise failure
     finally:
         drain.cancel()
         if deadline is not None:

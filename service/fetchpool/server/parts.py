@@ -5,7 +5,8 @@ refusing one ends the whole call (every other result of a batch is lost with it)
 message exceeds what the caller accepts: ``FetchRequest.max_message_bytes`` (4 MiB when 0), at
 most the server's ``--max-message-bytes``.
 
-In FetchMany and FetchStream a larger result goes as consecutive messages with its ``index``:
+In FetchMany and FetchStream a larger result goes as consecutive messages with its ``index``
+(in their packed forms, as consecutive entries of FetchResults messages, :func:`pack`):
 part 0 carries every field and the first bytes of ``body``; parts 1, 2, ... carry ``id``,
 ``index``, ``part``, ``more_parts`` and the next bytes of ``body`` and then of ``text``; the last
 has ``more_parts`` false. Callers concatenate ``body`` and ``text`` until then
@@ -15,9 +16,11 @@ without body and text, with a TOO_LARGE error that names the remedies.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fetchpool.v1 import fetch_pb2 as pb
 
-__all__ = ["DEFAULT_MESSAGE_BYTES", "MIN_MESSAGE_BYTES", "message_limit", "split", "too_large_for_fetch"]
+__all__ = ["DEFAULT_MESSAGE_BYTES", "MIN_MESSAGE_BYTES", "message_limit", "pack", "split", "too_large_for_fetch"]
 
 #: gRPC's default max receive message size (every stock client's).
 DEFAULT_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -26,6 +29,8 @@ MIN_MESSAGE_BYTES = 256 * 1024
 # Bytes a part spends besides its body and text bytes: the tags and length prefixes of body and
 # text (up to 8 bytes), of part and more_parts (up to 9), rounded up.
 _FRAMING = 32
+# What a result costs in FetchResults besides its own bytes: its tag and length prefix.
+_ENTRY = 6
 #: A result whose body and text take at most this many bytes is measured exactly (``ByteSize``:
 #: 1 µs for a 2 KiB page, where reading back every field for the bound takes 5 µs).
 _SMALL = 16 * 1024
@@ -44,16 +49,26 @@ def _cut(text: bytes, end: int) -> int:
     return end
 
 
+def _small(result: pb.FetchResult) -> bool:
+    """Whether ``result`` is measured exactly (see ``_SMALL``)."""
+    return result.body_size + 4 * len(result.text) <= _SMALL
+
+
 def _surely_fits(result: pb.FetchResult, limit: int) -> bool:
-    """Whether ``result`` fits ``limit`` bytes by a cheap upper bound of its size: ``ByteSize()``
-    serializes the whole message (300 µs for a 1 MiB body here), this reads only lengths. Strings
-    count 4 bytes a character (UTF-8's most), every field 16 bytes of framing."""
+    """Whether ``result`` fits ``limit`` bytes by :func:`_size_bound`."""
+    return _size_bound(result) <= limit
+
+
+def _size_bound(result: pb.FetchResult) -> int:
+    """A cheap upper bound of ``result``'s size in bytes: ``ByteSize()`` serializes the whole
+    message (300 µs for a 1 MiB body here), this reads only lengths. Strings count 4 bytes a
+    character (UTF-8's most), every field 16 bytes of framing."""
     strings = (result.id, result.url, result.final_url, result.http_version, result.pool, result.encoding,
                result.remote_address, result.tls_version, result.error.message, result.text)
     size = result.body_size + sum(4 * len(text) + 16 for text in strings) + 256  # 256: the numbers, timings
     size += sum(4 * (len(h.name) + len(h.value)) + 32 for h in result.headers)
     size += sum(4 * len(r.url) + 32 for r in result.redirects)
-    return size <= limit
+    return size
 
 
 def split(result: pb.FetchResult, limit: int) -> list[pb.FetchResult]:
@@ -61,7 +76,7 @@ def split(result: pb.FetchResult, limit: int) -> list[pb.FetchResult]:
 
     ``result.body_size`` must be the length of its body (``result_to_proto`` sets it).
     """
-    if result.body_size + 4 * len(result.text) <= _SMALL:
+    if _small(result):
         if result.ByteSize() <= limit:
             return [result]
     elif _surely_fits(result, limit) or result.ByteSize() <= limit:
@@ -87,6 +102,31 @@ def split(result: pb.FetchResult, limit: int) -> list[pb.FetchResult]:
     for part in parts[:-1]:
         part.more_parts = True
     return parts
+
+
+def pack(results: Iterable[tuple[pb.FetchResult, int]]) -> list[pb.FetchResults]:
+    """``results``, each with its caller's message limit in bytes (:func:`message_limit`), as
+    FetchResults messages in the same order, each within the smallest limit of the results it
+    carries. A result that does not fit one message alone goes in parts (:func:`split`), still
+    consecutive. Modifies the results."""
+    messages: list[pb.FetchResults] = []
+    batch: list[pb.FetchResult] = []
+    size = limit = 0
+    for result, result_limit in results:
+        small = _small(result)
+        pieces = split(result, result_limit - _ENTRY)
+        for part in pieces:
+            # A part fills a message of its own; a whole result is measured (exactly when small).
+            cost = result_limit if len(pieces) > 1 else _ENTRY + (part.ByteSize() if small else _size_bound(part))
+            if batch and size + cost > min(limit, result_limit):
+                messages.append(pb.FetchResults(results=batch))
+                batch, size = [], 0
+            limit = min(limit, result_limit) if batch else result_limit
+            batch.append(part)
+            size += cost
+    if batch:
+        messages.append(pb.FetchResults(results=batch))
+    return messages
 
 
 def too_large_for_fetch(result: pb.FetchResult, limit: int) -> pb.FetchResult:

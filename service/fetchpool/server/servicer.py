@@ -15,7 +15,7 @@ from typing import NamedTuple
 import grpc
 
 from fetchpool.engine import Engine, FetchSpec
-from fetchpool.engine.batch import cancel_once, fetch_within, run_batch
+from fetchpool.engine.batch import cancel_once, fetch_within, run_batch_ready
 from fetchpool.errors import InvalidLimits
 from fetchpool.server import parts, status
 from fetchpool.server.convert import (
@@ -103,18 +103,22 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
         result = result_to_proto(outcome, item.id, item.position, include_text=item.include_text)
         return parts.too_large_for_fetch(result, item.message_limit)
 
-    async def _results(
-        self, items: AsyncIterable[tuple[_Item, FetchSpec]], concurrency: int, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.FetchResult]:
+    async def _ready(
+        self, items: AsyncIterable[tuple[_Item, FetchSpec]], concurrency: int, context: grpc.aio.ServicerContext,
+        most: int,
+    ) -> AsyncIterator[list[tuple[pb.FetchResult, int]]]:
+        """The batch's results as they complete, each with its message limit: lists of those ready
+        (at most ``most``, 0: no bound; ``run_batch_ready``)."""
         with self._tracked():
-            async for item, outcome in run_batch(self._engine, items, concurrency, self._cutoff(context)):
-                result = result_to_proto(outcome, item.id, item.position, include_text=item.include_text)
-                for message in parts.split(result, item.message_limit):
-                    yield message
+            async for ready in run_batch_ready(self._engine, items, concurrency, self._cutoff(context), most):
+                yield [(result_to_proto(outcome, item.id, item.position, include_text=item.include_text),
+                        item.message_limit) for item, outcome in ready]
 
-    async def FetchMany(
+    async def _many(
         self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.FetchResult]:
+    ) -> tuple[AsyncIterator[tuple[_Item, FetchSpec]], int]:
+        """A FetchMany request's items and concurrency; aborts the call for an empty or too large
+        batch, or while draining."""
         await self._refuse_if_draining(context)
         settings = self._engine.settings.fetch
         count = len(request.requests)
@@ -133,22 +137,51 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
             for index, item in enumerate(request.requests):
                 yield self._item(item, index, request.max_message_bytes), spec_from_proto(item)
 
-        async for message in self._results(items(), concurrency, context):
-            yield message
+        return items(), concurrency
+
+    async def _stream(
+        self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[_Item, FetchSpec]]:
+        """A FetchStream call's items; aborts the call while draining."""
+        await self._refuse_if_draining(context)
+        index = 0
+        async for item in request_iterator:
+            yield self._item(item, index), spec_from_proto(item)
+            index += 1
+
+    async def FetchMany(
+        self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FetchResult]:
+        items, concurrency = await self._many(request, context)
+        async for ready in self._ready(items, concurrency, context, most=1):
+            for result, limit in ready:
+                for message in parts.split(result, limit):
+                    yield message
+
+    async def FetchManyPacked(
+        self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FetchResults]:
+        items, concurrency = await self._many(request, context)
+        async for ready in self._ready(items, concurrency, context, most=0):
+            for message in parts.pack(ready):
+                yield message
 
     async def FetchStream(
         self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FetchResult]:
-        await self._refuse_if_draining(context)
+        items = self._stream(request_iterator, context)
+        async for ready in self._ready(items, self._engine.settings.fetch.batch_concurrency, context, most=1):
+            for result, limit in ready:
+                for message in parts.split(result, limit):
+                    yield message
 
-        async def items() -> AsyncIterator[tuple[_Item, FetchSpec]]:
-            index = 0
-            async for item in request_iterator:
-                yield self._item(item, index), spec_from_proto(item)
-                index += 1
-
-        async for message in self._results(items(), self._engine.settings.fetch.batch_concurrency, context):
-            yield message
+    async def FetchStreamPacked(
+        self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FetchResults]:
+        items = self._stream(request_iterator, context)
+        async for ready in self._ready(items, self._engine.settings.fetch.batch_concurrency, context, most=0):
+            for message in parts.pack(ready):
+                yield message
 
 
 class PoolAdminServicer(pb_grpc.PoolAdminServicer):

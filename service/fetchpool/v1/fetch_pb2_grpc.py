@@ -50,6 +50,16 @@ class FetchServiceStub:
                 request_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.SerializeToString,
                 response_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResult.FromString,
                 _registered_method=True)
+        self.FetchManyPacked = channel.unary_stream(
+                '/fetchpool.v1.FetchService/FetchManyPacked',
+                request_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchManyRequest.SerializeToString,
+                response_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResults.FromString,
+                _registered_method=True)
+        self.FetchStreamPacked = channel.stream_stream(
+                '/fetchpool.v1.FetchService/FetchStreamPacked',
+                request_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.SerializeToString,
+                response_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResults.FromString,
+                _registered_method=True)
 
 
 class FetchServiceServicer:
@@ -86,6 +96,27 @@ class FetchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchManyPacked(self, request, context):
+        """FetchMany with its results packed: each message carries every result that
+        was ready when it was sent (none is held back to fill a message), as many
+        as fit the caller's message size. The results, their order and their parts
+        are those of FetchMany; only the messages differ. gRPC sends one message of
+        a call at a time, each awaiting the last, so a service writing a message
+        per result spends most of its CPU on messages: measured (2 KB pages over
+        HTTP/2, 5,000 per batch) at a third of the CPU per fetch on the curl
+        transport, three times the results per second. Callers that can, use these.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchStreamPacked(self, request_iterator, context):
+        """FetchStream with its results packed, as FetchManyPacked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FetchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +134,16 @@ def add_FetchServiceServicer_to_server(servicer, server):
                     servicer.FetchStream,
                     request_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.FromString,
                     response_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResult.SerializeToString,
+            ),
+            'FetchManyPacked': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchManyPacked,
+                    request_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchManyRequest.FromString,
+                    response_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResults.SerializeToString,
+            ),
+            'FetchStreamPacked': grpc.stream_stream_rpc_method_handler(
+                    servicer.FetchStreamPacked,
+                    request_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.FromString,
+                    response_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResults.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +228,60 @@ class FetchService:
             '/fetchpool.v1.FetchService/FetchStream',
             fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.SerializeToString,
             fetchpool_dot_v1_dot_fetch__pb2.FetchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchManyPacked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fetchpool.v1.FetchService/FetchManyPacked',
+            fetchpool_dot_v1_dot_fetch__pb2.FetchManyRequest.SerializeToString,
+            fetchpool_dot_v1_dot_fetch__pb2.FetchResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStreamPacked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fetchpool.v1.FetchService/FetchStreamPacked',
+            fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.SerializeToString,
+            fetchpool_dot_v1_dot_fetch__pb2.FetchResults.FromString,
             options,
             channel_credentials,
             insecure,
