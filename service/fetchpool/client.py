@@ -115,7 +115,8 @@ class FetchClient:
     ``packed`` (default) makes ``fetch_many`` and ``fetch_stream`` call FetchManyPacked and
     FetchStreamPacked, which carry several results per message (less of the service's CPU per
     fetch, see fetch.proto); False calls FetchMany and FetchStream, for a server older than those
-    (it answers UNIMPLEMENTED). Either way they yield the same results, one by one.
+    (it answers UNIMPLEMENTED, which ``fetch_many`` handles by itself; ``fetch_stream`` cannot
+    send its requests again). Either way they yield the same results, one by one.
     """
 
     def __init__(
@@ -174,11 +175,28 @@ class FetchClient:
     async def fetch_many(
         self, requests: Iterable[RequestLike], *, concurrency: int = 0, timeout: float | None = None
     ) -> AsyncIterator[pb.FetchResult]:
-        """Fetch a batch; yields results in completion order (see ``result.index``)."""
+        """Fetch a batch; yields results in completion order (see ``result.index``).
+
+        A server older than FetchManyPacked answers it UNIMPLEMENTED before any result: the batch
+        is then sent as FetchMany, and this client keeps to the one-result RPCs from then on."""
         message = pb.FetchManyRequest(requests=[_request(r) for r in requests], concurrency=concurrency)
-        call = (self._fetch.FetchManyPacked if self._packed else self._fetch.FetchMany)(message, **self._call(timeout))
+        if self._packed:
+            packed = self._fetch.FetchManyPacked(message, **self._call(timeout))
+            answered = False
+            try:
+                async for result in reassemble(unpack(packed)):
+                    answered = True
+                    yield result
+                return
+            except grpc.aio.AioRpcError as exc:
+                if answered or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._packed = False
+            finally:
+                packed.cancel()
+        call = self._fetch.FetchMany(message, **self._call(timeout))
         try:
-            async for result in reassemble(unpack(call) if self._packed else call):
+            async for result in reassemble(call):
                 yield result
         finally:
             call.cancel()
