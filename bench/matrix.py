@@ -43,8 +43,8 @@ WIDE_CLIENTS = ("fp-many", "fp-stream", "httpx", "aiohttp")
 
 #: Client key -> label. Order is the table's order.
 CLIENT_LABELS = {
-    "fp-many": "fetchpool FetchMany (gRPC, service)",
-    "fp-stream": "fetchpool FetchStream (gRPC, service)",
+    "fp-many": "fetchpool FetchManyPacked (gRPC, service)",
+    "fp-stream": "fetchpool FetchStreamPacked (gRPC, service)",
     "httpx": "httpx pooled: one AsyncClient(http2=True) + gather",
     "httpx2": "httpx2 pooled: same script on the fork",
     "aiohttp": "aiohttp: TCPConnector(limit=100, per_host=C)",

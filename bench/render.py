@@ -53,9 +53,9 @@ def _head(meta: Row, latency_info: Row | None) -> list[str]:
                  f"{latency_info.get('tcp_connect_rtt_ms_undelayed_port')} ms.")
     L.append(
         "- columns: req/s = median (min-max) over rounds of ok responses / the client's timed window; "
-        "**FM ÷ it, FS ÷ it** = fetchpool FetchMany (FM) / FetchStream (FS) req/s on the default transport "
-        "divided by this row's, per round, median (>= 1 means fetchpool is faster); p50/p99 = per-request "
-        "latency (FetchMany: the service's per-fetch total, since the whole batch is sent at once; others: "
+        "**FM ÷ it, FS ÷ it** = fetchpool FetchManyPacked (FM) / FetchStreamPacked (FS) req/s on the default "
+        "transport divided by this row's, per round, median (>= 1 means fetchpool is faster); p50/p99 = per-request "
+        "latency (FM: the service's per-fetch total, since the whole batch is sent at once; others: "
         "request start to body read, caller side); CPU ms/1k = CPU of the fetching process in its timed "
         "window per 1,000 ok requests (fetchpool: the **service** process; its gRPC caller in the caller "
         "column); peak RSS = VmHWM of that process (wrk: C, not Python).\n"

@@ -1,10 +1,12 @@
 """A real gRPC caller of a running ``fetchpool serve``, through ``fetchpool.client.FetchClient``.
 
+``FetchClient`` calls the packed RPCs (several results per message), as any caller that can should.
+
 modes:
-  many    one FetchMany call carrying all N requests, concurrency=C; latency percentiles are the
+  many    one FetchManyPacked call carrying all N requests, concurrency=C; latency percentiles are the
           service's per-fetch ``timings.total_seconds`` (admission to last body byte), since every
           request of the batch is sent at once
-  stream  one FetchStream call, the caller keeping C requests outstanding (a new one goes out as
+  stream  one FetchStreamPacked call, the caller keeping C requests outstanding (a new one goes out as
           each result comes back); latency is measured by the caller, request sent to result in
   resize  like stream, for --duration seconds, while another task changes the pool limits
           every --resize-every seconds through PoolAdmin.SetPoolLimits
