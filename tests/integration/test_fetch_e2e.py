@@ -169,11 +169,10 @@ async def test_cancelling_mid_batch_releases_every_connection(
 async def test_results_that_complete_together_share_packed_messages(
     service: FetchpoolService, app_server: AppServer
 ) -> None:
-    # 50 fetches in flight at once, each answered after 0.5 s: they complete within milliseconds
-    # of each other (measured: 11 messages on curl, where connections open one after another),
-    # faster than one message each could be written. tests/engine/test_batch_ready.py pins down
-    # which results go together.
-    requests = [make_request(f"{app_server.http_url}/delay?s=0.5&n={i}", id=str(i)) for i in range(50)]
+    # 50 fetches in flight at once over one HTTP/2 connection, each answered after 0.5 s: they
+    # complete within milliseconds of each other, faster than one message each could be written.
+    # tests/engine/test_engine_batch_ready.py pins down which results go together.
+    requests = [make_request(f"{app_server.https_url}/delay?s=0.5&n={i}", id=str(i)) for i in range(50)]
     batch = pb.FetchManyRequest(requests=requests, concurrency=50)
     async with grpc.aio.insecure_channel(service.target) as channel:
         stub = pb_grpc.FetchServiceStub(channel)
@@ -181,7 +180,8 @@ async def test_results_that_complete_together_share_packed_messages(
         single = [message async for message in stub.FetchMany(batch, timeout=30)]
     results = [result for message in packed for result in message.results]
     assert sorted(r.index for r in results) == sorted(r.index for r in single) == list(range(50))
-    assert all(r.status_code == 200 and r.id == str(r.index) for r in [*results, *single])
+    assert all(r.status_code == 200 and r.id == str(r.index) and r.http_version == "HTTP/2"
+               for r in [*results, *single])
     assert len(packed) <= 25, f"50 results in {len(packed)} messages: {[len(m.results) for m in packed]}"
 
 
