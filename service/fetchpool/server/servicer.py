@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import grpc
 
-from fetchpool.engine import Engine, FetchSpec
+from fetchpool.engine import Engine, FetchSpec, Outcome
 from fetchpool.engine.batch import cancel_once, fetch_within, run_batch_ready
 from fetchpool.errors import InvalidLimits
 from fetchpool.server import parts, status
@@ -44,6 +44,12 @@ class _Item(NamedTuple):
     id: str
     include_text: bool
     message_limit: int
+
+
+def _converted(ready: list[tuple[_Item, Outcome]]) -> list[tuple[pb.FetchResult, int]]:
+    """Results as messages, each with its caller's message limit."""
+    return [(result_to_proto(outcome, item.id, item.position, include_text=item.include_text), item.message_limit)
+            for item, outcome in ready]
 
 
 class FetchServicer(pb_grpc.FetchServiceServicer):
@@ -103,16 +109,24 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
         result = result_to_proto(outcome, item.id, item.position, include_text=item.include_text)
         return parts.too_large_for_fetch(result, item.message_limit)
 
-    async def _ready(
-        self, items: AsyncIterable[tuple[_Item, FetchSpec]], concurrency: int, context: grpc.aio.ServicerContext,
-        most: int,
-    ) -> AsyncIterator[list[tuple[pb.FetchResult, int]]]:
-        """The batch's results as they complete, each with its message limit: lists of those ready
-        (at most ``most``, 0: no bound; ``run_batch_ready``)."""
+    async def _single(
+        self, items: AsyncIterable[tuple[_Item, FetchSpec]], concurrency: int, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FetchResult]:
+        """The batch's results as they complete, a message each (a large one in parts)."""
         with self._tracked():
-            async for ready in run_batch_ready(self._engine, items, concurrency, self._cutoff(context), most):
-                yield [(result_to_proto(outcome, item.id, item.position, include_text=item.include_text),
-                        item.message_limit) for item, outcome in ready]
+            async for ready in run_batch_ready(self._engine, items, concurrency, self._cutoff(context), most=1):
+                for result, limit in _converted(ready):
+                    for message in parts.split(result, limit):
+                        yield message
+
+    async def _packed(
+        self, items: AsyncIterable[tuple[_Item, FetchSpec]], concurrency: int, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FetchResults]:
+        """The batch's results as they complete, those ready together packed (``parts.pack``)."""
+        with self._tracked():
+            async for ready in run_batch_ready(self._engine, items, concurrency, self._cutoff(context)):
+                for message in parts.pack(_converted(ready)):
+                    yield message
 
     async def _many(
         self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
@@ -140,10 +154,9 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
         return items(), concurrency
 
     async def _stream(
-        self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterable[pb.FetchRequest]
     ) -> AsyncIterator[tuple[_Item, FetchSpec]]:
-        """A FetchStream call's items; aborts the call while draining."""
-        await self._refuse_if_draining(context)
+        """A FetchStream call's items."""
         index = 0
         async for item in request_iterator:
             yield self._item(item, index), spec_from_proto(item)
@@ -153,35 +166,31 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
         self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FetchResult]:
         items, concurrency = await self._many(request, context)
-        async for ready in self._ready(items, concurrency, context, most=1):
-            for result, limit in ready:
-                for message in parts.split(result, limit):
-                    yield message
+        async for message in self._single(items, concurrency, context):
+            yield message
 
     async def FetchManyPacked(
         self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FetchResults]:
         items, concurrency = await self._many(request, context)
-        async for ready in self._ready(items, concurrency, context, most=0):
-            for message in parts.pack(ready):
-                yield message
+        async for message in self._packed(items, concurrency, context):
+            yield message
 
     async def FetchStream(
         self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FetchResult]:
-        items = self._stream(request_iterator, context)
-        async for ready in self._ready(items, self._engine.settings.fetch.batch_concurrency, context, most=1):
-            for result, limit in ready:
-                for message in parts.split(result, limit):
-                    yield message
+        await self._refuse_if_draining(context)
+        concurrency = self._engine.settings.fetch.batch_concurrency
+        async for message in self._single(self._stream(request_iterator), concurrency, context):
+            yield message
 
     async def FetchStreamPacked(
         self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FetchResults]:
-        items = self._stream(request_iterator, context)
-        async for ready in self._ready(items, self._engine.settings.fetch.batch_concurrency, context, most=0):
-            for message in parts.pack(ready):
-                yield message
+        await self._refuse_if_draining(context)
+        concurrency = self._engine.settings.fetch.batch_concurrency
+        async for message in self._packed(self._stream(request_iterator), concurrency, context):
+            yield message
 
 
 class PoolAdminServicer(pb_grpc.PoolAdminServicer):
