@@ -14,9 +14,10 @@ any stream of results). RPC failures raise ``grpc.aio.AioRpcError``; their
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,9 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 
-__all__ = ["FetchClient", "make_request", "reassemble", "unpack"]
+__all__ = ["FetchClient", "make_request", "pack_requests", "reassemble", "unpack"]
 
 RequestLike = pb.FetchRequest | str
+#: FetchStreamPacked: the most bytes of requests one message carries (a larger request goes
+#: alone): hundreds of typical requests, far below the server's receive limit (--max-message-bytes,
+#: 64 MiB by default).
+PACKED_REQUEST_BYTES = 64 * 1024
+#: FetchStreamPacked: the most requests read ahead of the call from an async iterable.
+READ_AHEAD = 1024
 #: What ``FetchClient.fetch`` asks the server for when a request does not say (the server caps it
 #: at its --max-message-bytes): this client's channel accepts messages of any size.
 LARGEST_MESSAGE = 2**31 - 1
@@ -70,6 +77,73 @@ def make_request(
 
 def _request(item: RequestLike) -> pb.FetchRequest:
     return make_request(item) if isinstance(item, str) else item
+
+
+async def _each_request(requests: AsyncIterable[RequestLike] | Iterable[RequestLike]) -> AsyncIterator[pb.FetchRequest]:
+    if isinstance(requests, AsyncIterable):
+        async for item in requests:
+            yield _request(item)
+    else:
+        for item in requests:
+            yield _request(item)
+
+
+async def pack_requests(
+    requests: AsyncIterable[RequestLike] | Iterable[RequestLike], most_bytes: int = PACKED_REQUEST_BYTES
+) -> AsyncIterator[pb.FetchRequests]:
+    """``requests`` as FetchRequests messages, in order, each ending with the request that takes
+    it to ``most_bytes`` or beyond. From an async iterable, a message carries the requests that
+    were ready when the last one was sent (a task reads ahead, up to ``READ_AHEAD`` requests),
+    never waiting for more; from a plain iterable, as many as that bound allows."""
+    if not isinstance(requests, AsyncIterable):
+        batch: list[pb.FetchRequest] = []
+        size = 0
+        for item in requests:
+            request = _request(item)
+            batch.append(request)
+            size += request.ByteSize() + 6  # with its tag and length prefix
+            if size >= most_bytes:
+                yield pb.FetchRequests(requests=batch)
+                batch, size = [], 0
+        if batch:
+            yield pb.FetchRequests(requests=batch)
+        return
+    ready: asyncio.Queue[pb.FetchRequest | _Ended] = asyncio.Queue(READ_AHEAD)
+
+    async def read() -> None:
+        try:
+            async for item in requests:
+                await ready.put(_request(item))
+        except Exception as exc:  # the caller's iterator failed: the call fails with it
+            await ready.put(_Ended(exc))
+        else:
+            await ready.put(_Ended(None))
+
+    reader = asyncio.create_task(read())
+    try:
+        while True:
+            got = await ready.get()
+            batch, size = [], 0
+            while not isinstance(got, _Ended):
+                batch.append(got)
+                size += got.ByteSize() + 6
+                if size >= most_bytes or ready.empty():
+                    break
+                got = ready.get_nowait()
+            if batch:
+                yield pb.FetchRequests(requests=batch)
+            if isinstance(got, _Ended):
+                if got.error is not None:
+                    raise got.error
+                return
+    finally:
+        reader.cancel()
+
+
+class _Ended(NamedTuple):
+    """The end of the caller's requests: ``error`` if its iterator raised."""
+
+    error: Exception | None
 
 
 async def unpack(messages: AsyncIterable[pb.FetchResults]) -> AsyncIterator[pb.FetchResult]:
@@ -204,18 +278,12 @@ class FetchClient:
     async def fetch_stream(
         self, requests: AsyncIterable[RequestLike] | Iterable[RequestLike], *, timeout: float | None = None
     ) -> AsyncIterator[pb.FetchResult]:
-        """Stream requests in while results stream out (completion order)."""
-
-        async def outgoing() -> AsyncIterator[pb.FetchRequest]:
-            if isinstance(requests, AsyncIterable):
-                async for item in requests:
-                    yield _request(item)
-            else:
-                for item in requests:
-                    yield _request(item)
-
-        call = (self._fetch.FetchStreamPacked if self._packed else self._fetch.FetchStream)(
-            outgoing(), **self._call(timeout))
+        """Stream requests in while results stream out (completion order). Packed, each message
+        carries the requests ready when it is sent (see :func:`pack_requests`)."""
+        if self._packed:
+            call = self._fetch.FetchStreamPacked(pack_requests(requests), **self._call(timeout))
+        else:
+            call = self._fetch.FetchStream(_each_request(requests), **self._call(timeout))
         try:
             async for result in reassemble(unpack(call) if self._packed else call):
                 yield result

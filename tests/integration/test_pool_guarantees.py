@@ -132,8 +132,8 @@ async def _cancelled_call(stub: pb_grpc.FetchServiceStub, request: pb.FetchReque
     if rpc.startswith("FetchStream"):
         held = asyncio.Event()
 
-        async def outgoing() -> AsyncIterator[pb.FetchRequest]:
-            yield request
+        async def outgoing() -> AsyncIterator[pb.FetchRequest | pb.FetchRequests]:
+            yield pb.FetchRequests(requests=[request]) if rpc.endswith("Packed") else request
             await held.wait()  # ended by the cancellation
 
         call = getattr(stub, rpc)(outgoing(), timeout=30)

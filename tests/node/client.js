@@ -113,7 +113,10 @@ if (job.rpc === 'Fetch') {
   (async () => {
     for (const step of steps) {
       if (failed) return;
-      if ('send' in step) call.write(job.requests[step.send]);
+      if ('send' in step) {
+        const request = job.requests[step.send];
+        call.write(job.rpc.endsWith('Packed') ? { requests: [request] } : request);
+      }
       if ('await' in step) await new Promise((resolve) => (received >= step.await ? resolve() : waiters.push({ n: step.await, resolve })));
       if ('sleep_ms' in step) await new Promise((resolve) => setTimeout(resolve, step.sleep_ms));
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import itertools
 import json
 import subprocess
 from collections.abc import Iterable, Iterator, Sequence
@@ -76,7 +77,7 @@ class ReflectedClient:
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
         self.messages = {
             name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"fetchpool.v1.{name}"))
-            for name in ("FetchRequest", "FetchManyRequest", "FetchResult", "FetchResults")
+            for name in ("FetchRequest", "FetchRequests", "FetchManyRequest", "FetchResult", "FetchResults")
         }
 
     def __enter__(self) -> ReflectedClient:
@@ -112,9 +113,13 @@ class ReflectedClient:
         return self._method("FetchManyPacked", "unary_stream", "FetchManyRequest", "FetchResults")(
             message, timeout=timeout)
 
-    def fetch_stream_packed(self, requests: Iterator[Any], timeout: float | None = None) -> Any:
-        return self._method("FetchStreamPacked", "stream_stream", "FetchRequest", "FetchResults")(
-            requests, timeout=timeout)
+    def fetch_stream_packed(self, requests: Iterator[Any], per_message: int = 3, timeout: float | None = None) -> Any:
+        """The FetchResults messages of a FetchStreamPacked call sending ``per_message`` requests a message."""
+        pending = iter(requests)
+        messages = (self.messages["FetchRequests"](requests=batch)
+                    for batch in iter(lambda: list(itertools.islice(pending, per_message)), []))
+        return self._method("FetchStreamPacked", "stream_stream", "FetchRequests", "FetchResults")(
+            messages, timeout=timeout)
 
 
 def unpacked(messages: Iterable[Any]) -> Iterator[Any]:

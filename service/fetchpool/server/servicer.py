@@ -154,13 +154,14 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
         return items(), concurrency
 
     async def _stream(
-        self, request_iterator: AsyncIterable[pb.FetchRequest]
+        self, request_iterator: AsyncIterable[pb.FetchRequest] | AsyncIterable[pb.FetchRequests], packed: bool
     ) -> AsyncIterator[tuple[_Item, FetchSpec]]:
-        """A FetchStream call's items."""
+        """A FetchStream(Packed) call's items, ``index`` counting requests (across messages)."""
         index = 0
-        async for item in request_iterator:
-            yield self._item(item, index), spec_from_proto(item)
-            index += 1
+        async for message in request_iterator:
+            for item in message.requests if packed else (message,):
+                yield self._item(item, index), spec_from_proto(item)
+                index += 1
 
     async def FetchMany(
         self, request: pb.FetchManyRequest, context: grpc.aio.ServicerContext
@@ -181,15 +182,15 @@ class FetchServicer(pb_grpc.FetchServiceServicer):
     ) -> AsyncIterator[pb.FetchResult]:
         await self._refuse_if_draining(context)
         concurrency = self._engine.settings.fetch.batch_concurrency
-        async for message in self._single(self._stream(request_iterator), concurrency, context):
+        async for message in self._single(self._stream(request_iterator, packed=False), concurrency, context):
             yield message
 
     async def FetchStreamPacked(
-        self, request_iterator: AsyncIterable[pb.FetchRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterable[pb.FetchRequests], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.FetchResults]:
         await self._refuse_if_draining(context)
         concurrency = self._engine.settings.fetch.batch_concurrency
-        async for message in self._packed(self._stream(request_iterator), concurrency, context):
+        async for message in self._packed(self._stream(request_iterator, packed=True), concurrency, context):
             yield message
 
 

@@ -179,6 +179,12 @@ class FetchResult(_message.Message):
     retry_reasons: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., url: _Optional[str] = ..., final_url: _Optional[str] = ..., status_code: _Optional[int] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., body: _Optional[bytes] = ..., http_version: _Optional[str] = ..., connection_reused: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[FetchError, _Mapping]] = ..., pool: _Optional[str] = ..., attempts: _Optional[int] = ..., body_size: _Optional[int] = ..., part: _Optional[int] = ..., more_parts: _Optional[bool] = ..., encoding: _Optional[str] = ..., text: _Optional[str] = ..., redirects: _Optional[_Iterable[_Union[Redirect, _Mapping]]] = ..., remote_address: _Optional[str] = ..., tls_version: _Optional[str] = ..., content_decoded: _Optional[bool] = ..., retry_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class FetchRequests(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[FetchRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[FetchRequest, _Mapping]]] = ...) -> None: ...
+
 class FetchResults(_message.Message):
     __slots__ = ("results",)
     RESULTS_FIELD_NUMBER: _ClassVar[int]

@@ -57,7 +57,7 @@ class FetchServiceStub:
                 _registered_method=True)
         self.FetchStreamPacked = channel.stream_stream(
                 '/fetchpool.v1.FetchService/FetchStreamPacked',
-                request_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.SerializeToString,
+                request_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequests.SerializeToString,
                 response_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResults.FromString,
                 _registered_method=True)
 
@@ -112,7 +112,10 @@ class FetchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchStreamPacked(self, request_iterator, context):
-        """FetchStream with its results packed, as FetchManyPacked.
+        """FetchStream packed both ways: the caller sends FetchRequests, each with the
+        requests it has ready (the server reads a message at a time too), and the
+        results come back packed as in FetchManyPacked. `index` counts requests
+        across messages.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,7 +146,7 @@ def add_FetchServiceServicer_to_server(servicer, server):
             ),
             'FetchStreamPacked': grpc.stream_stream_rpc_method_handler(
                     servicer.FetchStreamPacked,
-                    request_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.FromString,
+                    request_deserializer=fetchpool_dot_v1_dot_fetch__pb2.FetchRequests.FromString,
                     response_serializer=fetchpool_dot_v1_dot_fetch__pb2.FetchResults.SerializeToString,
             ),
     }
@@ -281,7 +284,7 @@ class FetchService:
             request_iterator,
             target,
             '/fetchpool.v1.FetchService/FetchStreamPacked',
-            fetchpool_dot_v1_dot_fetch__pb2.FetchRequest.SerializeToString,
+            fetchpool_dot_v1_dot_fetch__pb2.FetchRequests.SerializeToString,
             fetchpool_dot_v1_dot_fetch__pb2.FetchResults.FromString,
             options,
             channel_credentials,
