@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarize(results)
         goal_rows = goals(summary, memory, resize, a.default_transport)
         fp_missed = any(g["verdict"].startswith("MISS") for g in goal_rows if "RSS" not in g["goal"]
-                        and "resize" not in g["goal"])
+                        and "resize" not in g["goal"] and g["transport"] == a.default_transport)
         if a.profile == "always" or (a.profile == "auto" and fp_missed):
             for transport in a.transport_list:
                 for cell in pick_profile_cells(summary, a.cell_list, a.profile_cells, transport):

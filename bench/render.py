@@ -80,15 +80,17 @@ def _key_ratios(summary: dict[str, Any]) -> list[str]:
 
 
 def _goals(goal_rows: list[Row]) -> list[str]:
-    L = ["## Goals\n", "| goal | cell | transport | target | FetchMany | FetchStream | verdict |",
+    L = ["## Goals\n", "| goal | cell | transport | target | FM | FS | verdict |",
          "|---|---|---|---|---|---|---|"]
     for g in goal_rows:
         nd = 1 if "RSS" in g["goal"] else (0 if "failed" in g["goal"] else 2)
         L.append(f"| {g['goal']} | {g['cell']} | {g['transport']} | {g['target']} | {fmt(g['fetchmany'], nd)} | "
                  f"{fmt(g['fetchstream'], nd)} | **{g['verdict']}** |")
-    passed = sum(1 for g in goal_rows if g["verdict"] == "PASS")
-    L.append(f"\n{passed} of {len(goal_rows)} goal checks PASS; goals are targets for the numbers, not timed "
-             "tests: a MISS is reported, never an error.\n")
+    per_transport = "; ".join(
+        f"{t}: {sum(g['verdict'] == 'PASS' for g in goal_rows if g['transport'] == t)} of "
+        f"{sum(g['transport'] == t for g in goal_rows)}" for t in dict.fromkeys(g["transport"] for g in goal_rows))
+    L.append(f"\nGoal checks PASS per transport ({per_transport}; the first is the default, whose goals issue 15 "
+             "sets); goals are targets for the numbers, not timed tests: a MISS is reported, never an error.\n")
     return L
 
 

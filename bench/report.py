@@ -109,14 +109,35 @@ def summarize(results: list[Row]) -> dict[str, Any]:
     return out
 
 
+def _cell_goals(add: Callable[..., None], cell: str, r: dict[str, float | None], transport: str) -> None:
+    """The per-cell goals of one transport's ratios ``r`` (see :func:`goals`)."""
+    scenario = cell.split("/")[0]
+    if "FM/httpx" in r:
+        add("throughput vs in-process pooled httpx", cell, ">= 1.5x", lambda v: v >= 1.5, r, "/httpx", transport)
+    if "FM/aiohttp" in r:
+        floor = 1.0 if scenario in WIDE else 0.5
+        add("throughput vs in-process aiohttp", cell, f">= {floor}x", lambda v, f=floor: v >= f, r, "/aiohttp",
+            transport)
+    if scenario in LATENCY and "FM/unpooled" in r:
+        add("~50 ms RTT: throughput vs unpooled", cell, ">= 2.5x", lambda v: v >= 2.5, r, "/unpooled", transport)
+    if "FM cpu/httpx cpu" in r:
+        add("service CPU per 1k vs pooled httpx script", cell, "<= 1.3x", lambda v: v <= 1.3, r, " cpu/httpx cpu",
+            transport)
+    if cell in CPU_VS_REFERENCE and "FM cpu/ref cpu" in r:
+        share = CPU_VS_REFERENCE[cell]
+        add(f"service CPU per fetch vs the {REFERENCE_TRANSPORT} transport (same run)", cell, f"<= {share}x",
+            lambda v, x=share: v <= x, r, " cpu/ref cpu", transport)
+
+
 #: Issue 15's targets for the service's CPU per fetch on the default transport, as a share of the
 #: reference (httpcore) transport's in the same run.
 CPU_VS_REFERENCE = {"h2/2KB": 0.5, "h2/100KB": 0.4}
 
 
 def goals(summary: dict[str, Any], memory: dict[str, Row], resize: dict[str, Row], default: str) -> list[Row]:
-    """Each goal per cell (fetchpool on the ``default`` transport; memory and resize per transport)
-    with the FetchMany and FetchStream values and PASS/MISS."""
+    """Each goal per cell and transport (the ``default`` transport's rows first: issue 15's goals
+    are the default's; the others show how far each transport is), memory and resize per
+    transport, with the FetchMany(Packed) and FetchStream(Packed) values and PASS/MISS."""
     rows: list[Row] = []
 
     def add(goal: str, cell: str, target: str, ok: Callable[[float], bool], r: dict[str, float | None], key: str,
@@ -131,22 +152,10 @@ def goals(summary: dict[str, Any], memory: dict[str, Row], resize: dict[str, Row
         rows.append({"goal": goal, "cell": cell, "transport": transport, "target": target, "fetchmany": fm,
                      "fetchstream": fs, "verdict": verdict})
 
-    for cell, s in summary.items():
-        r = s["ratios"].get(default, {})
-        scenario = cell.split("/")[0]
-        if "FM/httpx" in r:
-            add("throughput vs in-process pooled httpx", cell, ">= 1.5x", lambda v: v >= 1.5, r, "/httpx")
-        if "FM/aiohttp" in r:
-            floor = 1.0 if scenario in WIDE else 0.5
-            add("throughput vs in-process aiohttp", cell, f">= {floor}x", lambda v, f=floor: v >= f, r, "/aiohttp")
-        if scenario in LATENCY and "FM/unpooled" in r:
-            add("~50 ms RTT: throughput vs unpooled", cell, ">= 2.5x", lambda v: v >= 2.5, r, "/unpooled")
-        if "FM cpu/httpx cpu" in r:
-            add("service CPU per 1k vs pooled httpx script", cell, "<= 1.3x", lambda v: v <= 1.3, r, " cpu/httpx cpu")
-        if cell in CPU_VS_REFERENCE and "FM cpu/ref cpu" in r:
-            share = CPU_VS_REFERENCE[cell]
-            add(f"service CPU per fetch vs the {REFERENCE_TRANSPORT} transport (same run)", cell, f"<= {share}x",
-                lambda v, x=share: v <= x, r, " cpu/ref cpu")
+    transports = {t: None for s in summary.values() for t in s["ratios"]}
+    for transport in sorted(transports, key=lambda t: t != default):
+        for cell, s in summary.items():
+            _cell_goals(add, cell, s["ratios"].get(transport, {}), transport)
     for transport, m in memory.items():
         g = m.get("rss_growth_mb")
         complete = m.get("ok") == m.get("n")
