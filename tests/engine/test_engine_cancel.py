@@ -12,14 +12,16 @@ at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from enginekit import assert_engine_invariant, make_settings
 from fetchpool.config import PoolLimits, RetryPolicy
 from fetchpool.engine import Engine, FetchSpec
+from fetchpool.engine.batch import run_batch
 from support import AppServer, Certs, Nginx, Tinyproxy
 from support.blackhole import SynBlackHole
 from support.chaos import Fault, Relay, first
@@ -191,3 +193,25 @@ async def test_cancelled_during_a_redirect(
         await _cancel(task, "on the second hop of a redirect")
         del task
         await assert_engine_invariant(engine, [relay.url("http")], app_server, "a cancellation in a redirect")
+
+
+async def test_batches_cancelled_as_their_bodies_end_leave_no_connection_active(
+    make_engine: ..., certs: Certs, app_server: AppServer
+) -> None:
+    """A consumer that stops a batch of 100 KB fetches over HTTP/1.1 at its first result cancels
+    the others at every point of their bodies, some inside the release of a connection whose body
+    just ended. httpcore guards that release with an anyio shield, which asyncio's Task.cancel()
+    passes: such connections stayed ACTIVE with no request, for good (a fresh user's try of a
+    cancelled FetchMany: 1-8 more after each of four calls)."""
+    engine: Engine = await make_engine(make_settings(certs))
+    for k in range(6):
+        async def items(k: int = k) -> AsyncIterator[tuple[int, FetchSpec]]:
+            for i in range(40):
+                yield i, FetchSpec(url=f"{app_server.http_url}/bytes?n=100000&k={k}&i={i}")
+
+        async with contextlib.aclosing(run_batch(engine, items(), 20)) as batch:
+            async for _ in batch:
+                break
+    await assert_engine_invariant(engine, [app_server.http_url], app_server, "six batches cancelled mid-body",
+                                  probe=False)
+    assert engine.snapshots()[0].connections_active == 0, engine.snapshots()[0]

@@ -24,9 +24,10 @@ made (direct, HTTP proxy or SOCKS5), so httpx's own transport keeps working unch
   Over its life a connection is given no more requests than its request limit
   (``max_requests_per_connection``, or the one learned from its origin's GOAWAYs: ``limits.py``),
   so none of ours is on its way when a server ends the connection at that limit;
-- ``_close_connections`` cannot be stopped half-way by a cancellation (see ``shield.py``), so
-  a connection removed from the pool always has its socket closed; until it is, the
-  connection is in the pool's ``closing`` set, and counted as open.
+- a response's release (``_ReleasedWhole``) and ``_close_connections`` cannot be stopped
+  half-way by a cancellation (see ``shield.py``), so a connection removed from the pool always
+  has its socket closed; until it is, the connection is in the pool's ``closing`` set, and
+  counted as open.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 import httpcore
 from httpcore import AsyncConnectionInterface, Origin
+from httpcore._async.connection_pool import PoolByteStream
 
 from fetchpool.engine._httpcore import connections as conn
 from fetchpool.engine._httpcore.h2 import MAX_STREAMS, GracefulHTTP2Connection
@@ -186,6 +188,13 @@ class PoolMixin:
         # Still opening (an https origin that may answer HTTP/2), or HTTP/2 before the server's SETTINGS.
         return self._stream_limits.get(key, MAX_STREAMS)
 
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        response: httpcore.Response = await super().handle_async_request(request)  # type: ignore[misc]
+        stream = response.stream
+        assert isinstance(stream, PoolByteStream)
+        response.stream = _ReleasedWhole(stream._stream, stream._pool_request, stream._pool)
+        return response
+
     async def _close_connections(self, closing: list[AsyncConnectionInterface]) -> None:
         if closing:
             # Out of the pool's list already, and closed one after another: counted until closed.
@@ -197,6 +206,22 @@ class PoolMixin:
             await super()._close_connections(closing)  # type: ignore[misc]
         finally:
             self.closing.difference_update(closing)
+
+
+class _ReleasedWhole(PoolByteStream):
+    """httpcore's response stream, whose release cannot be stopped half-way.
+
+    Its ``aclose`` gives the connection back (HTTP/1.1: idle again, or closed when the body was
+    not read to its end) and takes the request out of the pool, guarded by an anyio shield that
+    asyncio's ``Task.cancel()`` passes (``shield.py``). A cancellation landing there (a batch
+    cancelled as its bodies end: a caller cancelling a FetchMany after its first results) left
+    the connection ACTIVE and its request in the pool, for good: 1-8 more such connections
+    after each of four cancelled calls, until the pool had none left
+    (``test_batches_cancelled_as_their_bodies_end_leave_no_connection_active``)."""
+
+    async def aclose(self) -> None:
+        if not self._closed:  # closed once: no task for the closes that follow (aiter_raw's, the lease's)
+            await shielded(super().aclose())
 
 
 def install(pool: httpcore.AsyncConnectionPool, max_requests_per_connection: int) -> None:
