@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from fetchpool.client import FetchClient, make_request
+from fetchpool.v1 import fetch_pb2 as pb
 from support import Nginx
 from support.callers import ReflectedClient, run_node, unpacked, whole
 from support.fetchpool_service import FetchpoolService
@@ -144,3 +145,19 @@ async def test_fetch_client_joins_parts(large_service: FetchpoolService, nginx: 
     assert {name: hashlib.sha256(r.body).hexdigest() for name, r in results.items()} == {n: pages[n] for n in SIZES}
     assert all(not r.more_parts and r.part == 0 for r in results.values())
     assert hashlib.sha256(single.body).hexdigest() == pages["20"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-per-message", "packed"])
+def test_a_multi_megabyte_url_fails_alone_within_the_callers_limit(
+    large_service: FetchpoolService, nginx: Nginx, packed: bool
+) -> None:
+    # Its result used to echo all 5 MB of it: over the caller's 4 MiB, which ended the call.
+    huge = f"{nginx.https_url}/small.html?q=" + "a" * 5_000_000
+    with ReflectedClient(large_service.target) as client:
+        requests = [client.request(id=str(i), url=url)
+                    for i, url in enumerate([f"{nginx.https_url}/small.html", huge, f"{nginx.https_url}/small.html"])]
+        call = client.fetch_many_packed(requests, timeout=60) if packed else client.fetch_many(requests, timeout=60)
+        results = {r.id: r for r in (unpacked(call) if packed else call)}
+    assert sorted(results) == ["0", "1", "2"]
+    assert results["0"].status_code == results["2"].status_code == 200
+    assert results["1"].error.kind == pb.FetchError.INVALID_URL and results["1"].url == huge[:65536]

@@ -7,6 +7,11 @@ from fetchpool.config import PoolLimits
 from fetchpool.engine import FetchSpec, Outcome, PoolSnapshot
 from fetchpool.v1 import fetch_pb2 as pb
 
+#: The most characters of a request's URL a result echoes: httpx's longest URL; a longer one is
+#: INVALID_URL, and echoing all of it could make the result larger than any message the caller
+#: accepts (a 5 MB URL ended the whole call, losing the batch's other results).
+MAX_URL_ECHO = 65536
+
 
 def spec_from_proto(request: pb.FetchRequest) -> FetchSpec:
     """A FetchSpec; values are checked by the engine (so a bad one fails its item only)."""
@@ -43,7 +48,7 @@ def result_to_proto(outcome: Outcome, request_id: str, index: int, *, include_te
     result = pb.FetchResult(
         id=request_id,
         index=index,
-        url=outcome.url,
+        url=outcome.url[:MAX_URL_ECHO],
         final_url=outcome.final_url,
         status_code=outcome.status_code,
         body=outcome.body,
