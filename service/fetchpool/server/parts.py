@@ -113,11 +113,7 @@ def pack(results: Iterable[tuple[pb.FetchResult, int]]) -> list[pb.FetchResults]
     batch: list[pb.FetchResult] = []
     size = limit = 0
     for result, result_limit in results:
-        small = _small(result)
-        pieces = split(result, result_limit - _ENTRY)
-        for part in pieces:
-            # A part fills a message of its own; a whole result is measured (exactly when small).
-            cost = result_limit if len(pieces) > 1 else _ENTRY + (part.ByteSize() if small else _size_bound(part))
+        for part, cost in _costed(result, result_limit):
             if batch and size + cost > min(limit, result_limit):
                 messages.append(pb.FetchResults(results=batch))
                 batch, size = [], 0
@@ -127,6 +123,16 @@ def pack(results: Iterable[tuple[pb.FetchResult, int]]) -> list[pb.FetchResults]
     if batch:
         messages.append(pb.FetchResults(results=batch))
     return messages
+
+
+def _costed(result: pb.FetchResult, limit: int) -> list[tuple[pb.FetchResult, int]]:
+    """``result`` as (message, bytes it takes in a FetchResults) within ``limit``: itself when it
+    fits, measured once (exactly when small, else by the bound); else its parts (:func:`split`),
+    each counted as filling a message of its own."""
+    size = result.ByteSize() if _small(result) else _size_bound(result)
+    if size <= limit - _ENTRY:
+        return [(result, size + _ENTRY)]
+    return [(part, limit) for part in split(result, limit - _ENTRY)]
 
 
 def too_large_for_fetch(result: pb.FetchResult, limit: int) -> pb.FetchResult:
