@@ -9,6 +9,7 @@ calling them and the redirect builder it calls are those of httpx 0.28.1
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -49,6 +50,21 @@ class PoolClient(httpx.AsyncClient):
     def __init__(self, **kwargs: Any) -> None:
         verify_client()
         super().__init__(cookies=NoCookies(), **kwargs)
+        self._timeouts = self.timeout.as_dict()
+
+    def new_request(self, method: str, url: httpx.URL, headers: Sequence[tuple[str, str]], content: bytes | None,
+                    extensions: dict[str, Any]) -> httpx.Request:
+        """The request ``build_request`` would make for this client (its headers under
+        ``headers``, its timeouts), for what the engine sends: an absolute URL parsed already, no
+        query params, no cookies (session cookies are added per hop). ``extensions`` is taken
+        over. About 11 µs per request where ``build_request`` takes 20 (measured, timeit): its
+        merges copy the client's headers twice and it makes the timeout dict every time."""
+        merged = self.headers  # httpx.Request copies it
+        if headers:
+            merged = httpx.Headers(merged)
+            merged.update(headers)
+        extensions["timeout"] = self._timeouts  # read, never changed, by the transports
+        return httpx.Request(method, url, headers=merged, content=content, extensions=extensions)
 
     async def _send_single_request(self, request: httpx.Request) -> httpx.Response:
         transport = self._transport_for_url(request.url)

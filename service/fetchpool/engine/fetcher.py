@@ -362,13 +362,10 @@ class Engine:
         cap = min(spec.max_body_bytes or fetch.max_body_bytes, fetch.max_body_bytes)
         outcome.status_code, outcome.headers, outcome.body, outcome.http_version = 0, [], b"", ""
         outcome.redirects = []
-        request = self.client.build_request(
-            method,
-            url,
-            headers=spec.headers,
-            content=spec.body or None,
-            extensions={POOL_EXTENSION: pool.name, INSECURE_EXTENSION: spec.tls_insecure_skip_verify,
-                        "trace": recorder.trace, RECORDER_EXTENSION: recorder},
+        request = self.client.new_request(
+            method, url, spec.headers, spec.body or None,
+            {POOL_EXTENSION: pool.name, INSECURE_EXTENSION: spec.tls_insecure_skip_verify, "trace": recorder.trace,
+             RECORDER_EXTENSION: recorder},
         )
         seen: set[str] = set()  # the URLs of this attempt's hops, once it is redirected
         resends_left = RESENDS if method in IDEMPOTENT else 0
