@@ -86,11 +86,13 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     doc_pages: list[str],
     app_server: AppServer,
 ) -> None:
-    # Known defect, README "Transports": through a proxy, libcurl 8.23 fails every stream of a
-    # connection whose peer closed after GOAWAY with "Send failure: Broken pipe" (its write meets
-    # the proxy's reset) though their answers had arrived, and resending them sends answered
-    # requests twice. For curl through a proxy those two are what the test tolerates; one result
-    # per request, the bytes of every page that succeeded and the pool's invariant still hold.
+    # Known defect, README "Transports": through a proxy, libcurl 8.23 fails the streams of a
+    # connection whose peer closed after GOAWAY with "Send failure: Broken pipe" (it writes before
+    # it reads the GOAWAY, and the proxy's reset destroys answers still on their way), and
+    # resending them sends answered requests twice (and the race blurs the count the origin's
+    # request limit would be learned from, so connections keep meeting the GOAWAY). For curl
+    # through a proxy those two are what the test tolerates; one result per request, the bytes
+    # of every page that succeeded and the pool's invariant still hold.
     curl_defect = transport == "curl" and route != "direct"
     nginx: Nginx = request.getfixturevalue(origin)
     engine = await make_engine(make_settings(certs, proxy=proxy_url(route)))
@@ -160,10 +162,13 @@ async def test_a_servers_request_limit_is_learned_so_its_goaway_refuses_nothing(
     at 20, connections to it take 20 requests each: the next batch has no request refused, and
     no more connections than its pages need. (Without the learning, 20-50 % of the second batch's
     requests were refused, on every route.)"""
-    if transport == "curl":
-        # README, "Transports": libcurl cannot retire one connection, so there is nothing to learn
-        # into; and it resends refused streams itself, unseen, so this test cannot tell either way.
-        pytest.skip("libcurl has no per-connection request limit, and hides GOAWAY refusals")
+    if transport == "curl" and route != "direct":
+        # README, "Transports": curl learns a limit from the requests libcurl sends again; through
+        # a proxy the defect of test_a_site_in_one_batch_survives_every_goaway (answers destroyed,
+        # answered requests sent again) blurs that count: through squid 2 runs of 3, through
+        # tinyproxy and SOCKS5 on a loaded machine 1 in 3, still had requests refused or failed in
+        # the second batch.
+        pytest.skip("curl through a proxy: the GOAWAY race blurs the count the limit is learned from")
     engine = await make_engine(make_settings(certs, proxy=proxy_url(route)))
 
     async def batch(pages: list[str]) -> list[Outcome]:

@@ -60,11 +60,6 @@ async def test_resizing_under_load_loses_nothing_and_connections_converge(
 async def test_stats_agree_with_nginx_and_max_requests_per_connection(
     start_service: ..., nginx: Nginx, transport: str, request: pytest.FixtureRequest
 ) -> None:
-    if transport == "curl":
-        # Known gap, README "Transports": libcurl cannot retire one connection; the curl transport
-        # marks the transfer that reached the limit (FORBID_REUSE) once its headers are seen, too
-        # late for a small HTTP/1.1 response that completed in the same read.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="curl overshoots max_requests_per_connection"))
     service = start_service("--max-connections", "4", "--max-requests-per-connection", "5")
     since = nginx.log_offset()
     requests = [make_request(f"{nginx.http_url}/small.html?mrpc={i}", id=str(i)) for i in range(60)]

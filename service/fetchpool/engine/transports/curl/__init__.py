@@ -76,11 +76,10 @@ class CurlTransport(PoolTransport):
 
     @property
     def retired_total(self) -> int:
-        return sum(engine.retired for engine in self._engines())
+        return sum(engine.retired_total for engine in self._engines())
 
     async def release(self, response: httpx.Response) -> None:
-        # A connection due for retirement was marked on its last transfer (FORBID_REUSE):
-        # libcurl closes it as that transfer ends.
+        # A connection at its request limit is retired once its transfers ended (retire.py).
         await response.aclose()
 
     async def tend(self, now: float, max_connections: int) -> None:

@@ -10,8 +10,7 @@ or its ``tls_insecure_skip_verify`` ones.
   that answers HTTP/1.1 only, the first response is so waited for once per origin.
 - Idle connections: kept at most ``max_keepalive_connections`` (``CURLMOPT_MAXCONNECTS``), for
   ``keepalive_expiry`` seconds (``MAXAGE_CONN``), retired at ``max_connection_age``
-  (``MAXLIFETIME_CONN``) or once a response made it reach ``max_requests_per_connection``
-  (``FORBID_REUSE`` on that transfer).
+  (``MAXLIFETIME_CONN``) or after ``max_requests_per_connection`` requests (``retire.py``).
 - The SSRF guard (direct pools): the target's name is resolved here, every address checked
   (``TargetGuard.resolve``), and libcurl is given those addresses (``CURLOPT_RESOLVE``), so it
   never resolves a name itself; OPENSOCKETFUNCTION refuses any other address before a socket
@@ -39,6 +38,7 @@ from fetchpool.engine.transports.curl import facts
 from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
 from fetchpool.engine.transports.curl.ledger import Ledger
+from fetchpool.engine.transports.curl.retire import RequestLimit
 
 # Headers libcurl writes itself (Host from the URL, framing from the body): httpx's copies would
 # be sent twice (nginx answers an HTTP/2 request with two Host headers with 400).
@@ -69,6 +69,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self.retired = 0
         self._pins: dict[tuple[str, int], tuple[float, frozenset[str], str]] = {}
         self._gates: dict[tuple[str, str, int], Any] = {}  # origin -> future while cold, None once warm
+        self._limit = RequestLimit(policy.max_requests_per_connection, self._resend, self.ledger.socket_of)
 
     # -- the request --
 
@@ -126,6 +127,12 @@ class CurlEngine(httpx.AsyncBaseTransport):
         ex = self._opening[easy]
         if ex.done:
             return
+        if RequestLimit.held_back(ex, failed):
+            # Not sent: a connection at its request limit (retire.py). It goes again once the
+            # transfers on that connection ended, or now.
+            if not self._limit.wait(ex):
+                self._resend([ex])
+            return
         error = None
         if failed is not None:
             if not ex.headers_ready.done():
@@ -134,6 +141,18 @@ class CurlEngine(httpx.AsyncBaseTransport):
         else:
             facts.report(ex)
         ex.finished(error)
+
+    def _resend(self, exchanges: list[Exchange]) -> None:
+        """Send again transfers held back at a connection's request limit (retire.py)."""
+        for ex in exchanges:
+            if ex.done or self._multi is None:
+                continue  # stopped meanwhile (a cancellation, the pool closed)
+            ex.opened = 0
+            ex.t0 = time.monotonic()  # libcurl times the new transfer from now
+            try:
+                self._multi.add(ex.easy)
+            except pycurl.error as exc:
+                ex.finished(facts.to_exception(exc, ex))
 
     def abort(self, ex: Exchange) -> None:
         """Stop a transfer now (a cancellation, a body closed early): libcurl resets its HTTP/2
@@ -150,6 +169,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         (``ex.held``): libcurl completes a transfer inside the ``socket_action`` that received its
         last bytes, before that coroutine resumes, and the handle must not be taken by another
         request (or closed by an upkeep that saw nothing in flight) in between."""
+        self._resend(self._limit.ended(ex))
         if ex.held:
             return
         self.in_flight.discard(ex)
@@ -164,11 +184,15 @@ class CurlEngine(httpx.AsyncBaseTransport):
         connection.uses += 1
         connection.last_used = time.monotonic()
         connection.version = ex.version.decode("ascii")
-        most = self._policy.max_requests_per_connection
-        if most and connection.uses >= most:
-            ex.easy.setopt(pycurl.FORBID_REUSE, 1)  # closed when this transfer is done
-            ex.easy.settings = None  # type: ignore[attr-defined]  # the next transfer sets FORBID_REUSE again
-            self.retired += 1
+
+    @property
+    def retired_total(self) -> int:
+        """Connections closed at the upkeep's word or at their request limit."""
+        return self.retired + self._limit.retired
+
+    def _prereq(self, easy: pycurl.Curl, local_ip: str, local_port: int) -> int:
+        ex = self._opening.get(easy)
+        return pycurl.PREREQFUNC_OK if ex is None else self._limit.prereq(ex, local_ip, local_port)
 
     # -- the guard --
 
@@ -276,6 +300,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         s(pycurl.SOCKOPTFUNCTION, lambda fd, purpose: self._socket_made(easy, fd, purpose))
         if self._proxy:
             s(pycurl.PROXY, self._proxy)
+        s(pycurl.PREREQFUNCTION, lambda _ip, local_ip, _port, local_port: self._prereq(easy, local_ip, local_port))
         return easy
 
     def _prepare(self, ex: Exchange, request: httpx.Request, resolve: str) -> None:

@@ -31,8 +31,9 @@ class Exchange:
 
     __slots__ = (
         "addresses", "buffered", "chunks", "done", "easy", "error", "fd", "header_bytes", "headers",
-        "headers_ready", "held", "lines", "max_header_bytes", "opened", "paused", "ready", "recorder", "refused",
-        "release", "reported", "request", "status", "t0", "t_tunnel", "tunnel", "version", "waiter",
+        "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened", "paused", "ready",
+        "recorder", "refused", "release", "reported", "request", "sends", "status", "t0", "t_tunnel", "tunnel",
+        "version", "waiter",
     )
 
     def __init__(self, easy: pycurl.Curl, request: httpx.Request, loop: asyncio.AbstractEventLoop, *,
@@ -65,6 +66,11 @@ class Exchange:
         self.reported = False
         self.error: BaseException | None = None
         self.refused = ""  # an address the guard refused
+        # The request limit per connection (retire.py): the connection it is on, or the one
+        # that held it back (their local addresses).
+        self.on: tuple[str, int] | None = None
+        self.held_on: tuple[str, int] | None = None
+        self.sends = 0  # times libcurl sent the request (again itself: a GOAWAY refused it, or a connection died)
 
     # -- libcurl callbacks (inside socket_action) --
 

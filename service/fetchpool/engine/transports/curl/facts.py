@@ -72,9 +72,9 @@ def report(ex: Exchange, failed: pycurl.error | None = None) -> None:
         if phase.name == step:
             phase.failed = True
     # libcurl sends a request again itself when a server's GOAWAY refused it or a reused
-    # connection died unanswered; it says so only when that took another new connection.
+    # connection died unanswered (retire.py counts the sends).
     recorder.timed(queued, phases, connected=ex.opened > 0, responded=ex.headers_ready.done() and failed is None,
-                   http2=ex.version == b"HTTP/2", sends=max(1, g(pycurl.NUM_CONNECTS)))
+                   http2=ex.version == b"HTTP/2", sends=max(1, ex.sends))
 
 
 def _failed_step(ex: Exchange, failed: pycurl.error, connect_end: float, tls_end: float) -> str:

@@ -10,6 +10,7 @@ same inode: a closed descriptor, or one reused for another socket, drops it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -57,6 +58,14 @@ class Ledger:
             if _inode(fd) != connection.inode:
                 del self._sockets[fd]
         return list(self._sockets.values())
+
+    def socket_of(self, local: tuple[str, int]) -> int:
+        """The descriptor of the open socket whose local address is ``local`` (-1: none)."""
+        for connection in self.alive():
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(connection.fd)) as sock:
+                if sock.getsockname()[:2] == local:
+                    return connection.fd
+        return -1
 
     def forget(self) -> None:
         """The multi handle that owned them all was closed."""

@@ -1,0 +1,159 @@
+"""The curl transport's request limit per connection: ``max_requests_per_connection``, or the
+one learned from an origin's GOAWAYs (``engine/_httpcore/limits.py``), the lower.
+
+libcurl has no such limit, and no call that closes a given connection. ``FORBID_REUSE`` on a
+transfer closes its connection when it ends, but only when it is the last transfer on it, and
+set from the event loop it comes too late: on loopback libcurl often sends a request and reads
+its whole response within one ``socket_action`` (set once the headers had arrived, nginx logged
+6 and 7 requests on HTTP/1.1 connections limited to 5, and up to 42 on HTTP/2 ones).
+
+Here libcurl's PREREQFUNCTION, called once a transfer has its connection and before its request
+is sent, counts the requests started on each connection (known by its local address) and keeps
+the transfers on it. A transfer given a connection that has started its ``limit`` is not sent:
+the callback aborts it before anything is written, and it goes again (``CurlEngine._finished``)
+once the transfers on that connection ended. Then the connection, idle, is shut down
+(``shutdown(2)`` on its socket): libcurl finds it dead the next time it looks for a connection
+to reuse, and closes it. (An HTTP/1.1 connection whose transfer was aborted is closed by libcurl
+itself.)
+
+Learning: libcurl sends a request refused by a server's GOAWAY again itself, and the callback
+then sees the transfer a second time, on another connection. When the last transfer is off a
+connection that refused some, the count it accepted (started less refused) is what the origin's
+server allows (``RequestLimits.refused_after``: once two connections in a row ended at the same
+count). A connection that died with requests on it looks the same to libcurl; two in a row
+at the same count would be needed to learn from that, and one that differs drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+
+import pycurl
+
+from fetchpool.engine._httpcore.limits import OriginKey, RequestLimits, remember
+from fetchpool.engine.transports.curl.exchange import Exchange
+
+Key = tuple[str, int]  # a connection's local address
+
+
+class RequestLimit:
+    """Requests started per connection, for one multi handle: at most ``limit`` (0: no limit)
+    or the origin's learned limit, the lower. ``resend(exchanges)`` sends held-back transfers
+    again (outside libcurl's callbacks); ``find(local address)`` is a connection's socket."""
+
+    __slots__ = ("_fds", "_find", "_learned", "_origins", "_refused", "_resend", "_running", "_shut", "_started",
+                 "_waiting", "limit", "retired")
+
+    def __init__(self, limit: int, resend: Callable[[list[Exchange]], None], find: Callable[[Key], int]) -> None:
+        self.limit = limit
+        self._resend = resend
+        self._find = find  # the socket (descriptor) of a connection, by local address; -1: none
+        self._learned = RequestLimits()
+        self._origins: dict[Key, OriginKey] = {}  # the origin of each connection
+        self._refused: dict[Key, int] = {}  # requests each connection refused (libcurl sent them again)
+        self._shut: dict[Key, bool] = {}  # connections shut down here that libcurl may not have noticed yet
+        # Connections seen, by local address. A connection that closed before its limit stays
+        # until a new one has its address (at most one entry per local port ever used).
+        self._started: dict[Key, int] = {}
+        self._running: dict[Key, set[Exchange]] = {}  # the transfers on each connection
+        self._fds: dict[Key, int] = {}  # the socket of each connection
+        self._waiting: dict[Key, list[Exchange]] = {}  # held back until the connection is retired
+        self.retired = 0  # connections retired at their limit
+
+    def prereq(self, ex: Exchange, local_ip: str, local_port: int) -> int:
+        """PREREQFUNCTION's answer for ``ex``, given the connection from ``local_ip``:``local_port``
+        (inside libcurl: nothing here calls pycurl)."""
+        key = (local_ip, local_port)
+        if ex.on is not None:  # libcurl sends it again itself: its connection refused it, or died
+            self._refused[ex.on] = self._refused.get(ex.on, 0) + 1
+            self._leave(ex, later=True)
+        if ex.opened or key not in self._origins:  # a new connection (an old one's address may be reused)
+            if not ex.opened and key in self._shut:
+                # Shut down here: the request fails to leave, and libcurl sends it again on
+                # another connection (nothing reached the server: not a send).
+                return pycurl.PREREQFUNC_OK
+            for memory in (self._started, self._refused, self._shut):
+                memory.pop(key, None)
+            self._fds[key] = self._find(key)
+            url = ex.request.url
+            remember(self._origins, key, (url.raw_scheme, url.raw_host, url.port or 0))  # type: ignore[arg-type]
+        started = self._started.get(key, 0)
+        limit = self._limit(key)
+        if limit and started >= limit:
+            ex.held_on = key
+            return pycurl.PREREQFUNC_ABORT  # libcurl fails it with E_ABORTED_BY_CALLBACK: see held_back
+        self._started[key] = started + 1
+        self._running.setdefault(key, set()).add(ex)
+        ex.on = key
+        ex.sends += 1
+        return pycurl.PREREQFUNC_OK
+
+    def _limit(self, key: Key) -> int:
+        learned = self._learned.limit(self._origins[key]) if key in self._origins else 0
+        return min(self.limit, learned) if self.limit and learned else self.limit or learned
+
+    @staticmethod
+    def held_back(ex: Exchange, failed: pycurl.error | None) -> bool:
+        """Whether ``ex`` failed only because :meth:`prereq` held it back (it goes again)."""
+        return ex.held_on is not None and failed is not None and failed.args[:1] == (pycurl.E_ABORTED_BY_CALLBACK,)
+
+    def wait(self, ex: Exchange) -> bool:
+        """``ex`` was held back: whether it waits for the transfers on its connection to end
+        (False: the connection is retired now, send ``ex`` again now)."""
+        key, ex.held_on = ex.held_on, None
+        assert key is not None
+        if self._running.get(key):
+            self._waiting.setdefault(key, []).append(ex)
+            return True
+        limit = self._limit(key)
+        if limit and self._started.get(key, 0) >= limit:
+            self._retire(key)
+        return False
+
+    def ended(self, ex: Exchange) -> list[Exchange]:
+        """``ex`` is done (completed, failed or stopped): the transfers to send again now, when it
+        was the last on a connection at its limit."""
+        return self._leave(ex)
+
+    def _leave(self, ex: Exchange, *, later: bool = False) -> list[Exchange]:
+        """``ex`` is no longer on its connection; the last one off a connection at its limit
+        retires it, and the transfers held back by it go again (``later``: inside libcurl, so
+        from the event loop, soon)."""
+        key, ex.on = ex.on, None
+        running = self._running.get(key) if key is not None else None
+        if key is None or running is None:
+            return []
+        running.discard(ex)
+        if running:
+            return []
+        del self._running[key]
+        started = self._started.get(key, 0)
+        refused = self._refused.pop(key, 0)
+        if refused and key in self._origins:
+            self._learned.refused_after(self._origins[key], started - refused)
+        limit = self._limit(key)
+        if limit and started >= limit:
+            self._retire(key)
+        waiting = self._waiting.pop(key, [])  # (also when a learned limit was dropped meanwhile)
+        if later and waiting:
+            asyncio.get_running_loop().call_soon(self._resend, waiting)
+            return []
+        return waiting
+
+    def _retire(self, key: Key) -> None:
+        """Shut the idle connection ``key`` (at its limit) down, unless libcurl closed it
+        already (an HTTP/1.1 one, on the transfer held back)."""
+        self._started.pop(key, None)
+        self._origins.pop(key, None)
+        self.retired += 1
+        fd = self._fds.pop(key, -1)
+        if fd < 0:
+            return
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            if sock.getsockname()[:2] == key:  # still its socket
+                sock.shutdown(socket.SHUT_RDWR)
+                remember(self._shut, key, True)  # type: ignore[arg-type]

@@ -1,0 +1,52 @@
+"""``max_requests_per_connection`` is exact on every transport, protocol and route: nginx logs
+at most that many requests on any connection, every request is sent once and succeeds, and the
+pool's stats still match the sockets the OS shows. (The curl transport used to overshoot it: libcurl has no
+such limit; see engine/transports/curl/retire.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid
+
+import pytest
+from enginekit import ROUTES, assert_engine_invariant, make_settings, summary
+from fetchpool.config import PoolLimits, PoolPolicy
+from fetchpool.engine import Engine, FetchSpec
+from support import AppServer, Certs, Nginx
+
+LIMIT = 5
+REQUESTS = 60
+# Plain http through an HTTP proxy is forwarded on the proxy's own connections to nginx (its
+# log shows those); every other route tunnels ours.
+CASES = [(route, scheme) for route in ROUTES for scheme in ("https", "http")
+         if scheme == "https" or route not in ("squid", "tinyproxy")]
+
+
+@pytest.mark.parametrize(("route", "scheme"), CASES)
+async def test_no_connection_carries_more_than_max_requests_per_connection(
+    route: str, scheme: str, make_engine: ..., proxy_url: ..., certs: Certs, nginx: Nginx, app_server: AppServer,
+) -> None:
+    limits = PoolLimits(max_connections=4, max_keepalive_connections=4, pool_timeout=10)
+    engine: Engine = await make_engine(make_settings(
+        certs, proxy=proxy_url(route), limits=limits, policy=PoolPolicy(max_requests_per_connection=LIMIT)))
+    base = nginx.https_url if scheme == "https" else nginx.http_url
+    run = uuid.uuid4().hex[:12]
+    since = nginx.log_offset()
+    slots = asyncio.Semaphore(20)  # over HTTP/2, many requests share a connection at once
+
+    async def fetch(i: int) -> object:
+        async with slots:
+            return await engine.fetch(FetchSpec(url=f"{base}/small.html?run={run}&i={i}"))
+
+    async with asyncio.timeout(60):
+        outcomes = await asyncio.gather(*(fetch(i) for i in range(REQUESTS)))
+    failed = [o for o in outcomes if not o.ok or o.status_code != 200 or o.attempts != 1]  # type: ignore[attr-defined]
+    assert not failed, summary(failed)  # type: ignore[arg-type]
+    assert {o.http_version for o in outcomes} == {"HTTP/2" if scheme == "https" else "HTTP/1.1"}  # type: ignore[attr-defined]
+    entries = [e for e in nginx.access_log(since, min_entries=REQUESTS) if f"run={run}" in e["request_uri"]]
+    per_connection = collections.Counter(e["connection"] for e in entries)
+    assert len(entries) == REQUESTS, f"nginx logged {len(entries)} requests of {REQUESTS}"
+    assert max(per_connection.values()) <= LIMIT, per_connection
+    assert max(e["connection_requests"] for e in entries) <= LIMIT
+    await assert_engine_invariant(engine, [base], app_server, f"{REQUESTS} requests at {LIMIT} per connection")
