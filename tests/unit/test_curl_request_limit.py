@@ -25,6 +25,7 @@ class Transfer:
     on: tuple[str, int] | None = None
     held_on: tuple[str, int] | None = None
     sends: int = 0
+    busy: bool = False
     done: bool = False
     request: Any = field(default_factory=lambda: httpx.Request("GET", "https://example.com/"))
 
@@ -42,9 +43,12 @@ class Connections:
         self.peers.append(peer)
         return "127.0.0.1", port
 
-    def find(self, key: tuple[str, int]) -> int:
+    def socket_of(self, key: tuple[str, int]) -> int:  # as Ledger's
         sock = self.sockets.get(key)
         return sock.fileno() if sock is not None else -1
+
+    def get(self, fd: int) -> None:  # as Ledger's: no connection records here
+        return None
 
     def shut(self, key: tuple[str, int]) -> bool:
         """Whether the socket was shut down (it reads the end of its stream)."""
@@ -64,7 +68,7 @@ def connections() -> Any:
 
 def make(limit: int, connections: Connections) -> tuple[RequestLimit, list[Transfer]]:
     resent: list[Transfer] = []
-    return RequestLimit(limit, resent.extend, connections.find), resent  # type: ignore[arg-type]
+    return RequestLimit(limit, resent.extend, connections), resent  # type: ignore[arg-type]
 
 
 def test_the_limit_holds_back_the_next_transfer_until_the_connection_is_idle(
@@ -124,6 +128,25 @@ def test_a_limit_is_learned_from_two_connections_that_refused_at_the_same_count(
     key = connections.open(40012)
     third = [Transfer(opened=1)] + [Transfer() for _ in range(3)]
     assert [limit.prereq(t, *key) for t in third] == [OK, OK, OK, HOLD]  # type: ignore[arg-type]
+
+
+def test_requests_lost_to_an_idle_close_teach_no_limit(connections: Connections) -> None:
+    """A request written on a connection the server had just closed when idle (keep-alive close,
+    HTTP/2 idle timeout) is sent again by libcurl too: that says nothing of a request limit."""
+    limit, _ = make(0, connections)
+    for port in (40030, 40031, 40032):
+        key = connections.open(port)
+        answered, raced = Transfer(opened=1), Transfer()
+        assert limit.prereq(answered, *key) == OK  # type: ignore[arg-type]
+        answered.done = True
+        limit.ended(answered)  # type: ignore[arg-type]
+        assert limit.prereq(raced, *key) == OK  # type: ignore[arg-type]  # the connection idle: not busy
+        assert limit.prereq(raced, "127.0.0.1", 49998) == OK  # type: ignore[arg-type]  # sent again
+        raced.done = True
+        limit.ended(raced)  # type: ignore[arg-type]
+    key = connections.open(40033)
+    transfers = [Transfer(opened=1)] + [Transfer() for _ in range(4)]
+    assert [limit.prereq(t, *key) for t in transfers] == [OK] * 5  # type: ignore[arg-type]  # nothing learned
 
 
 def test_waiting_transfers_go_again_when_a_learned_limit_was_dropped(connections: Connections) -> None:

@@ -69,7 +69,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self.retired = 0
         self._pins: dict[tuple[str, int], tuple[float, frozenset[str], str]] = {}
         self._gates: dict[tuple[str, str, int], Any] = {}  # origin -> future while cold, None once warm
-        self._limit = RequestLimit(policy.max_requests_per_connection, self._resend, self.ledger.socket_of)
+        self._limit = RequestLimit(policy.max_requests_per_connection, self._resend, self.ledger)
 
     # -- the request --
 
@@ -353,10 +353,10 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     async def close_idle(self) -> int:
         """Close every connection, when no request is in flight (libcurl has no call that
-        closes idle connections only); returns how many were open."""
+        closes idle connections only); returns how many were open and not retired already."""
         if self.in_flight or self._multi is None:
             return 0
-        count = len(self.ledger.alive())
+        count = sum(not c.retired for c in self.ledger.alive())
         await self.aclose()
         return count
 

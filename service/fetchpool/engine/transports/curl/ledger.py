@@ -26,6 +26,7 @@ class Connection:
     last_used: float
     uses: int = 0  # responses received on it
     version: str = "HTTP/1.1"
+    retired: bool = False  # shut down at its request limit (counted as retired then)
 
     @property
     def key(self) -> tuple[int, int]:

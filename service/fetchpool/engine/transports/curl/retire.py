@@ -18,10 +18,13 @@ itself.)
 
 Learning: libcurl sends a request refused by a server's GOAWAY again itself, and the callback
 then sees the transfer a second time, on another connection. When the last transfer is off a
-connection that refused some, the count it accepted (started less refused) is what the origin's
-server allows (``RequestLimits.refused_after``: once two connections in a row ended at the same
-count). A connection that died with requests on it looks the same to libcurl; two in a row
-at the same count would be needed to learn from that, and one that differs drops it.
+connection that refused some, the count it accepted (started less sent again) is what the
+origin's server allows (``RequestLimits.refused_after``: once two connections in a row ended at
+the same count). Only requests sent while others were in flight on their HTTP/2 connection
+count as refused: libcurl also sends again a request written on a connection the server had
+just closed when idle (an HTTP/1.1 keep-alive close, an HTTP/2 idle timeout), which says nothing
+of a request limit (two such races at the same count taught a limit of 1 for good: found by a
+newcomer's try, reuse was gone for the pool's life).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import pycurl
 
 from fetchpool.engine._httpcore.limits import OriginKey, RequestLimits, remember
 from fetchpool.engine.transports.curl.exchange import Exchange
+from fetchpool.engine.transports.curl.ledger import Ledger
 
 Key = tuple[str, int]  # a connection's local address
 
@@ -43,18 +47,19 @@ Key = tuple[str, int]  # a connection's local address
 class RequestLimit:
     """Requests started per connection, for one multi handle: at most ``limit`` (0: no limit)
     or the origin's learned limit, the lower. ``resend(exchanges)`` sends held-back transfers
-    again (outside libcurl's callbacks); ``find(local address)`` is a connection's socket."""
+    again (outside libcurl's callbacks); ``ledger`` has the multi handle's sockets."""
 
-    __slots__ = ("_fds", "_find", "_learned", "_origins", "_refused", "_resend", "_running", "_shut", "_started",
-                 "_waiting", "limit", "retired")
+    __slots__ = ("_fds", "_learned", "_ledger", "_origins", "_refused", "_resend", "_running", "_sent_again",
+                 "_shut", "_started", "_waiting", "limit", "retired")
 
-    def __init__(self, limit: int, resend: Callable[[list[Exchange]], None], find: Callable[[Key], int]) -> None:
+    def __init__(self, limit: int, resend: Callable[[list[Exchange]], None], ledger: Ledger) -> None:
         self.limit = limit
         self._resend = resend
-        self._find = find  # the socket (descriptor) of a connection, by local address; -1: none
+        self._ledger = ledger
         self._learned = RequestLimits()
         self._origins: dict[Key, OriginKey] = {}  # the origin of each connection
-        self._refused: dict[Key, int] = {}  # requests each connection refused (libcurl sent them again)
+        self._sent_again: dict[Key, int] = {}  # requests of each connection libcurl sent again elsewhere
+        self._refused: dict[Key, int] = {}  # of those, the ones sent while others were in flight there
         self._shut: dict[Key, bool] = {}  # connections shut down here that libcurl may not have noticed yet
         # Connections seen, by local address. A connection that closed before its limit stays
         # until a new one has its address (at most one entry per local port ever used).
@@ -69,16 +74,18 @@ class RequestLimit:
         (inside libcurl: nothing here calls pycurl)."""
         key = (local_ip, local_port)
         if ex.on is not None:  # libcurl sends it again itself: its connection refused it, or died
-            self._refused[ex.on] = self._refused.get(ex.on, 0) + 1
+            self._sent_again[ex.on] = self._sent_again.get(ex.on, 0) + 1
+            if ex.busy:
+                self._refused[ex.on] = self._refused.get(ex.on, 0) + 1
             self._leave(ex, later=True)
         if ex.opened or key not in self._origins:  # a new connection (an old one's address may be reused)
             if not ex.opened and key in self._shut:
                 # Shut down here: the request fails to leave, and libcurl sends it again on
                 # another connection (nothing reached the server: not a send).
                 return pycurl.PREREQFUNC_OK
-            for memory in (self._started, self._refused, self._shut):
+            for memory in (self._started, self._sent_again, self._refused, self._shut):
                 memory.pop(key, None)
-            self._fds[key] = self._find(key)
+            self._fds[key] = self._ledger.socket_of(key)
             url = ex.request.url
             remember(self._origins, key, (url.raw_scheme, url.raw_host, url.port or 0))  # type: ignore[arg-type]
         started = self._started.get(key, 0)
@@ -87,7 +94,9 @@ class RequestLimit:
             ex.held_on = key
             return pycurl.PREREQFUNC_ABORT  # libcurl fails it with E_ABORTED_BY_CALLBACK: see held_back
         self._started[key] = started + 1
-        self._running.setdefault(key, set()).add(ex)
+        running = self._running.setdefault(key, set())
+        ex.busy = bool(running)
+        running.add(ex)
         ex.on = key
         ex.sends += 1
         return pycurl.PREREQFUNC_OK
@@ -132,9 +141,9 @@ class RequestLimit:
             return []
         del self._running[key]
         started = self._started.get(key, 0)
-        refused = self._refused.pop(key, 0)
-        if refused and key in self._origins:
-            self._learned.refused_after(self._origins[key], started - refused)
+        sent_again = self._sent_again.pop(key, 0)
+        if self._refused.pop(key, 0) and key in self._origins:
+            self._learned.refused_after(self._origins[key], started - sent_again)
         limit = self._limit(key)
         if limit and started >= limit:
             self._retire(key)
@@ -157,3 +166,6 @@ class RequestLimit:
             if sock.getsockname()[:2] == key:  # still its socket
                 sock.shutdown(socket.SHUT_RDWR)
                 remember(self._shut, key, True)  # type: ignore[arg-type]
+                connection = self._ledger.get(fd)
+                if connection is not None:
+                    connection.retired = True  # counted here, not again when it is closed
