@@ -1,7 +1,8 @@
 """``max_requests_per_connection`` is exact on every transport, protocol and route: nginx logs
 at most that many requests on any connection, every request is sent once and succeeds, and the
-pool's stats still match the sockets the OS shows. (The curl transport used to overshoot it: libcurl has no
-such limit; see engine/transports/curl/retire.py.)"""
+pool's stats still match the sockets the OS shows and count no connection retired twice. (The
+curl transport used to overshoot it: libcurl has no such limit; see
+engine/transports/curl/retire.py.)"""
 
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ async def test_no_connection_carries_more_than_max_requests_per_connection(
     assert max(per_connection.values()) <= LIMIT, per_connection
     assert max(e["connection_requests"] for e in entries) <= LIMIT
     await assert_engine_invariant(engine, [base], app_server, f"{REQUESTS} requests at {LIMIT} per connection")
+    stats = engine.snapshots()[0]  # after the upkeep closed what was left: none counted twice
+    assert 0 < stats.connections_retired_total <= stats.connections_created_total, stats
+
+
+async def test_each_connection_retired_at_its_limit_is_counted_once(
+    make_engine: ..., certs: Certs, nginx: Nginx, app_server: AppServer,
+) -> None:
+    """One request per connection, ten in a row: ten connections created, ten retired, also
+    after the upkeep closed the last one (curl counted a connection shut down at its limit
+    again when the upkeep closed it)."""
+    engine: Engine = await make_engine(make_settings(certs, policy=PoolPolicy(max_requests_per_connection=1)))
+    for i in range(10):
+        outcome = await engine.fetch(FetchSpec(url=f"{nginx.https_url}/small.html?once={i}"))
+        assert outcome.ok and outcome.attempts == 1, summary([outcome])
+    await assert_engine_invariant(engine, [nginx.https_url], app_server, "ten requests, one per connection",
+                                  probe=False)
+    stats = engine.snapshots()[0]
+    assert (stats.connections_created_total, stats.connections_retired_total) == (10, 10), stats
