@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
+from pathlib import Path
 
 import pytest
 from enginekit import ROUTES, assert_engine_invariant, make_settings, summary
@@ -69,3 +70,24 @@ async def test_each_connection_retired_at_its_limit_is_counted_once(
                                   probe=False)
     stats = engine.snapshots()[0]
     assert (stats.connections_created_total, stats.connections_retired_total) == (10, 10), stats
+
+
+async def test_a_request_held_back_does_not_wait_behind_a_slow_response(
+    make_engine: ..., certs: Certs, site_root: Path, tmp_path: Path,
+) -> None:
+    """Limit 2: the first request and a slow download (100 KB at 25 KB/s) take the connection's
+    two; the next request goes on another connection at once instead of waiting for the
+    download to end (curl held it until then, found by a newcomer's try: a 3 s deadline ran out)."""
+    slow = f"        location /slow/ {{ alias {site_root}/; limit_rate 25k; }}\n"
+    with Nginx(site_root, certs, extra_locations=slow, workdir=tmp_path / "nginx") as nginx:
+        limits = PoolLimits(max_connections=4, max_keepalive_connections=4, pool_timeout=10)
+        engine: Engine = await make_engine(make_settings(
+            certs, limits=limits, policy=PoolPolicy(max_requests_per_connection=2)))
+        first = await engine.fetch(FetchSpec(url=f"{nginx.https_url}/small.html?first"))
+        assert first.ok, summary([first])
+        download = asyncio.ensure_future(engine.fetch(FetchSpec(url=f"{nginx.https_url}/slow/large.html")))
+        await asyncio.sleep(0.3)
+        third = await engine.fetch(FetchSpec(url=f"{nginx.https_url}/small.html?third"))
+        assert third.ok and third.attempts == 1, summary([third])
+        assert not download.done(), "the request waited for the download on its connection to end"
+        assert (await download).ok

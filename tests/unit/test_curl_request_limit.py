@@ -26,6 +26,7 @@ class Transfer:
     held_on: tuple[str, int] | None = None
     sends: int = 0
     busy: bool = False
+    fresh: bool = False
     done: bool = False
     request: Any = field(default_factory=lambda: httpx.Request("GET", "https://example.com/"))
 
@@ -71,26 +72,30 @@ def make(limit: int, connections: Connections) -> tuple[RequestLimit, list[Trans
     return RequestLimit(limit, resent.extend, connections), resent  # type: ignore[arg-type]
 
 
-def test_the_limit_holds_back_the_next_transfer_until_the_connection_is_idle(
+def test_the_limit_holds_back_the_next_transfers_and_replaces_the_connection(
         connections: Connections, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "getsockname", lambda self: ("127.0.0.1", 40001))  # socket pairs have none
     limit, _ = make(2, connections)
     key = connections.open(40001)
-    first, second, third = Transfer(opened=1), Transfer(), Transfer()
+    first, second, third, fourth = Transfer(opened=1), Transfer(), Transfer(), Transfer()
     assert limit.prereq(first, *key) == OK  # type: ignore[arg-type]
     assert limit.prereq(second, *key) == OK  # type: ignore[arg-type]
     assert limit.prereq(third, *key) == HOLD  # type: ignore[arg-type]
     assert RequestLimit.held_back(third, pycurl.error(pycurl.E_ABORTED_BY_CALLBACK, ""))  # type: ignore[arg-type]
     assert not RequestLimit.held_back(first, pycurl.error(pycurl.E_ABORTED_BY_CALLBACK, ""))  # type: ignore[arg-type]
-    assert limit.wait(third)  # type: ignore[arg-type]  # two transfers still on the connection
+    # Two transfers still on the connection: the first held back goes now, on a new connection
+    # of its own (it replaces this one); the next ones wait for this one to end.
+    assert not limit.wait(third) and third.fresh  # type: ignore[arg-type]
+    assert limit.prereq(fourth, *key) == HOLD  # type: ignore[arg-type]
+    assert limit.wait(fourth) and not fourth.fresh  # type: ignore[arg-type]
     first.done = True
     assert limit.ended(first) == []  # type: ignore[arg-type]
     assert not connections.shut(key)
     second.done = True
-    assert limit.ended(second) == [third]  # type: ignore[arg-type]  # the last one off: sent again now
+    assert limit.ended(second) == [fourth]  # type: ignore[arg-type]  # the last one off: sent again now
     assert connections.shut(key)  # and the connection shut down for libcurl to drop
     assert limit.retired == 1
-    assert (first.sends, second.sends, third.sends) == (1, 1, 0)
+    assert (first.sends, second.sends, third.sends, fourth.sends) == (1, 1, 0, 0)
 
 
 def test_a_connection_at_its_limit_and_idle_is_retired_at_once(
@@ -154,10 +159,12 @@ def test_waiting_transfers_go_again_when_a_learned_limit_was_dropped(connections
     dropped meanwhile, the last transfer off the connection still sends it again."""
     limit, _ = make(2, connections)
     key = connections.open(40020)
-    first, second, held = Transfer(opened=1), Transfer(), Transfer()
+    first, second, replacing, held = Transfer(opened=1), Transfer(), Transfer(), Transfer()
     limit.prereq(first, *key)  # type: ignore[arg-type]
     limit.prereq(second, *key)  # type: ignore[arg-type]
-    assert limit.prereq(held, *key) == HOLD  # type: ignore[arg-type]
+    for transfer in (replacing, held):
+        assert limit.prereq(transfer, *key) == HOLD  # type: ignore[arg-type]
+    assert not limit.wait(replacing)  # type: ignore[arg-type]
     assert limit.wait(held)  # type: ignore[arg-type]
     limit.limit = 0  # (stands for a learned limit dropped)
     for t in (first, second):

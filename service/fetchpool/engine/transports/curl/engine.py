@@ -149,6 +149,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
                 continue  # stopped meanwhile (a cancellation, the pool closed)
             ex.opened = 0
             ex.t0 = time.monotonic()  # libcurl times the new transfer from now
+            if ex.fresh:
+                ex.easy.setopt(pycurl.FRESH_CONNECT, 1)  # reset when the handle is free again
             try:
                 self._multi.add(ex.easy)
             except pycurl.error as exc:
@@ -175,6 +177,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self.in_flight.discard(ex)
         if self._opening.get(ex.easy) is ex:
             del self._opening[ex.easy]
+            if ex.fresh:
+                ex.easy.setopt(pycurl.FRESH_CONNECT, 0)
             self._free.append(ex.easy)
 
     def _count_use(self, ex: Exchange) -> None:

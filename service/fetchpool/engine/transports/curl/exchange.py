@@ -30,10 +30,10 @@ class Exchange:
     is no longer in flight, once libcurl is done with it (completed or removed)."""
 
     __slots__ = (
-        "addresses", "buffered", "busy", "chunks", "done", "easy", "error", "fd", "header_bytes", "headers",
-        "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened", "paused", "ready",
-        "recorder", "refused", "release", "reported", "request", "sends", "status", "t0", "t_tunnel", "tunnel",
-        "version", "waiter",
+        "addresses", "buffered", "busy", "chunks", "done", "easy", "error", "fd", "fresh", "header_bytes",
+        "headers", "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened", "paused",
+        "ready", "recorder", "refused", "release", "reported", "request", "sends", "status", "t0", "t_tunnel",
+        "tunnel", "version", "waiter",
     )
 
     def __init__(self, easy: pycurl.Curl, request: httpx.Request, loop: asyncio.AbstractEventLoop, *,
@@ -71,6 +71,7 @@ class Exchange:
         self.on: tuple[str, int] | None = None
         self.held_on: tuple[str, int] | None = None
         self.busy = False  # sent while other requests were in flight on its connection
+        self.fresh = False  # sent again on a new connection (FRESH_CONNECT)
         self.sends = 0  # times libcurl sent the request (again itself: a GOAWAY refused it, or a connection died)
 
     # -- libcurl callbacks (inside socket_action) --

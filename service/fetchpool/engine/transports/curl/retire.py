@@ -10,8 +10,11 @@ its whole response within one ``socket_action`` (set once the headers had arrive
 Here libcurl's PREREQFUNCTION, called once a transfer has its connection and before its request
 is sent, counts the requests started on each connection (known by its local address) and keeps
 the transfers on it. A transfer given a connection that has started its ``limit`` is not sent:
-the callback aborts it before anything is written, and it goes again (``CurlEngine._finished``)
-once the transfers on that connection ended. Then the connection, idle, is shut down
+the callback aborts it before anything is written, and it goes again (``CurlEngine._finished``):
+the first one held back by a connection still in use at once, on a new connection of its own
+(``FRESH_CONNECT``: it would otherwise wait behind the slowest response on the old one, which
+libcurl keeps offering), the next ones once the transfers on that connection ended (by then the
+new connection can take them). Then the connection, idle, is shut down
 (``shutdown(2)`` on its socket): libcurl finds it dead the next time it looks for a connection
 to reuse, and closes it. (An HTTP/1.1 connection whose transfer was aborted is closed by libcurl
 itself.)
@@ -49,8 +52,8 @@ class RequestLimit:
     or the origin's learned limit, the lower. ``resend(exchanges)`` sends held-back transfers
     again (outside libcurl's callbacks); ``ledger`` has the multi handle's sockets."""
 
-    __slots__ = ("_fds", "_learned", "_ledger", "_origins", "_refused", "_resend", "_running", "_sent_again",
-                 "_shut", "_started", "_waiting", "limit", "retired")
+    __slots__ = ("_fds", "_learned", "_ledger", "_origins", "_refused", "_replaced", "_resend", "_running",
+                 "_sent_again", "_shut", "_started", "_waiting", "limit", "retired")
 
     def __init__(self, limit: int, resend: Callable[[list[Exchange]], None], ledger: Ledger) -> None:
         self.limit = limit
@@ -67,6 +70,7 @@ class RequestLimit:
         self._running: dict[Key, set[Exchange]] = {}  # the transfers on each connection
         self._fds: dict[Key, int] = {}  # the socket of each connection
         self._waiting: dict[Key, list[Exchange]] = {}  # held back until the connection is retired
+        self._replaced: set[Key] = set()  # connections at their limit a held-back request replaces
         self.retired = 0  # connections retired at their limit
 
     def prereq(self, ex: Exchange, local_ip: str, local_port: int) -> int:
@@ -112,10 +116,15 @@ class RequestLimit:
 
     def wait(self, ex: Exchange) -> bool:
         """``ex`` was held back: whether it waits for the transfers on its connection to end
-        (False: the connection is retired now, send ``ex`` again now)."""
+        (False: send it again now; ``ex.fresh`` when on a new connection, the connection being
+        still in use, else this one is retired now)."""
         key, ex.held_on = ex.held_on, None
         assert key is not None
         if self._running.get(key):
+            if key not in self._replaced:  # the first held back by it: on a new connection now
+                self._replaced.add(key)
+                ex.fresh = True
+                return False
             self._waiting.setdefault(key, []).append(ex)
             return True
         limit = self._limit(key)
@@ -140,6 +149,7 @@ class RequestLimit:
         if running:
             return []
         del self._running[key]
+        self._replaced.discard(key)
         started = self._started.get(key, 0)
         sent_again = self._sent_again.pop(key, 0)
         if self._refused.pop(key, 0) and key in self._origins:
