@@ -109,7 +109,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
             self._let_go(ex)
             raise
         facts.report(ex)
-        self._count_use(ex)
+        self._note_use(ex)
         peer = PeerInfo((easy.getinfo(pycurl.PRIMARY_IP), easy.getinfo(pycurl.PRIMARY_PORT)))
         self._let_go(ex)
         return httpx.Response(ex.status, headers=ex.headers, stream=Body(ex, self.abort),
@@ -181,11 +181,10 @@ class CurlEngine(httpx.AsyncBaseTransport):
                 ex.easy.setopt(pycurl.FRESH_CONNECT, 0)
             self._free.append(ex.easy)
 
-    def _count_use(self, ex: Exchange) -> None:
+    def _note_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)
         if connection is None:
             return
-        connection.uses += 1
         connection.last_used = time.monotonic()
         connection.version = ex.version.decode("ascii")
 

@@ -24,7 +24,6 @@ class Connection:
     inode: int
     opened: float  # monotonic seconds
     last_used: float
-    uses: int = 0  # responses received on it
     version: str = "HTTP/1.1"
     retired: bool = False  # shut down at its request limit (counted as retired then)
 

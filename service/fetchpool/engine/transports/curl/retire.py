@@ -81,7 +81,7 @@ class RequestLimit:
             self._sent_again[ex.on] = self._sent_again.get(ex.on, 0) + 1
             if ex.busy:
                 self._refused[ex.on] = self._refused.get(ex.on, 0) + 1
-            self._leave(ex, later=True)
+            self.ended(ex, later=True)
         if ex.opened or key not in self._origins:  # a new connection (an old one's address may be reused)
             if not ex.opened and key in self._shut:
                 # Shut down here: the request fails to leave, and libcurl sends it again on
@@ -132,15 +132,11 @@ class RequestLimit:
             self._retire(key)
         return False
 
-    def ended(self, ex: Exchange) -> list[Exchange]:
-        """``ex`` is done (completed, failed or stopped): the transfers to send again now, when it
-        was the last on a connection at its limit."""
-        return self._leave(ex)
-
-    def _leave(self, ex: Exchange, *, later: bool = False) -> list[Exchange]:
-        """``ex`` is no longer on its connection; the last one off a connection at its limit
-        retires it, and the transfers held back by it go again (``later``: inside libcurl, so
-        from the event loop, soon)."""
+    def ended(self, ex: Exchange, *, later: bool = False) -> list[Exchange]:
+        """``ex`` is done (completed, failed or stopped), or libcurl moved it to another
+        connection: the last one off a connection at its limit retires it, and the transfers
+        held back by it go again: returned (``later``: inside libcurl, so sent from the event
+        loop, soon, and none returned)."""
         key, ex.on = ex.on, None
         running = self._running.get(key) if key is not None else None
         if key is None or running is None:
