@@ -1,0 +1,79 @@
+"""A TCP relay that hands the client a server's bytes in bursts, for tests of what a service does
+with results that complete together.
+
+Without it "together" depends on the machine: a loaded one spreads 50 responses timed to the
+same instant over tens of milliseconds, and a fast service writes each result before the next
+arrives. The relay holds what the server sends until the server has been quiet for ``quiet``
+seconds and then writes it in one piece, so the client reads it all in one go. The client's bytes
+pass at once. It runs in the test's event loop: only for tests whose process under test is another
+one (a ``fetchpool serve``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+Peer = tuple[str, int]
+
+
+async def _pass(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+async def _in_bursts(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, quiet: float) -> None:
+    held = bytearray()
+    while True:
+        try:
+            # A read cancelled by the timeout loses nothing: the bytes stay in the reader's buffer.
+            data = await asyncio.wait_for(reader.read(65536), quiet if held else None)
+        except TimeoutError:
+            writer.write(bytes(held))
+            held.clear()
+            await writer.drain()
+            continue
+        if not data:
+            break
+        held += data
+    writer.write(bytes(held))
+    await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+@contextlib.asynccontextmanager
+async def coalescing_relay(upstream: Peer, quiet: float = 0.1) -> AsyncIterator[int]:
+    """A loopback port relaying to ``upstream``; what the upstream sends reaches the client in
+    bursts, each once the upstream has sent nothing for ``quiet`` seconds. Closed on exit."""
+    tasks: set[asyncio.Task[object]] = set()
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*upstream)
+        try:
+            directions = (_pass(client_reader, upstream_writer), _in_bursts(upstream_reader, client_writer, quiet))
+            await asyncio.gather(*directions)
+        except OSError:
+            pass  # a side reset the connection: the other one gets it closed below
+        finally:
+            for writer in (client_writer, upstream_writer):
+                writer.close()
+
+    def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(relay(reader, writer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
