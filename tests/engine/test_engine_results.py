@@ -205,7 +205,9 @@ async def test_a_response_that_never_came_has_no_time_to_first_byte(make_engine,
     assert late.error_kind is ErrorKind.TIMEOUT and late.timings.total >= 0.5
     assert late.timings.ttfb == 0.0, late.timings
     came = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/delay?s=0.2"))
-    assert came.ok and 0.2 <= came.timings.ttfb < came.timings.total, came.timings
+    # The server waits 0.2 s from reading the request; the first byte's wait is timed from our
+    # trace of the write's end, which a loaded machine takes late (0.1993 s seen in CI).
+    assert came.ok and 0.15 <= came.timings.ttfb < came.timings.total, came.timings
     # A timeout on the connection the last fetch left idle says it was reused (README "Transports":
     # the curl transport reports nothing of a transfer the fetch's deadline stopped).
     again = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/delay?s=5", timeout=0.5))
