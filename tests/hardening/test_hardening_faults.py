@@ -32,9 +32,9 @@ def _until(check: ..., timeout: float, what: str) -> None:
 def test_the_only_proxy_killed_mid_batch(start_service: ..., hostile: HostileServers) -> None:
     with Tinyproxy(allow_connect_ports=[hostile.tls_ports["good"]]) as proxy:
         service = start_service("--proxy", proxy.url)
-        requests = [_request(hostile.http(f"/hold?s=2&g=proxy-kill&k=pk-http-{i}"), id=f"http-{i}") for i in range(20)]
+        requests = [_request(hostile.http(f"/hold?s=10&g=proxy-kill&k=pk-http-{i}"), id=f"http-{i}") for i in range(20)]
         requests += [
-            _request(hostile.tls("good", f"/hold?s=2&g=proxy-kill&k=pk-tls-{i}"), id=f"tls-{i}") for i in range(20)
+            _request(hostile.tls("good", f"/hold?s=10&g=proxy-kill&k=pk-tls-{i}"), id=f"tls-{i}") for i in range(20)
         ]
         with Caller(service.target) as caller, concurrent.futures.ThreadPoolExecutor(1) as pool:
             batch = pool.submit(caller.fetch_many, requests, 40, 60)

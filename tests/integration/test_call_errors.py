@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
+from fetchpool.client import FetchClient
 from fetchpool.v1 import fetch_pb2 as pb
 from fetchpool.v1 import fetch_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,14 +62,17 @@ def test_bad_limits_name_each_field(service: FetchpoolService) -> None:
 async def test_a_draining_replica_says_when_to_retry(
     start_service: ..., app_server: AppServer, node_clients: None
 ) -> None:
+    # The fetch in flight keeps the replica draining (up to the grace period) while the two
+    # callers are refused; each step waits for the state it needs (a loaded machine is slow).
     service = start_service("--grace-period", "8")
     with ReflectedClient(service.target) as client:
         running = threading.Thread(target=lambda: list(client.fetch_many(
-            [client.request(url=f"{app_server.http_url}/delay?s=4")], timeout=20)))
+            [client.request(url=f"{app_server.http_url}/delay?s=6")], timeout=20)))
         running.start()
-        await asyncio.sleep(1)
-        service.terminate()
-        await asyncio.sleep(0.5)
+        async with FetchClient(service.target) as watcher:
+            await _until(lambda: _active(watcher), "the fetch to start")
+            service.terminate()
+            await _until(lambda: _not_serving(watcher), "the replica to drain")
         refused = _error(lambda: client.fetch(url=f"{app_server.http_url}/echo", timeout=5))
         _, done = await run_node({"target": service.target, "rpc": "Fetch",
                                   "requests": [{"url": f"{app_server.http_url}/echo"}]})
@@ -77,6 +82,21 @@ async def test_a_draining_replica_says_when_to_retry(
     assert found["RetryInfo"].retry_delay.ToTimedelta().total_seconds() == 1.0
     assert (done["code"], done["error_info_reason"], done["retry_delay_seconds"]) == (14, "DRAINING", 1)
     assert service.wait(15) == 0
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, f"waited {timeout} s for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def _active(client: FetchClient) -> bool:
+    return (await client.pool_stats()).pools[0].requests_active == 1
+
+
+async def _not_serving(client: FetchClient) -> bool:
+    return await client.health() != health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_missing_token_is_named(start_service: ...) -> None:

@@ -37,7 +37,7 @@ def test_a_batch_keeps_every_result_when_its_deadline_comes(service: FetchpoolSe
     assert all(results[i].status_code == 200 for i, _, _ in fast)
     for i, _, _ in slow:
         assert results[i].error.kind == TIMEOUT and "call's deadline" in results[i].error.message, results[i]
-        assert 2.5 < results[i].timings.total_seconds < 3
+        assert 2.2 < results[i].timings.total_seconds < 3  # the margin is 0.3 s, the way in a loaded machine's
     # A request's own, shorter timeout is its own: not blamed on the deadline.
     assert results["own-timeout"].error.kind == TIMEOUT and "deadline" not in results["own-timeout"].error.message
 
@@ -72,9 +72,12 @@ async def test_a_unary_fetch_past_its_deadline_is_a_timeout_result(
     service: FetchpoolService, app_server: AppServer
 ) -> None:
     async with FetchClient(service.target) as client:
+        await client.health()  # the channel's connect is not charged to the deadline below
         result = await client.fetch(f"{app_server.http_url}/delay?s=5", timeout=1.0)
         assert result.error.kind == TIMEOUT and "call's deadline" in result.error.message
-        assert 0.8 < result.timings.total_seconds < 1.0
+        # Stopped 0.1 s before the deadline (its margin) less the call's way in, which a loaded
+        # machine makes long: the fetch had most of the second, not none of it.
+        assert 0.6 < result.timings.total_seconds < 1.0
         await _idle(client)
         # A deadline that leaves no time to answer at all may still be gRPC's DEADLINE_EXCEEDED.
         try:

@@ -202,8 +202,11 @@ def test_the_prometheus_endpoint_serves_the_demand_even_with_the_sdk_disabled(
         request = pb.FetchManyRequest(requests=[pb.FetchRequest(url=f"{app_server.https_url}/delay?s=1.5&p={i}")
                                                 for i in range(3)])
         call = stub.FetchMany(request, timeout=30)
-        time.sleep(0.7)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for _ in range(100):  # read while the first fetch waits for its answer (1.5 s), not after
+            time.sleep(0.05)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if "\nfetchpool_demand_requests 3" in text:
+                break
         assert len(list(call)) == 3
     samples: dict[str, list[tuple[str, float]]] = {}
     for line in text.splitlines():

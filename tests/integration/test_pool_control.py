@@ -162,7 +162,7 @@ async def test_proxies_sticky_sessions_and_ejection(start_service: ..., nginx: N
             "--proxy-eject-failures",
             "2",
             "--proxy-eject-seconds",
-            "2",
+            "5",  # outlasts the 60 fetches below on a loaded machine, so the stats still show it
         )
         url = f"{nginx.https_url}/small.html"
         async with FetchClient(service.target) as client:
@@ -183,7 +183,10 @@ async def test_proxies_sticky_sessions_and_ejection(start_service: ..., nginx: N
             assert stats[victim.url].ejected and stats[victim.url].HasField("ejected_until")
 
             victim.start()
-            await asyncio.sleep(3)  # the cool-down
+            for _ in range(100):  # the cool-down (bounded: 10 s)
+                await asyncio.sleep(0.1)
+                if not {p.pool: p for p in (await client.pool_stats()).pools}[victim.url].ejected:
+                    break
             back = await _collect(client, [make_request(f"{url}?b={i}", session_key=f"k{i}") for i in range(60)])
             assert all(r.status_code == 200 for r in back)
             assert victim.url in {r.pool for r in back}

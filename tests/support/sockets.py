@@ -160,6 +160,8 @@ class WidthProbe(Protocol):
 
 #: Seconds a probe's barrier waits for all its requests (then it answers 504).
 BARRIER_S = 3.0
+#: Seconds the pools get to end their last requests before the invariant is checked.
+SETTLE_S = 10.0
 #: Seconds the invariant keeps being polled after it failed, to say in the failure whether it
 #: converges later (a slow clean-up) or never (a leak). It failed already either way.
 LATE_LOOK = 2.0
@@ -176,13 +178,21 @@ async def assert_invariant(
 ) -> None:
     """Assert the invariant of issue 12 §2 once the workload has ended (call it right after).
 
-    Waits one upkeep period (``upkeep`` seconds, plus half of it as a margin), compares every
+    Waits for every pool to have no request active or waiting (at most SETTLE_S seconds), then
+    one upkeep period (``upkeep`` seconds, plus half of it as a margin), compares every
     pool's stats with the sockets of process ``pid`` (None: this one) to ``peers_of[pool]``,
     then, with ``probe``, checks that every pool still serves ``max_connections`` requests at
     once (all of them at the target together, none failing, none POOL_TIMEOUT), so no slot or
     connection was lost. ``what`` names the workload in failure messages.
     """
     label = f" after {what}" if what else ""
+    # The workload has ended for the caller; the process under test may still be ending its
+    # requests (cancellations it has yet to see on a loaded machine). A slot lost for good never
+    # comes back: that fails here.
+    settled = time.monotonic() + SETTLE_S
+    while busy := [p.pool for p in await read_stats() if p.requests_active or p.requests_waiting]:
+        assert time.monotonic() < settled, f"requests still in pools {busy} {SETTLE_S:g} s{label}"
+        await asyncio.sleep(0.1)
     await asyncio.sleep(upkeep * 1.5)
     pools = await read_stats()
     broken = violations(check_pools(pools, peers_of, pid))

@@ -341,8 +341,15 @@ async def test_a_paused_peer_stops_its_resync_loop(kmock: Any) -> None:
         await wait_for(lambda: resyncs() >= 2, timeout=10)  # in charge: the loop runs
         response = await kmock.patch("/apis/kopf.dev/v1/clusterkopfpeerings/fleet", json=peer(100))
         assert response.status == 200
-        await asyncio.sleep(1.6)  # kopf sees the peer and pauses; the gate's answer is 1 s old at most
-        paused_at = resyncs()
+        # kopf sees the peer and pauses; the gate's answer is 1 s old at most, a resync period is
+        # 0.2 s: no resync for 1.3 s means paused (a loaded machine takes longer to get there).
+        loop = asyncio.get_running_loop()
+        paused_at, quiet_since, given_up = resyncs(), loop.time(), loop.time() + 10
+        while loop.time() - quiet_since < 1.3:
+            assert loop.time() < given_up, "the peer never paused"
+            await asyncio.sleep(0.1)
+            if resyncs() != paused_at:
+                paused_at, quiet_since = resyncs(), loop.time()
         await asyncio.sleep(1.5)
         assert resyncs() == paused_at, "a paused peer went on resyncing"
         assert not await gate("default") and not await recorder.may_act("default")

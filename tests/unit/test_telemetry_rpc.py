@@ -158,13 +158,24 @@ async def test_a_refused_call_carries_its_status_code(
     assert point.attributes[n.RPC_RESPONSE_STATUS_CODE] == "INVALID_ARGUMENT"
 
 
+def _active_requests(reader: InMemoryMetricReader) -> float:
+    data = reader.get_metrics_data()
+    return sum(point.value for rm in (data.resource_metrics if data else ()) for sm in rm.scope_metrics
+               for metric in sm.metrics if metric.name == n.HTTP_CLIENT_ACTIVE_REQUESTS.name
+               for point in metric.data.data_points)
+
+
 async def test_a_call_the_caller_cancels_is_cancelled(
-    telemetry: Telemetry, spans: InMemorySpanExporter, app_server: AppServer, certs: Certs
+    telemetry: Telemetry, spans: InMemorySpanExporter, reader: InMemoryMetricReader, app_server: AppServer,
+    certs: Certs
 ) -> None:
     requests = [pb.FetchRequest(url=f"{app_server.https_url}/delay?s=5&c={i}") for i in range(3)]
     async with _stub(telemetry, certs) as stub:
         call = stub.FetchMany(pb.FetchManyRequest(requests=requests))
-        await asyncio.sleep(0.3)
+        for _ in range(100):  # cancelled once its three fetches are in flight (bounded: 5 s)
+            await asyncio.sleep(0.05)
+            if _active_requests(reader) == 3:
+                break
         call.cancel()
         for _ in range(50):
             if _of_kind(spans, SpanKind.SERVER):
