@@ -203,7 +203,13 @@ async def test_a_servers_request_limit_is_learned_so_its_goaway_refuses_nothing(
     needed = math.ceil((len(entries) + sum(served_before.values())) / nginx_goaway.keepalive_requests)
     # A relay's reset (see test_a_site_in_one_batch_survives_every_goaway) may cut a connection short.
     cut = sum(map(resends_after_resets, second)) if route in RESETTING_RELAYS else 0
+    # Known gap, README "Transports": when curl retires a connection at its limit, the request it
+    # holds back goes on a new connection at once, and libcurl may open one more of its own for
+    # the requests sent again after it (seen by the pre-request callback: a new connection
+    # without FRESH_CONNECT); both fill up, but the batch's last two connections may both be
+    # partial: one connection more than the pages need (2 runs of 16 here).
+    spare = 1 if transport == "curl" else 0
     resent = [(o.url, o.retry_reasons) for o in first + second if o.retry_reasons]
-    assert needed <= len(per_connection) <= needed + cut, (
+    assert needed <= len(per_connection) <= needed + cut + spare, (
         f"second batch {per_connection}, served before it {served_before}; first batch {first_connections}; "
         f"{len(resent)} resent, not for a GOAWAY: {[r for r in resent if not r[1][0].startswith('GOAWAY')][:5]}")
