@@ -72,6 +72,25 @@ async def test_each_connection_retired_at_its_limit_is_counted_once(
     assert (stats.connections_created_total, stats.connections_retired_total) == (10, 10), stats
 
 
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_connections_retired_while_requests_wait_are_counted(
+    scheme: str, make_engine: ..., certs: Certs, nginx: Nginx, app_server: AppServer,
+) -> None:
+    """One connection allowed, one request per connection, three requests at once: each
+    connection is closed at its limit to make room for the next request waiting (httpcore's
+    pool closed those without counting them: 0 retired, seen in a run of the test above)."""
+    limits = PoolLimits(max_connections=1, max_keepalive_connections=1, pool_timeout=10)
+    engine: Engine = await make_engine(make_settings(
+        certs, limits=limits, policy=PoolPolicy(max_requests_per_connection=1)))
+    base = nginx.https_url if scheme == "https" else nginx.http_url
+    outcomes = await asyncio.gather(*(engine.fetch(FetchSpec(url=f"{base}/small.html?w={i}")) for i in range(3)))
+    assert all(o.ok and o.attempts == 1 for o in outcomes), summary(list(outcomes))
+    await assert_engine_invariant(engine, [base], app_server, "three requests on one connection at a time",
+                                  probe=False)
+    stats = engine.snapshots()[0]
+    assert (stats.connections_created_total, stats.connections_retired_total) == (3, 3), stats
+
+
 async def test_a_request_held_back_does_not_wait_behind_a_slow_response(
     make_engine: ..., certs: Certs, site_root: Path, tmp_path: Path,
 ) -> None:

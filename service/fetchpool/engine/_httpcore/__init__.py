@@ -33,8 +33,8 @@ __all__ = [
     "connections",
     "make_transport",
     "open_sockets",
-    "orphans_closed",
     "peer_closed",
+    "retired_closed",
     "retiring",
     "stop_new_requests",
     "stream_info",
@@ -90,9 +90,10 @@ def open_sockets(transport: httpx.AsyncHTTPTransport) -> int:
                for c in [*pool.connections, *pool.closing])  # type: ignore[attr-defined]
 
 
-def orphans_closed(transport: httpx.AsyncHTTPTransport) -> int:
-    """Connections the pool's assignment closed as orphans so far (see ``pool.py``)."""
-    return int(_pool(transport).orphans_closed)  # type: ignore[attr-defined]
+def retired_closed(transport: httpx.AsyncHTTPTransport) -> int:
+    """Connections the pool's assignment closed so far that count as retired: orphans, and idle
+    ones at their request limit (see ``pool.py``)."""
+    return int(_pool(transport).retired_closed)  # type: ignore[attr-defined]
 
 
 async def sweep(transport: httpx.AsyncHTTPTransport) -> None:

@@ -62,7 +62,7 @@ class PoolMixin:
     _protocols: dict[conn.OriginKey, bool]
     _stream_limits: dict[conn.OriginKey, int]  # the last SETTINGS_MAX_CONCURRENT_STREAMS per origin
     _request_limits: RequestLimits  # requests per connection its origins' servers allow
-    orphans_closed: int  # public: the engine counts them among the connections it retired
+    retired_closed: int  # public: connections closed here the engine counts as retired (see below)
     closing: set[AsyncConnectionInterface]  # public: out of the list, their sockets still closing
     max_requests_per_connection: int  # 0: no limit
     # AsyncHTTPProxy's and AsyncSOCKSProxy's settings (read only on those pools).
@@ -113,12 +113,12 @@ class PoolMixin:
                 continue
             if connection.is_idle():
                 if idle >= self._max_keepalive_connections:
-                    closing.append(connection)
+                    self._close_idle(connection, closing)
                     continue
                 idle += 1
             elif id(connection) not in load:
                 closing.append(connection)  # an orphan
-                self.orphans_closed += 1
+                self.retired_closed += 1
                 continue
             kept.append(connection)
         self._connections = kept
@@ -152,7 +152,7 @@ class PoolMixin:
                     continue
                 room.pop(replaced, None)
                 self._connections.remove(replaced)
-                closing.append(replaced)
+                self._close_idle(replaced, closing)
             if chosen is None:
                 chosen = self.create_connection(origin)
                 self._connections.append(chosen)
@@ -165,6 +165,13 @@ class PoolMixin:
             if isinstance(chosen, conn.PoolConnection):
                 chosen.promise()
         return closing
+
+    def _close_idle(self, connection: AsyncConnectionInterface, closing: list[AsyncConnectionInterface]) -> None:
+        """Close idle ``connection``; one at its request limit counts as retired (it was, and
+        the engine's release looks for it in the pool only after this may have run)."""
+        closing.append(connection)
+        if isinstance(connection, conn.PoolConnection) and connection.retiring:
+            self.retired_closed += 1
 
     def _room(self, connection: AsyncConnectionInterface, load: int) -> int:
         """More requests ``connection``, carrying ``load``, can take now (see the module docstring),
@@ -258,6 +265,6 @@ def install(pool: httpcore.AsyncConnectionPool, max_requests_per_connection: int
     pool._protocols = {}  # type: ignore[attr-defined]
     pool._stream_limits = {}  # type: ignore[attr-defined]
     pool._request_limits = RequestLimits()  # type: ignore[attr-defined]
-    pool.orphans_closed = 0  # type: ignore[attr-defined]
+    pool.retired_closed = 0  # type: ignore[attr-defined]
     pool.closing = set()  # type: ignore[attr-defined]
     pool.max_requests_per_connection = max_requests_per_connection  # type: ignore[attr-defined]

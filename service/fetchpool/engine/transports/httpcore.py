@@ -86,7 +86,7 @@ class HttpcoreTransport(PoolTransport):
 
     @property
     def retired_total(self) -> int:
-        return self._retired + sum(compat.orphans_closed(t) for t in self._transports())
+        return self._retired + sum(compat.retired_closed(t) for t in self._transports())
 
     def needs_release(self, response: httpx.Response) -> bool:
         # With connection hygiene, the connection of a closed response may be due to retire.
