@@ -52,6 +52,9 @@ async def test_a_silent_proxy_fails_within_the_connect_timeout_and_is_ejected(
         assert outcome.error_kind is kind, outcome.error_message
         assert time.monotonic() - started < 5, "bounded by the read timeout (20 s), not the connect timeout (1 s)"
         if kind is ErrorKind.PROXY:
-            assert 0.9 <= outcome.timings.proxy_connect < 5
+            # The connect timeout bounds TCP and CONNECT together; libcurl's end of TCP is the
+            # moment it noticed, which a loaded loop makes late. The proxy's silence took most.
+            timings = outcome.timings
+            assert 0.9 <= timings.connect + timings.proxy_connect < 5 and timings.proxy_connect > 0.5, timings
     [pool] = engine.snapshots()
     assert pool.ejected is (kind is ErrorKind.PROXY)
