@@ -33,6 +33,7 @@ than the budget, and reach it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -401,8 +402,11 @@ async def test_the_budget_holds_through_scaling_an_operator_outage_and_a_silent_
 
     # --- never over budget, at any sampled moment ----------------------------------------------------
     samples = sampler.samples
+    # Sampled every 100 ms (gaps of 0.12 s seen), each round bounded by its 0.5 s deadline: no
+    # second of the run unseen. (A mean rate can fail on a loaded machine, slow to open channels.)
     elapsed = samples[-1].at - samples[0].at
-    assert len(samples) >= 0.7 * elapsed / 0.1, (len(samples), elapsed)  # sampled about every 100 ms
+    gap = max(later.at - earlier.at for earlier, later in itertools.pairwise(samples))
+    assert len(samples) > 10 and gap < 1.0, (len(samples), gap)
     worst = max(samples, key=lambda s: s.total)
     assert worst.total <= BUDGET, f"over budget at +{worst.at - samples[0].at:.2f}s: {worst.limits}"
     outage = sampler.between(outage_start, outage_end)
@@ -410,6 +414,7 @@ async def test_the_budget_holds_through_scaling_an_operator_outage_and_a_silent_
     for sample in sampler.between(t_drain, t_gone):
         assert all(v <= 14 for v in sample.limits.values()), sample
     print(
-        f"\ne2e: {len(samples)} samples over {elapsed:.1f}s, max fleet total {worst.total} <= {BUDGET};",
+        f"\ne2e: {len(samples)} samples over {elapsed:.1f}s (longest gap {gap:.2f}s),"
+        f" max fleet total {worst.total} <= {BUDGET};",
         ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
     )
