@@ -53,15 +53,17 @@ async def coalescing_relay(upstream: Peer, quiet: float = 0.1) -> AsyncIterator[
     tasks: set[asyncio.Task[object]] = set()
 
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection(*upstream)
+        upstream_writer: asyncio.StreamWriter | None = None
         try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*upstream)
             directions = (_pass(client_reader, upstream_writer), _in_bursts(upstream_reader, client_writer, quiet))
             await asyncio.gather(*directions)
         except OSError:
-            pass  # a side reset the connection: the other one gets it closed below
+            pass  # the upstream refused, or a side reset the connection: both are closed below
         finally:
-            for writer in (client_writer, upstream_writer):
-                writer.close()
+            client_writer.close()
+            if upstream_writer is not None:
+                upstream_writer.close()
 
     def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.ensure_future(relay(reader, writer))
