@@ -27,6 +27,7 @@ from enginekit import assert_engine_invariant, make_settings, peer, summary
 from fetchpool.config import PoolLimits
 from fetchpool.engine import Engine, FetchSpec, Outcome
 from fetchpool.engine.batch import run_batch
+from fetchpool.engine.fetcher import TEND_INTERVAL
 from support import AppServer, Certs, Microsocks, Nginx, Tinyproxy
 from support.sockets import tcp_sockets
 
@@ -82,10 +83,6 @@ async def test_a_full_http2_connection_sends_the_next_request_to_another_connect
     route: str, make_engine: ..., certs: Certs, streams_nginx: Nginx, streams_proxy: Tinyproxy, socks: Microsocks,
     app_server: AppServer, transport: str, request: pytest.FixtureRequest,
 ) -> None:
-    if transport == "curl":
-        # Known gap, README "Transports": the curl transport admits one request per connection
-        # allowed (libcurl would overshoot the server's stream limit on each new connection).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="curl carries max_connections requests at once"))
     # 30 requests: 5 connections x 4 streams carry 20 at once, the other 10 wait for a stream.
     proxy = _proxy(route, streams_proxy, socks)
     limits = PoolLimits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, keepalive_expiry=1.0,
@@ -123,12 +120,15 @@ async def test_a_full_http2_connection_sends_the_next_request_to_another_connect
 async def test_max_requests_caps_requests_in_flight_over_http2(
     make_engine: ..., certs: Certs, streams_nginx: Nginx, app_server: AppServer, transport: str
 ) -> None:
-    # Room for 20 streams, but max_requests 6: at most 6 at nginx at once, the rest wait in admission
-    # (curl: at most max_connections, 5; see CurlTransport.requests_cap).
-    cap = CONNECTIONS if transport == "curl" else 6
+    # Room for 20 streams, but max_requests 6: at most 6 at nginx at once, the rest wait in admission.
+    # (The curl transport carries one request per connection until it knows the server's stream
+    # limit, learned by the first request and followed at the next upkeep: CurlTransport.requests_cap.)
+    cap = 6
     limits = PoolLimits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, max_requests=6,
                         pool_timeout=20)
     engine: Engine = await make_engine(make_settings(certs, limits=limits))
+    assert (await engine.fetch(FetchSpec(url=f"{streams_nginx.https_url}/small.html?first"))).ok
+    await asyncio.sleep(TEND_INTERVAL * 1.5)
     run = uuid.uuid4().hex[:12]
     since = streams_nginx.log_offset()
     fetches = [asyncio.ensure_future(engine.fetch(FetchSpec(url=f"{streams_nginx.https_url}/slow/large.html?"

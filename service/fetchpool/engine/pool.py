@@ -81,7 +81,8 @@ class Pool:
         self._limits = limits
         self._policy = policy
         self.transport = transport
-        self.admission = Admission(transport.requests_cap(limits), limits.max_connections_per_host)
+        self._requests_cap = transport.requests_cap(limits)
+        self.admission = Admission(self._requests_cap, limits.max_connections_per_host)
         self.health = ProxyHealth(policy.proxy_eject_failures if self.proxy else 0, policy.proxy_eject_seconds)
         self.dynamic = DynamicLimit(policy.dynamic_floor, transport.requests_cap(limits)) if policy.dynamic else None
         self.counters = PoolCounters()
@@ -109,7 +110,7 @@ class Pool:
     def working_limit(self) -> int:
         """Requests admitted at most right now: ``max_requests`` (what 0 stands for), or less when
         dynamic sizing follows a lower demand. ``max_connections`` caps the sockets that carry them."""
-        return self.dynamic.current if self.dynamic is not None else self.transport.requests_cap(self._limits)
+        return self.dynamic.current if self.dynamic is not None else self._requests_cap
 
     @property
     def load(self) -> int:
@@ -162,8 +163,9 @@ class Pool:
         by :meth:`tend` (the engine calls it every second).
         """
         self._limits = limits
+        self._requests_cap = self.transport.requests_cap(limits)
         if self.dynamic is not None:
-            self.dynamic.set_ceiling(self.transport.requests_cap(limits))
+            self.dynamic.set_ceiling(self._requests_cap)
         self.transport.apply_limits(limits)
         self.admission.resize(self.working_limit, limits.max_connections_per_host)
 
@@ -184,6 +186,7 @@ class Pool:
 
         Returns ``(lifetime seconds, HTTP version)`` of the connections found closed since
         the last upkeep."""
+        self._follow_requests_cap()
         demand, self._peak_demand = max(self._peak_demand, self.load), self.load
         self.concurrency_mean += EWMA_WEIGHT * (demand - self.concurrency_mean)
         if self.dynamic is not None:
@@ -195,6 +198,15 @@ class Pool:
         # Idle connections are kept up to what the sockets' cap leaves (working_limit counts requests).
         await self.transport.tend(now, self._limits.max_connections)
         return self._closed_since_last(now)
+
+    def _follow_requests_cap(self) -> None:
+        """A transport's cap can change as it learns its servers (curl: their stream limits)."""
+        cap = self.transport.requests_cap(self._limits)
+        if cap != self._requests_cap:
+            self._requests_cap = cap
+            if self.dynamic is not None:
+                self.dynamic.set_ceiling(cap)
+            self.admission.resize(self.working_limit, self._limits.max_connections_per_host)
 
     def _closed_since_last(self, now: float) -> list[tuple[float, str]]:
         open_now = self.transport.open_connections()

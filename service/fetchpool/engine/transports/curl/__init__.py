@@ -53,14 +53,16 @@ class CurlTransport(PoolTransport):
             engine.set_limits(limits)
 
     def requests_cap(self, limits: PoolLimits) -> int:
-        """At most one request in flight per connection allowed (``max_connections``).
+        """``max_connections`` x the streams per connection the pool's servers allow (the lowest
+        learned, ``streams.py``); one per connection until a server's limit is known.
 
         libcurl assumes 100 streams on a new HTTP/2 connection until the server's SETTINGS
-        arrive, so with more requests in flight than connections it overshoots a smaller server
-        limit on every connection it opens under load, and the streams refused go again on yet
-        more connections (nginx with 4 streams and max_connections 5 saw 7 connections). Held at
-        ``max_connections``, the requests still share connections, multiplexed, within it."""
-        return min(limits.requests_cap, limits.max_connections)
+        arrive, so with more requests in flight than connections and no cap of ours it overshoots
+        a smaller server limit on every connection it opens under load, and the streams refused
+        go again on yet more connections (nginx with 4 streams and max_connections 5 saw 7
+        connections). The pool follows a change at its next upkeep."""
+        streams = min((e.stream_cap for e in self._engines() if e.stream_cap), default=1)
+        return min(limits.requests_cap, limits.max_connections * streams)
 
     def counts(self) -> ConnectionCounts:
         open_ = idle = 0

@@ -1,0 +1,56 @@
+"""How many HTTP/2 streams an origin's server takes at once, for the curl transport's cap on
+requests in flight.
+
+libcurl assumes 100 streams on a new connection until the server's SETTINGS arrive, so a pool
+with more requests in flight than connections overshoots a smaller server limit on each new
+connection (the excess is refused and sent again). ``CURLMOPT_MAX_CONCURRENT_STREAMS``, its
+client-side cap per connection, is applied when libcurl picks a connection, before SETTINGS too:
+given the servers' limit, the pool can carry connections x streams requests (checked by hand:
+``test_a_full_http2_connection_sends_the_next_request_to_another_connection`` passed on its
+three routes with the cap set to its server's 4).
+
+libcurl has no call that gives a peer's SETTINGS, but its HTTP/2 trace prints them:
+``curl_global_trace("http/2")`` (libcurl 8.3+; pycurl 7.49 does not wrap it, so it is called
+on the libcurl pycurl's wheel bundles) makes a transfer with ``VERBOSE`` pass
+``[HTTP/2] [0] MAX_CONCURRENT_STREAMS: N`` to its ``DEBUGFUNCTION``. Only the first request to
+a cold origin is traced (it opens the origin's first connection; about 70 lines for it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import re
+
+import pycurl
+
+_SETTING = re.compile(rb"\[HTTP/2\] \[0\] MAX_CONCURRENT_STREAMS: (\d+)")
+#: libcurl's own cap, and what a server that sets none allows here.
+LIBCURL_DEFAULT = 100
+
+
+@functools.cache
+def trace_enabled() -> bool:
+    """Turn libcurl's HTTP/2 trace on for transfers with ``VERBOSE`` (once per process); False
+    when pycurl's bundled libcurl is not found or has no ``curl_global_trace``."""
+    found = glob.glob(os.path.join(os.path.dirname(os.path.dirname(pycurl.__file__)), "pycurl.libs", "libcurl*.so*"))
+    if len(found) != 1:
+        return False  # a libcurl of the system: the one loaded here might not be pycurl's
+    try:
+        global_trace = ctypes.CDLL(found[0]).curl_global_trace
+    except (OSError, AttributeError):
+        return False
+    global_trace.argtypes = [ctypes.c_char_p]
+    global_trace.restype = ctypes.c_int
+    return global_trace(b"http/2") == 0
+
+
+def stream_limit(kind: int, text: bytes) -> int | None:
+    """The server's SETTINGS_MAX_CONCURRENT_STREAMS in a ``DEBUGFUNCTION`` call's text, if it
+    is that line (``kind`` 0: libcurl's informational text)."""
+    if kind != pycurl.INFOTYPE_TEXT or b"MAX_CONCURRENT" not in text:
+        return None
+    match = _SETTING.search(text)
+    return int(match.group(1)) if match else None
