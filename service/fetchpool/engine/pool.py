@@ -84,7 +84,7 @@ class Pool:
         self._requests_cap = transport.requests_cap(limits)
         self.admission = Admission(self._requests_cap, limits.max_connections_per_host)
         self.health = ProxyHealth(policy.proxy_eject_failures if self.proxy else 0, policy.proxy_eject_seconds)
-        self.dynamic = DynamicLimit(policy.dynamic_floor, transport.requests_cap(limits)) if policy.dynamic else None
+        self.dynamic = DynamicLimit(policy.dynamic_floor, self._requests_cap) if policy.dynamic else None
         self.counters = PoolCounters()
         self.requests_total = 0
         self.reused_total = 0

@@ -61,7 +61,7 @@ class CurlTransport(PoolTransport):
         a smaller server limit on every connection it opens under load, and the streams refused
         go again on yet more connections (nginx with 4 streams and max_connections 5 saw 7
         connections). The pool follows a change at its next upkeep."""
-        streams = min((e.stream_cap for e in self._engines() if e.stream_cap), default=1)
+        streams = min((e.streams.cap for e in self._engines() if e.streams.cap), default=1)
         return min(limits.requests_cap, limits.max_connections * streams)
 
     def counts(self) -> ConnectionCounts:

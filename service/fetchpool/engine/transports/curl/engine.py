@@ -39,7 +39,7 @@ from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
 from fetchpool.engine.transports.curl.ledger import Ledger
 from fetchpool.engine.transports.curl.retire import RequestLimit
-from fetchpool.engine.transports.curl.streams import LIBCURL_DEFAULT, stream_limit, trace_enabled
+from fetchpool.engine.transports.curl.streams import StreamCap, trace_enabled
 
 # Headers libcurl writes itself (Host from the URL, framing from the body): httpx's copies would
 # be sent twice (nginx answers an HTTP/2 request with two Host headers with 400).
@@ -72,7 +72,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self._gates: dict[tuple[str, str, int], Any] = {}  # origin -> future while cold, None once warm
         self._limit = RequestLimit(policy.max_requests_per_connection, self._resend, self.ledger)
         self._traced: set[pycurl.Curl] = set()  # easy handles with VERBOSE on (streams.py)
-        self.stream_cap = 0  # streams per connection: the lowest its servers allow (0: none known yet)
+        self.streams = StreamCap(lambda: self.set_limits(self._limits))  # streams per connection (streams.py)
 
     # -- the request --
 
@@ -290,20 +290,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
         multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, limits.max_connections)
         multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, limits.max_connections_per_host)
         multi.setopt(pycurl.M_MAXCONNECTS, max(1, limits.max_keepalive_connections))
-        if self.stream_cap:
-            multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, self.stream_cap)
-
-    def _debug(self, kind: int, text: bytes) -> None:
-        """DEBUGFUNCTION (a traced transfer, inside libcurl): a server's stream limit, applied soon."""
-        limit = stream_limit(kind, text)
-        if limit is not None and self._multi is not None:
-            self._multi.loop.call_soon(self._learn_streams, limit)
-
-    def _learn_streams(self, limit: int) -> None:
-        cap = max(1, min(limit, LIBCURL_DEFAULT))
-        self.stream_cap = min(self.stream_cap, cap) if self.stream_cap else cap
-        if self._multi is not None:
-            self._apply(self._multi)
+        if self.streams.cap:
+            multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, self.streams.cap)
 
     def set_limits(self, limits: PoolLimits) -> None:
         """New transfers obey ``limits``; open connections are not cut."""
@@ -327,7 +315,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         if self._proxy:
             s(pycurl.PROXY, self._proxy)
         s(pycurl.PREREQFUNCTION, lambda _ip, local_ip, _port, local_port: self._prereq(easy, local_ip, local_port))
-        s(pycurl.DEBUGFUNCTION, self._debug)  # called only while VERBOSE is on (streams.py)
+        s(pycurl.DEBUGFUNCTION, self.streams.debug)  # called only while VERBOSE is on (streams.py)
         return easy
 
     def _prepare(self, ex: Exchange, request: httpx.Request, resolve: str) -> None:

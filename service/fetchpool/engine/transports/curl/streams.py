@@ -18,11 +18,13 @@ a cold origin is traced (it opens the origin's first connection; about 70 lines 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import glob
 import os
 import re
+from collections.abc import Callable
 
 import pycurl
 
@@ -54,3 +56,27 @@ def stream_limit(kind: int, text: bytes) -> int | None:
         return None
     match = _SETTING.search(text)
     return int(match.group(1)) if match else None
+
+
+class StreamCap:
+    """Streams per connection for one multi handle: the lowest limit its servers gave, at most
+    libcurl's own 100 (``cap``; 0: none known yet). ``changed()`` is called (from the event loop)
+    when it falls; ``debug`` is the easy handles' DEBUGFUNCTION."""
+
+    __slots__ = ("_changed", "cap")
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        self.cap = 0
+        self._changed = changed
+
+    def debug(self, kind: int, text: bytes) -> None:
+        """DEBUGFUNCTION (inside libcurl, for a traced transfer): nothing here calls pycurl."""
+        limit = stream_limit(kind, text)
+        if limit is not None:
+            asyncio.get_running_loop().call_soon(self._learn, limit)
+
+    def _learn(self, limit: int) -> None:
+        cap = max(1, min(limit, LIBCURL_DEFAULT))
+        if not self.cap or cap < self.cap:
+            self.cap = cap
+            self._changed()
