@@ -14,13 +14,11 @@ stream was refused.
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from enginekit import assert_engine_invariant, make_settings, peer, summary
@@ -29,6 +27,7 @@ from fetchpool.engine import Engine, FetchSpec, Outcome
 from fetchpool.engine.batch import run_batch
 from fetchpool.engine.fetcher import TEND_INTERVAL
 from support import AppServer, Certs, Microsocks, Nginx, Tinyproxy
+from support.servers import concurrency_peaks
 from support.sockets import tcp_sockets
 
 STREAMS = 4
@@ -51,25 +50,6 @@ def streams_proxy(streams_nginx: Nginx) -> Iterator[Tinyproxy]:
 
 def _proxy(route: str, streams_proxy: Tinyproxy, socks: Microsocks) -> str | None:
     return {"direct": None, "tinyproxy": streams_proxy.url, "socks5": socks.url}[route]
-
-
-def _peaks(entries: list[dict[str, Any]]) -> tuple[int, dict[int, int]]:
-    """The most requests nginx served at once, over all connections and per connection."""
-
-    def peak(spans: list[tuple[float, float]]) -> int:
-        # Ends sort before starts at the same instant: the log's times are in milliseconds.
-        events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
-        level = top = 0
-        for _, step in events:
-            level += step
-            top = max(top, level)
-        return top
-
-    spans = [(e["msec"] - e["request_time"], e["msec"]) for e in entries]
-    by_connection: dict[int, list[tuple[float, float]]] = collections.defaultdict(list)
-    for entry, span in zip(entries, spans, strict=True):
-        by_connection[entry["connection"]].append(span)
-    return peak(spans), {connection: peak(s) for connection, s in by_connection.items()}
 
 
 async def _sample_sockets(peers: set[tuple[str, int]], samples: list[int]) -> None:
@@ -106,7 +86,7 @@ async def test_a_full_http2_connection_sends_the_next_request_to_another_connect
     assert not failed, summary(failed)
     assert {o.http_version for o in outcomes} == {"HTTP/2"}
     entries = [e for e in streams_nginx.access_log(since, min_entries=30) if f"run={run}" in e["request_uri"]]
-    total_peak, per_connection = _peaks(entries)
+    total_peak, per_connection = concurrency_peaks(entries)
     assert len(per_connection) == CONNECTIONS, f"nginx saw {len(per_connection)} connections, not {CONNECTIONS}"
     assert max(per_connection.values()) <= STREAMS, per_connection  # the server's limit, never passed
     assert total_peak >= CONNECTIONS * STREAMS, f"at most {total_peak} requests at nginx at once"
@@ -139,7 +119,7 @@ async def test_max_requests_caps_requests_in_flight_over_http2(
     assert all(o.ok and o.status_code == 200 for o in outcomes), summary(outcomes)
     assert (busy.requests_active, busy.requests_waiting, busy.working_limit) == (cap, 12 - cap, cap), busy
     entries = [e for e in streams_nginx.access_log(since, min_entries=12) if f"run={run}" in e["request_uri"]]
-    total_peak, per_connection = _peaks(entries)
+    total_peak, per_connection = concurrency_peaks(entries)
     assert total_peak <= cap and len(per_connection) == 2, (total_peak, per_connection)
     await assert_engine_invariant(engine, [streams_nginx.https_url], app_server, "max_requests 6")
 

@@ -13,6 +13,7 @@ from fetchpool.client import FetchClient, make_request
 from fetchpool.v1 import fetch_pb2 as pb
 from support import AppServer, Certs, Microsocks, Nginx, Tinyproxy
 from support.fetchpool_service import FetchpoolService
+from support.servers import concurrency_peaks
 from support.transports import every_transport  # noqa: F401  (every test here runs once per transport)
 
 Kind = pb.FetchError
@@ -86,18 +87,7 @@ async def test_http2_server_stream_limit_is_respected(start_service: ..., certs:
             results = await _collect(client, requests, concurrency=60)
         entries = [e for e in nginx.access_log(since, min_entries=120) if "h2=" in e["request_uri"]]
     assert all(r.status_code == 200 and r.http_version == "HTTP/2" for r in results)
-    by_connection: dict[int, list[tuple[float, float]]] = collections.defaultdict(list)
-    for e in entries:
-        by_connection[e["connection"]].append((e["msec"] - e["request_time"], e["msec"]))
-    for spans in by_connection.values():
-        events = sorted(
-            [(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans], key=lambda x: (x[0], x[1])
-        )
-        level = peak = 0
-        for _, step in events:
-            level += step
-            peak = max(peak, level)
-        assert peak <= 10
+    assert max(concurrency_peaks(entries)[1].values()) <= 10
 
 
 async def test_http2_goaway_is_survived(start_service: ..., certs: Certs, site_root: Path) -> None:
