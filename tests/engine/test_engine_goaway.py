@@ -88,7 +88,8 @@ async def test_a_site_in_one_batch_survives_every_goaway(
 ) -> None:
     # Known defect, README "Transports": through a proxy, libcurl 8.23 fails the streams of a
     # connection whose peer closed after GOAWAY with "Send failure: Broken pipe" (it writes before
-    # it reads the GOAWAY, and the proxy's reset destroys answers still on their way), and
+    # it reads the GOAWAY, the proxy resets the tunnel, and libcurl drops the connection with
+    # answers unread; reduced, not removed, by the receive buffer and read_first), and
     # resending them sends answered requests twice (and the race blurs the count the origin's
     # request limit would be learned from, so connections keep meeting the GOAWAY). For curl
     # through a proxy those two are what the test tolerates; one result per request, the bytes

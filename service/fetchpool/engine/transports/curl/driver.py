@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 from collections.abc import Callable
 from typing import Any
 
@@ -33,9 +34,18 @@ _SLACK = 0.001
 class Multi:
     """One libcurl multi handle driven by the running loop. ``on_done(easy, error)`` is called
     once per transfer libcurl completes (``error`` None) or fails (a ``pycurl.error``); a transfer
-    taken back with :meth:`remove` gets no call. Make it inside the running loop."""
+    taken back with :meth:`remove` gets no call. Make it inside the running loop.
 
-    def __init__(self, on_done: Callable[[pycurl.Curl, pycurl.error | None], None]) -> None:
+    ``read_first``: before libcurl's timer runs (where it starts new transfers on open
+    connections), let it read every socket that has input. For proxied connections: a proxy
+    resets the tunnel when a write of ours reaches it after the server closed, and libcurl then
+    fails every stream of the connection, answered ones too; reading first lets it see the
+    GOAWAY and the close before it writes. Measured with the proxied GOAWAY tests (below in
+    ``engine.py``'s ``PROXIED_RECEIVE_BUFFER``). Costs one ``poll`` per timer run.
+    """
+
+    def __init__(self, on_done: Callable[[pycurl.Curl, pycurl.error | None], None], *,
+                 read_first: bool = False) -> None:
         self.loop = asyncio.get_running_loop()  # the loop it runs on
         self._on_done = on_done
         self._multi = pycurl.CurlMulti()
@@ -44,6 +54,7 @@ class Multi:
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # loop time the scheduled handle fires at
         self._due: float | None = None  # loop time libcurl wants its timeout run by (None: not wanted)
+        self._readable = select.poll() if read_first else None  # the sockets libcurl reads, for read_first
         self.closed = False
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
@@ -89,8 +100,12 @@ class Multi:
         watched = self._watched.get(fd, 0)
         if wanted & _IN and not watched & _IN:
             loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
+            if self._readable is not None:
+                self._readable.register(fd, select.POLLIN)
         elif watched & _IN and not wanted & _IN:
             loop.remove_reader(fd)
+            if self._readable is not None:
+                self._readable.unregister(fd)
         if wanted & _OUT and not watched & _OUT:
             loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
         elif watched & _OUT and not wanted & _OUT:
@@ -126,6 +141,10 @@ class Multi:
             self._timer = self.loop.call_at(due, self._expire)
             return
         self._due = None  # consumed: libcurl sets the next one from inside socket_action
+        if self._readable is not None:
+            for fd, _ in self._readable.poll(0):
+                if self._watched.get(fd, 0) & _IN:  # still libcurl's after the reads before it
+                    self._act(fd, pycurl.CSELECT_IN)
         self._act(pycurl.SOCKET_TIMEOUT, 0)
 
     def _act(self, fd: int, mask: int) -> None:
