@@ -68,10 +68,11 @@ async def test_the_doc_site_in_one_fetch_many_through_squid_loses_nothing(
     # The run: FetchMany, concurrency 64, through squid (CONNECT), nginx over TLS/HTTP/2
     # with its default keepalive_requests (1000). Every route and a small limit: tests/engine.
     # Known defect, README "Transports" (as in tests/engine/test_engine_goaway.py): through a
-    # proxy, libcurl 8.23 fails the streams of a connection whose server closed after GOAWAY with
-    # "Send failure: Broken pipe", answered ones too, and resending them sends answered requests
-    # twice (on more connections). For curl those are tolerated; one result per request, the bytes
-    # of every page that succeeded and the pool's invariant still hold.
+    # proxy, libcurl 8.23 can fail the streams of a connection whose server closed after GOAWAY,
+    # answered ones too (mostly mended by curl/handover.py; squid's resets still destroy answers),
+    # and resending them sends answered requests twice (on more connections). For curl those are
+    # tolerated; one result per request, the bytes of every page that succeeded and the pool's
+    # invariant still hold.
     curl_defect = transport == "curl"
     pages = doc_files
     service = start_service("--proxy", squid.url, "--pool-timeout", "3")

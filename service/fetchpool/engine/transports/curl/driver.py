@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 from collections.abc import Callable
 from typing import Any
 
 import pycurl
+
+from fetchpool.engine.transports.curl.handover import TunnelEnds
 
 _IN, _OUT = pycurl.POLL_IN, pycurl.POLL_OUT
 #: A timer due within this many seconds of now runs now (the loop's clock has ms resolution).
@@ -36,16 +37,16 @@ class Multi:
     once per transfer libcurl completes (``error`` None) or fails (a ``pycurl.error``); a transfer
     taken back with :meth:`remove` gets no call. Make it inside the running loop.
 
-    ``read_first``: before libcurl's timer runs (where it starts new transfers on open
-    connections), let it read every socket that has input. For proxied connections: a proxy
-    resets the tunnel when a write of ours reaches it after the server closed, and libcurl then
-    fails every stream of the connection, answered ones too; reading first lets it see the
-    GOAWAY and the close before it writes. Measured with the proxied GOAWAY tests (below in
-    ``engine.py``'s ``PROXIED_RECEIVE_BUFFER``). Costs one ``poll`` per timer run.
+    ``multiplexed``, given for a proxy's connections (whether a socket's connection is known to
+    speak HTTP/2): a proxy resets the tunnel when a write of ours reaches it after the server
+    closed, and libcurl then drops the connection with answers unread in it. So before each call
+    into libcurl a socket whose proxy has ended it is handed over (``handover.py``); and before
+    libcurl's timer runs (where it starts new transfers on open connections), every socket with
+    input is acted on first. Costs two ``poll`` calls per timer run, one per socket event.
     """
 
     def __init__(self, on_done: Callable[[pycurl.Curl, pycurl.error | None], None], *,
-                 read_first: bool = False) -> None:
+                 multiplexed: Callable[[int], bool] | None = None) -> None:
         self.loop = asyncio.get_running_loop()  # the loop it runs on
         self._on_done = on_done
         self._multi = pycurl.CurlMulti()
@@ -54,7 +55,7 @@ class Multi:
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # loop time the scheduled handle fires at
         self._due: float | None = None  # loop time libcurl wants its timeout run by (None: not wanted)
-        self._readable = select.poll() if read_first else None  # the sockets libcurl reads, for read_first
+        self._ends = TunnelEnds(self.loop, self._swap, multiplexed) if multiplexed is not None else None
         self.closed = False
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
@@ -89,6 +90,8 @@ class Multi:
         self._multi.close()  # libcurl closes its connections (POLL_REMOVE for each socket)
         for fd in list(self._watched):  # any socket libcurl did not report removed
             self._watch(fd, 0)
+        if self._ends is not None:
+            self._ends.close()
 
     # -- libcurl's callbacks (inside socket_action, add_handle, remove_handle, pause) --
 
@@ -98,14 +101,12 @@ class Multi:
     def _watch(self, fd: int, wanted: int) -> None:
         loop = self.loop
         watched = self._watched.get(fd, 0)
+        if self._ends is not None and bool(wanted) != bool(watched):
+            (self._ends.track if wanted else self._ends.untrack)(fd)
         if wanted & _IN and not watched & _IN:
             loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
-            if self._readable is not None:
-                self._readable.register(fd, select.POLLIN)
         elif watched & _IN and not wanted & _IN:
             loop.remove_reader(fd)
-            if self._readable is not None:
-                self._readable.unregister(fd)
         if wanted & _OUT and not watched & _OUT:
             loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
         elif watched & _OUT and not wanted & _OUT:
@@ -141,8 +142,8 @@ class Multi:
             self._timer = self.loop.call_at(due, self._expire)
             return
         self._due = None  # consumed: libcurl sets the next one from inside socket_action
-        if self._readable is not None:
-            for fd, _ in self._readable.poll(0):
+        if self._ends is not None:
+            for fd in self._ends.readable():
                 if self._watched.get(fd, 0) & _IN:  # still libcurl's after the reads before it
                     self._act(fd, pycurl.CSELECT_IN)
         self._act(pycurl.SOCKET_TIMEOUT, 0)
@@ -150,6 +151,7 @@ class Multi:
     def _act(self, fd: int, mask: int) -> None:
         if self.closed:
             return
+        self.hand_over_closed()
         try:
             self._multi.socket_action(fd, mask)
         except pycurl.error as exc:  # the multi handle itself failed: so does every transfer
@@ -164,6 +166,22 @@ class Multi:
                 self._finish(easy, pycurl.error(code, message))
             if not queued:
                 return
+
+    def hand_over_closed(self) -> None:
+        """Hand over the sockets a proxy ended (given ``multiplexed``; see the class docstring).
+        Also called from inside libcurl where it is about to write (it makes no pycurl call)."""
+        if self._ends is not None:
+            self._ends.hand_over_closed()
+
+    def reset_under(self, fd: int) -> bool:
+        """Whether socket ``fd`` was handed over after its proxy reset it (see ``handover.py``)."""
+        return self._ends is not None and self._ends.reset_under(fd)
+
+    def _swap(self, fd: int, make: Callable[[], None]) -> None:
+        wanted = self._watched.get(fd, 0)
+        self._watch(fd, 0)  # the loop's registration is for the file that goes
+        make()
+        self._watch(fd, wanted)
 
     def _finish(self, easy: pycurl.Curl, error: pycurl.error | None) -> None:
         if easy not in self._easies:

@@ -37,6 +37,7 @@ from fetchpool.engine.transports.base import RECORDER_EXTENSION
 from fetchpool.engine.transports.curl import facts
 from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
+from fetchpool.engine.transports.curl.handover import PROXIED_RECEIVE_BUFFER
 from fetchpool.engine.transports.curl.ledger import Ledger
 from fetchpool.engine.transports.curl.retire import RequestLimit
 from fetchpool.engine.transports.curl.streams import StreamCap, trace_enabled
@@ -45,18 +46,6 @@ from fetchpool.engine.transports.curl.streams import StreamCap, trace_enabled
 # be sent twice (nginx answers an HTTP/2 request with two Host headers with 400).
 _OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 _COLD: Any = object()
-#: SO_RCVBUF asked for a proxied connection's socket (the kernel caps it at net.core.rmem_max).
-#: libcurl lets a server send up to 10 MiB per stream and 1 GiB per connection ahead of what it
-#: has read (no option lowers that), so when libcurl reads slowly the rest of the answers wait in
-#: the proxy; when the server ends the connection after a GOAWAY and a write of ours reaches the
-#: proxy after that, the proxy resets the tunnel and what it still held is lost. A buffer that
-#: takes those answers in keeps them readable (a reset does not discard what the kernel received).
-#: Measured with test_a_site_in_one_batch_survives_every_goaway, curl through squid, tinyproxy and
-#: SOCKS5 with the tolerance off, 4 rounds of the 6 cases: 89 pages failed and 323 were sent twice
-#: without this and read_first (driver.py); 52 / 240 with this alone, 28 / 194 with read_first
-#: alone, 21 / 108 with both. A packet capture of a squid case: 3 MB of answers squid received
-#: but never forwarded in 4 tunnels of 30 without it, none with it.
-PROXIED_RECEIVE_BUFFER = 4 << 20
 
 
 class CurlEngine(httpx.AsyncBaseTransport):
@@ -101,7 +90,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
         multi = self._multi
         easy = self._free.pop() if self._free else self._new_easy()
         ex = Exchange(easy, request, multi.loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
-                      max_header_bytes=self._max_header_bytes, release=self._release)
+                      max_header_bytes=self._max_header_bytes, release=self._release,
+                      before_write=self._before_write if self._proxy else None)
         ex.recorder = request.extensions.get(RECORDER_EXTENSION)
         self._prepare(ex, request, resolve)
         if opener is not None and trace_enabled():  # the origin's first connection: learn its streams
@@ -155,7 +145,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         if failed is not None:
             if not ex.headers_ready.done():
                 facts.report(ex, failed)
-            error = facts.to_exception(failed, ex)
+            error = facts.to_exception(failed, ex, reset=self._multi is not None and self._multi.reset_under(ex.fd))
         else:
             facts.report(ex)
         ex.finished(error)
@@ -201,6 +191,20 @@ class CurlEngine(httpx.AsyncBaseTransport):
                 self._traced.discard(ex.easy)
                 ex.easy.setopt(pycurl.VERBOSE, 0)
             self._free.append(ex.easy)
+
+    def _before_write(self, ex: Exchange) -> None:
+        """At a response's headers, inside libcurl, which writes next: a connection this
+        request opened is known to speak HTTP/2 from now on, and a connection a proxy has
+        ended is handed over first (``handover.py``)."""
+        if ex.opened and ex.version == b"HTTP/2":
+            connection = self.ledger.get(ex.fd)
+            if connection is not None:
+                connection.version = "HTTP/2"
+        self._multi.hand_over_closed()  # type: ignore[union-attr]
+
+    def _multiplexed(self, fd: int) -> bool:
+        connection = self.ledger.get(fd)
+        return connection is not None and connection.version == "HTTP/2"
 
     def _note_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)
@@ -295,7 +299,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
     # -- handles --
 
     def _new_multi(self) -> Multi:
-        multi = Multi(self._finished, read_first=bool(self._proxy))
+        multi = Multi(self._finished, multiplexed=self._multiplexed if self._proxy else None)
         multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
         self._apply(multi)
         return multi

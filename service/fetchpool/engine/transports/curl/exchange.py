@@ -30,15 +30,16 @@ class Exchange:
     is no longer in flight, once libcurl is done with it (completed or removed)."""
 
     __slots__ = (
-        "addresses", "buffered", "busy", "chunks", "done", "easy", "error", "fd", "fresh", "header_bytes",
-        "headers", "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened", "paused",
-        "ready", "recorder", "refused", "release", "reported", "request", "sends", "status", "t0", "t_tunnel",
-        "tunnel", "version", "waiter",
+        "addresses", "before_write", "buffered", "busy", "chunks", "done", "easy", "error", "fd", "fresh",
+        "header_bytes", "headers", "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened",
+        "paused", "ready", "recorder", "refused", "release", "reported", "request", "sends", "status", "t0",
+        "t_tunnel", "tunnel", "version", "waiter",
     )
 
     def __init__(self, easy: pycurl.Curl, request: httpx.Request, loop: asyncio.AbstractEventLoop, *,
                  tunnel: bool, addresses: frozenset[str] | None, max_header_bytes: int,
-                 release: Callable[[Exchange], None]) -> None:
+                 release: Callable[[Exchange], None],
+                 before_write: Callable[[Exchange], None] | None = None) -> None:
         self.easy = easy
         self.request = request
         self.recorder: PhaseRecorder | None = None
@@ -46,6 +47,9 @@ class Exchange:
         self.addresses = addresses  # the guard's approved addresses (None: no guard)
         self.max_header_bytes = max_header_bytes
         self.release = release
+        # Run at a response's headers, inside libcurl, which writes next: it grows the stream's
+        # receive window (a WINDOW_UPDATE). Proxied pools: CurlEngine._before_write.
+        self.before_write = before_write
         self.status = 0
         self.version = b"HTTP/1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # the final block's fields, once it ended
@@ -113,6 +117,8 @@ class Exchange:
         return -1  # libcurl ends the transfer (CURLE_WRITE_ERROR)
 
     def _block_ended(self) -> None:
+        if self.before_write is not None:
+            self.before_write(self)
         lines, self.lines = self.lines, []
         if self.status < 200:
             return  # an interim (1xx) block

@@ -91,10 +91,12 @@ def _failed_step(ex: Exchange, failed: pycurl.error, connect_end: float, tls_end
     return ""
 
 
-def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
+def to_exception(failed: pycurl.error, ex: Exchange, reset: bool = False) -> BaseException:
     """The httpx exception (or fetchpool's) a failed transfer raises, as ``errors.classify``
     reads httpcore's: DNS failures carry a ``socket.gaierror``, certificate failures an
-    ``ssl.SSLCertVerificationError``, a handshake cut short an ``ssl.SSLEOFError``."""
+    ``ssl.SSLCertVerificationError``, a handshake cut short an ``ssl.SSLEOFError``. ``reset``:
+    its connection was handed over after the proxy reset it (``handover.py``), so libcurl read
+    an end of the stream where the socket had said "reset"."""
     if ex.error is not None:
         return ex.error  # ours: a header block over the limit
     code, message = (*failed.args, 0, "")[:2]
@@ -124,6 +126,9 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
         return _caused(httpx.ConnectError(text, request=request), cause)
     if code == _E_TOO_LARGE:
         return FetchFailed(ErrorKind.TOO_LARGE, f"response too large for libcurl: {text}")
+    if reset:
+        return httpx.ReadError(f"Connection reset by peer (the proxy's, after what it sent was read; {text})",
+                               request=request)
     if code == pycurl.E_SEND_ERROR:
         return httpx.WriteError(text, request=request)
     if code == pycurl.E_RECV_ERROR and "reset" in message.lower():
