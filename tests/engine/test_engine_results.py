@@ -43,9 +43,10 @@ async def test_the_remote_address_is_the_peer_connected_to_and_tls_its_version(
     peer = proxy.rsplit("/", 1)[-1].rsplit("@", 1)[-1] if proxy else f"127.0.0.1:{app_server.https_port}"
     secure = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo"))
     assert secure.ok and secure.remote_address == peer
-    # libcurl does not give the TLS session to Python: the curl transport reports no TLS version
-    # (README, "Transports").
-    assert secure.tls_version in (("TLSv1.2", "TLSv1.3") if transport == "httpcore" else ("",))
+    # curl: read from libcurl's TLS session at the response's headers (curl/tls.py).
+    assert secure.tls_version in ("TLSv1.2", "TLSv1.3")
+    again = await engine.fetch(FetchSpec(url=f"{app_server.https_url}/echo?again"))
+    assert again.connection_reused and again.tls_version == secure.tls_version
     plain = await engine.fetch(FetchSpec(url=f"{app_server.http_url}/echo"))
     assert plain.ok and plain.tls_version == ""
     assert plain.remote_address == (peer if proxy else f"127.0.0.1:{app_server.http_port}")

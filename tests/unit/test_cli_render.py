@@ -16,7 +16,7 @@ def _peer_line(result: pb.FetchResult) -> str:
 @pytest.mark.parametrize(("result", "line"), [
     (pb.FetchResult(url="https://a.example/", remote_address="192.0.2.1:443", pool="direct", http_version="HTTP/2",
                     tls_version="TLSv1.3"), "* peer 192.0.2.1:443 via pool direct, HTTP/2, TLSv1.3, connection new"),
-    # The curl transport reports no TLS version.
+    # A result without a TLS version (a transport that could not read it).
     (pb.FetchResult(url="https://a.example/", remote_address="192.0.2.1:443", pool="direct", http_version="HTTP/2",
                     connection_reused=True),
      "* peer 192.0.2.1:443 via pool direct, HTTP/2, TLS version unknown, connection reused"),

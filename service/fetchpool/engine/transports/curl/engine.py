@@ -34,7 +34,7 @@ import pycurl
 from fetchpool.config import PoolLimits, PoolPolicy
 from fetchpool.engine.guard import VERDICT_TTL, TargetGuard
 from fetchpool.engine.transports.base import RECORDER_EXTENSION
-from fetchpool.engine.transports.curl import facts
+from fetchpool.engine.transports.curl import facts, tls
 from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
 from fetchpool.engine.transports.curl.handover import PROXIED_RECEIVE_BUFFER
@@ -64,7 +64,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self._policy = policy
         self._max_header_bytes = max_header_bytes
         self._multi: Multi | None = None
-        self._free: list[pycurl.Curl] = []
+        self._free: list[_Easy] = []
         self._opening: dict[pycurl.Curl, Exchange] = {}  # easy -> the exchange it serves now
         self.in_flight: set[Exchange] = set()
         self.ledger = Ledger()
@@ -91,7 +91,8 @@ class CurlEngine(httpx.AsyncBaseTransport):
         easy = self._free.pop() if self._free else self._new_easy()
         ex = Exchange(easy, request, multi.loop, tunnel=self._tunnels and url.scheme == "https", addresses=addresses,
                       max_header_bytes=self._max_header_bytes, release=self._release,
-                      before_write=self._before_write if self._proxy else None)
+                      before_write=self._before_write if self._proxy else None,
+                      tls_handle=easy.handle if url.scheme == "https" else 0)
         ex.recorder = request.extensions.get(RECORDER_EXTENSION)
         self._prepare(ex, request, resolve)
         if opener is not None and trace_enabled():  # the origin's first connection: learn its streams
@@ -118,7 +119,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
             raise
         facts.report(ex)
         self._note_use(ex)
-        peer = PeerInfo((easy.getinfo(pycurl.PRIMARY_IP), easy.getinfo(pycurl.PRIMARY_PORT)))
+        peer = PeerInfo((easy.getinfo(pycurl.PRIMARY_IP), easy.getinfo(pycurl.PRIMARY_PORT)), ex.tls_version)
         self._let_go(ex)
         return httpx.Response(ex.status, headers=ex.headers, stream=Body(ex, self.abort),
                               extensions={"http_version": ex.version, "network_stream": peer})
@@ -415,10 +416,11 @@ class CurlEngine(httpx.AsyncBaseTransport):
 class _Easy(pycurl.Curl):
     """An easy handle, and what was set on it for its last transfer (see CurlEngine._prepare)."""
 
-    __slots__ = ("method", "raw_headers", "settings")
+    __slots__ = ("handle", "method", "raw_headers", "settings")
 
     def __init__(self) -> None:
         super().__init__()
+        self.handle = tls.easy_handle(self)  # its CURL *, to read the TLS version with (0: cannot)
         self.raw_headers: list[tuple[bytes, bytes]] | None = None
         self.method = ""
         self.settings: tuple[Any, ...] | None = None

@@ -19,6 +19,7 @@ import httpx
 import pycurl
 
 from fetchpool.engine.phases import PhaseRecorder
+from fetchpool.engine.transports.curl import tls
 from fetchpool.errors import ErrorKind, FetchFailed
 
 #: Body bytes buffered per response before libcurl is paused (back-pressure on a slow reader).
@@ -33,13 +34,13 @@ class Exchange:
         "addresses", "before_write", "buffered", "busy", "chunks", "done", "easy", "error", "fd", "fresh",
         "header_bytes", "headers", "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened",
         "paused", "ready", "recorder", "refused", "release", "reported", "request", "sends", "status", "t0",
-        "t_tunnel", "tunnel", "version", "waiter",
+        "t_tunnel", "tls_handle", "tls_version", "tunnel", "version", "waiter",
     )
 
     def __init__(self, easy: pycurl.Curl, request: httpx.Request, loop: asyncio.AbstractEventLoop, *,
                  tunnel: bool, addresses: frozenset[str] | None, max_header_bytes: int,
                  release: Callable[[Exchange], None],
-                 before_write: Callable[[Exchange], None] | None = None) -> None:
+                 before_write: Callable[[Exchange], None] | None = None, tls_handle: int = 0) -> None:
         self.easy = easy
         self.request = request
         self.recorder: PhaseRecorder | None = None
@@ -50,6 +51,8 @@ class Exchange:
         # Run at a response's headers, inside libcurl, which writes next: it grows the stream's
         # receive window (a WINDOW_UPDATE). Proxied pools: CurlEngine._before_write.
         self.before_write = before_write
+        self.tls_handle = tls_handle  # the easy handle's CURL * for tls.version (0: no TLS to read)
+        self.tls_version = ""  # of the target's connection, read at the final header block
         self.status = 0
         self.version = b"HTTP/1.1"
         self.headers: list[tuple[bytes, bytes]] = []  # the final block's fields, once it ended
@@ -127,6 +130,8 @@ class Exchange:
             # proxy is the proxy's answer to CONNECT, not the target's response.
             self.t_tunnel = time.monotonic()
             return
+        if self.tls_handle:
+            self.tls_version = tls.version(self.tls_handle)
         headers = self.headers
         for field in lines[1:] if lines and lines[0][:5] == b"HTTP/" else lines:
             name, colon, value = field.partition(b":")
@@ -223,13 +228,28 @@ class Body(httpx.AsyncByteStream):
 
 class PeerInfo:
     """httpcore's ``network_stream`` response extension, as far as libcurl tells it: the peer's
-    address (the target's, or the proxy's). libcurl does not give the TLS session to Python, so
-    there is no ``ssl_object`` (the result's ``tls_version`` stays empty)."""
+    address (the target's, or the proxy's) and the TLS version of the connection to the target
+    (``ssl_object``: only its ``version()``; None without TLS or when not read, see ``tls.py``)."""
 
-    __slots__ = ("_address",)
+    __slots__ = ("_address", "_tls")
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], tls_version: str = "") -> None:
         self._address = address
+        self._tls = _TlsSession(tls_version) if tls_version else None
 
     def get_extra_info(self, info: str) -> Any:
-        return self._address if info == "server_addr" else None
+        if info == "server_addr":
+            return self._address
+        return self._tls if info == "ssl_object" else None
+
+
+class _TlsSession:
+    """What fetchpool reads of an ``ssl.SSLObject``: its ``version()``."""
+
+    __slots__ = ("_version",)
+
+    def __init__(self, version: str) -> None:
+        self._version = version
+
+    def version(self) -> str:
+        return self._version
