@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 from enginekit import assert_engine_invariant, make_settings, peer, summary
-from fetchpool.config import PoolLimits
+from fetchpool.config import PoolLimits, RetryPolicy
 from fetchpool.engine import Engine, FetchSpec, Outcome
 from fetchpool.engine.batch import run_batch
 from fetchpool.engine.fetcher import TEND_INTERVAL
 from support import AppServer, Certs, Microsocks, Nginx, Tinyproxy
+from support.coalesce import delaying_relay
 from support.servers import concurrency_peaks
 from support.sockets import tcp_sockets
 
@@ -190,3 +191,31 @@ async def test_limits_resized_live_under_load_fail_nothing(
     assert len(applied) >= 4, f"only {len(applied)} resizes in {time.monotonic() - started:.1f} s"
     engine.set_limits({"max_connections": 5, "max_keepalive_connections": 5, "max_requests": 0})
     await assert_engine_invariant(engine, bases, app_server, "a load while the limits changed")
+
+
+async def test_a_first_request_cancelled_before_the_servers_settings_hands_on_its_place(
+    make_engine: ..., certs: Certs, streams_nginx: Nginx, transport: str
+) -> None:
+    # The first request to an origin goes alone until its answer: its connection's SETTINGS tell
+    # the server's stream limit. Cancelled before they arrive (here the server's first bytes come
+    # 0.5 s late), it taught nothing: one of the 40 requests held behind it goes first instead.
+    # Before, all 40 went at once on connections whose limit was not known: 96 streams refused.
+    limits = PoolLimits(max_connections=50, max_keepalive_connections=50, pool_timeout=30)
+    engine: Engine = await make_engine(make_settings(certs, limits=limits, retry=RetryPolicy(attempts=1)))
+    run = uuid.uuid4().hex[:12]
+    since, errors_since = streams_nginx.log_offset(), streams_nginx.error_log_path.stat().st_size
+    async with delaying_relay(("127.0.0.1", streams_nginx.https_port), 0.5) as port:
+        url = f"https://127.0.0.1:{port}/slow/large.html?run={run}"
+        first = asyncio.ensure_future(engine.fetch(FetchSpec(url=f"{url}&i=first")))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.ensure_future(engine.fetch(FetchSpec(url=f"{url}&i={i}"))) for i in range(40)]
+        await asyncio.sleep(0.1)
+        first.cancel()
+        async with asyncio.timeout(60):
+            outcomes = await asyncio.gather(*rest)
+    failed = [o for o in outcomes if not o.ok or o.status_code != 200 or o.attempts != 1]
+    assert not failed, summary(failed)
+    errors = streams_nginx.error_log_path.read_bytes()[errors_since:].decode(errors="replace")
+    assert errors.count("concurrent streams exceeded") == 0
+    entries = [e for e in streams_nginx.access_log(since, min_entries=40) if f"run={run}&i=" in e["request_uri"]]
+    assert len([e for e in entries if "i=first" not in e["request_uri"]]) == 40

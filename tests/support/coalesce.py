@@ -1,5 +1,7 @@
-"""A TCP relay that hands the client a server's bytes in bursts, for tests of what a service does
-with results that complete together.
+"""TCP relays that change when a server's bytes reach the client. :func:`coalescing_relay` hands
+them over in bursts, for tests of what a service does with results that complete together;
+:func:`delaying_relay` holds the first of them, for tests of what happens before a server's
+first bytes (its SETTINGS) arrive.
 
 Without it "together" depends on the machine: a loaded one spreads 50 responses timed to the
 same instant over tens of milliseconds, and a fast service writes each result before the next
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 Peer = tuple[str, int]
 
@@ -46,17 +48,35 @@ async def _in_bursts(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         writer.write_eof()
 
 
-@contextlib.asynccontextmanager
-async def coalescing_relay(upstream: Peer, quiet: float = 0.1) -> AsyncIterator[int]:
+async def _late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    first = await reader.read(65536)
+    await asyncio.sleep(delay)
+    writer.write(first)
+    await _pass(reader, writer)
+
+
+def coalescing_relay(upstream: Peer, quiet: float = 0.1) -> contextlib.AbstractAsyncContextManager[int]:
     """A loopback port relaying to ``upstream``; what the upstream sends reaches the client in
     bursts, each once the upstream has sent nothing for ``quiet`` seconds. Closed on exit."""
+    return _relay(upstream, lambda reader, writer: _in_bursts(reader, writer, quiet))
+
+
+def delaying_relay(upstream: Peer, delay: float) -> contextlib.AbstractAsyncContextManager[int]:
+    """A loopback port relaying to ``upstream``; the upstream's first bytes on each connection
+    reach the client ``delay`` seconds late (the rest after them). Closed on exit."""
+    return _relay(upstream, lambda reader, writer: _late(reader, writer, delay))
+
+
+@contextlib.asynccontextmanager
+async def _relay(upstream: Peer, downstream: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                                      Awaitable[None]]) -> AsyncIterator[int]:
     tasks: set[asyncio.Task[object]] = set()
 
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         upstream_writer: asyncio.StreamWriter | None = None
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*upstream)
-            directions = (_pass(client_reader, upstream_writer), _in_bursts(upstream_reader, client_writer, quiet))
+            directions = (_pass(client_reader, upstream_writer), downstream(upstream_reader, client_writer))
             await asyncio.gather(*directions)
         except OSError:
             pass  # the upstream refused, or a side reset the connection: both are closed below

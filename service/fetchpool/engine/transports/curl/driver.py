@@ -25,7 +25,7 @@ from typing import Any
 
 import pycurl
 
-from fetchpool.engine.transports.curl.handover import TunnelEnds
+from fetchpool.engine.transports.curl.handover import TunnelEnds, Tunnels
 
 _IN, _OUT = pycurl.POLL_IN, pycurl.POLL_OUT
 #: A timer due within this many seconds of now runs now (the loop's clock has ms resolution).
@@ -37,16 +37,16 @@ class Multi:
     once per transfer libcurl completes (``error`` None) or fails (a ``pycurl.error``); a transfer
     taken back with :meth:`remove` gets no call. Make it inside the running loop.
 
-    ``multiplexed``, given for a proxy's connections (whether a socket's connection is known to
-    speak HTTP/2): a proxy resets the tunnel when a write of ours reaches it after the server
-    closed, and libcurl then drops the connection with answers unread in it. So before each call
-    into libcurl a socket whose proxy has ended it is handed over (``handover.py``); and before
-    libcurl's timer runs (where it starts new transfers on open connections), every socket with
-    input is acted on first. Costs two ``poll`` calls per timer run, one per socket event.
+    ``tunnels``, given for a proxy's connections (``handover.Tunnels``): a proxy resets the
+    tunnel when a write of ours reaches it after the server closed, and libcurl then drops the
+    connection with answers unread in it. So before each call into libcurl a socket whose proxy
+    has ended it is handed over (``handover.py``); and before libcurl's timer runs (where it
+    starts new transfers on open connections), every socket with input is acted on first. Costs
+    two ``poll`` calls per timer run, one per socket event.
     """
 
     def __init__(self, on_done: Callable[[pycurl.Curl, pycurl.error | None], None], *,
-                 multiplexed: Callable[[int], bool] | None = None) -> None:
+                 tunnels: Tunnels | None = None) -> None:
         self.loop = asyncio.get_running_loop()  # the loop it runs on
         self._on_done = on_done
         self._multi = pycurl.CurlMulti()
@@ -55,7 +55,7 @@ class Multi:
         self._timer: asyncio.Handle | None = None
         self._timer_at = 0.0  # loop time the scheduled handle fires at
         self._due: float | None = None  # loop time libcurl wants its timeout run by (None: not wanted)
-        self._ends = TunnelEnds(self.loop, self._swap, multiplexed) if multiplexed is not None else None
+        self._ends = TunnelEnds(self.loop, self._swap, tunnels) if tunnels is not None else None
         self.closed = False
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
@@ -168,14 +168,10 @@ class Multi:
                 return
 
     def hand_over_closed(self) -> None:
-        """Hand over the sockets a proxy ended (given ``multiplexed``; see the class docstring).
+        """Hand over the sockets a proxy ended (given ``tunnels``; see the class docstring).
         Also called from inside libcurl where it is about to write (it makes no pycurl call)."""
         if self._ends is not None:
             self._ends.hand_over_closed()
-
-    def reset_under(self, fd: int) -> bool:
-        """Whether socket ``fd`` was handed over after its proxy reset it (see ``handover.py``)."""
-        return self._ends is not None and self._ends.reset_under(fd)
 
     def _swap(self, fd: int, make: Callable[[], None]) -> None:
         wanted = self._watched.get(fd, 0)

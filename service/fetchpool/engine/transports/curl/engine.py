@@ -146,7 +146,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         if failed is not None:
             if not ex.headers_ready.done():
                 facts.report(ex, failed)
-            error = facts.to_exception(failed, ex, reset=self._multi is not None and self._multi.reset_under(ex.fd))
+            error = facts.to_exception(failed, ex)
         else:
             facts.report(ex)
         ex.finished(error)
@@ -203,9 +203,15 @@ class CurlEngine(httpx.AsyncBaseTransport):
                 connection.version = "HTTP/2"
         self._multi.hand_over_closed()  # type: ignore[union-attr]
 
-    def _multiplexed(self, fd: int) -> bool:
+    def tunnel_multiplexed(self, fd: int) -> bool:
+        """``handover.Tunnels``: whether proxied socket ``fd`` speaks HTTP/2."""
         connection = self.ledger.get(fd)
         return connection is not None and connection.version == "HTTP/2"
+
+    def tunnel_reset(self, local: tuple[str, int]) -> None:
+        """``handover.Tunnels``: the transfers on the connection a proxy reset fail as reset."""
+        for ex in self._limit.running(local):
+            ex.reset = True
 
     def _note_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)
@@ -277,30 +283,37 @@ class CurlEngine(httpx.AsyncBaseTransport):
     async def _gate(self, key: tuple[str, str, int]) -> Callable[[asyncio.Future[None]], None] | None:
         """Hold requests to an origin whose first request is still waiting for its response
         (see the module docstring). Returns the first request's callback (run when its
-        headers arrive, or it fails), or None."""
-        gate = self._gates.get(key, _COLD)
-        if gate is None:
-            return None
-        if gate is not _COLD:
-            await asyncio.shield(gate)
-            return None
+        headers arrive, or it fails), or None. A first request cancelled before its answer
+        (by its caller or its deadline) taught nothing about the origin: one of those held
+        becomes the first instead, else they would all go at once on a connection whose
+        stream limit is not known yet. One that failed lets them all go (they would fail as it
+        did, or get their own connections)."""
+        while True:
+            gate = self._gates.get(key, _COLD)
+            if gate is None:
+                return None
+            if gate is _COLD:
+                break
+            if not await asyncio.shield(gate):  # True: its first request was cancelled, look again
+                return None
         waiting = self._gates[key] = asyncio.get_running_loop().create_future()
 
         def opened(headers: asyncio.Future[None]) -> None:
+            again = headers.cancelled()
             if self._gates.get(key) is waiting:
-                if not headers.cancelled() and headers.exception() is None:
+                if not again and headers.exception() is None:
                     self._gates[key] = None
                 else:
                     del self._gates[key]
             if not waiting.done():
-                waiting.set_result(None)
+                waiting.set_result(again)
 
         return opened
 
     # -- handles --
 
     def _new_multi(self) -> Multi:
-        multi = Multi(self._finished, multiplexed=self._multiplexed if self._proxy else None)
+        multi = Multi(self._finished, tunnels=self if self._proxy else None)
         multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
         self._apply(multi)
         return multi

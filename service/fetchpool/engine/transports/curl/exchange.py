@@ -33,7 +33,7 @@ class Exchange:
     __slots__ = (
         "addresses", "before_write", "buffered", "busy", "chunks", "done", "easy", "error", "fd", "fresh",
         "header_bytes", "headers", "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened",
-        "paused", "ready", "recorder", "refused", "release", "reported", "request", "sends", "status", "t0",
+        "paused", "ready", "recorder", "refused", "release", "reported", "request", "reset", "sends", "status", "t0",
         "t_tunnel", "tls_handle", "tls_version", "tunnel", "version", "waiter",
     )
 
@@ -78,6 +78,7 @@ class Exchange:
         self.on: tuple[str, int] | None = None
         self.held_on: tuple[str, int] | None = None
         self.busy = False  # sent while other requests were in flight on its connection
+        self.reset = False  # its connection was handed over after the proxy reset it (handover.py)
         self.fresh = False  # sent again on a new connection (FRESH_CONNECT)
         self.sends = 0  # times libcurl sent the request (again itself: a GOAWAY refused it, or a connection died)
 
@@ -138,7 +139,8 @@ class Exchange:
             if colon:
                 headers.append((name.strip(), value.strip()))
         self.ready = True
-        self.headers_ready.set_result(None)
+        if not self.headers_ready.done():  # cancelled by its caller, which is stopping the transfer
+            self.headers_ready.set_result(None)
 
     def on_body(self, data: bytes) -> int | None:
         if self.buffered >= BUFFER_BYTES:

@@ -91,12 +91,12 @@ def _failed_step(ex: Exchange, failed: pycurl.error, connect_end: float, tls_end
     return ""
 
 
-def to_exception(failed: pycurl.error, ex: Exchange, reset: bool = False) -> BaseException:
+def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
     """The httpx exception (or fetchpool's) a failed transfer raises, as ``errors.classify``
     reads httpcore's: DNS failures carry a ``socket.gaierror``, certificate failures an
-    ``ssl.SSLCertVerificationError``, a handshake cut short an ``ssl.SSLEOFError``. ``reset``:
-    its connection was handed over after the proxy reset it (``handover.py``), so libcurl read
-    an end of the stream where the socket had said "reset"."""
+    ``ssl.SSLCertVerificationError``, a handshake cut short an ``ssl.SSLEOFError``. When its
+    connection was handed over after the proxy reset it (``ex.reset``, ``handover.py``), libcurl
+    read an end of the stream where the socket had said "reset": the reset is reported."""
     if ex.error is not None:
         return ex.error  # ours: a header block over the limit
     code, message = (*failed.args, 0, "")[:2]
@@ -126,7 +126,7 @@ def to_exception(failed: pycurl.error, ex: Exchange, reset: bool = False) -> Bas
         return _caused(httpx.ConnectError(text, request=request), cause)
     if code == _E_TOO_LARGE:
         return FetchFailed(ErrorKind.TOO_LARGE, f"response too large for libcurl: {text}")
-    if reset:
+    if ex.reset:
         return httpx.ReadError(f"Connection reset by peer (the proxy's, after what it sent was read; {text})",
                                request=request)
     if code == pycurl.E_SEND_ERROR:

@@ -45,6 +45,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
+from typing import Protocol
 
 #: SO_RCVBUF asked for a proxied connection's socket (the kernel caps it at net.core.rmem_max).
 #: libcurl lets a server send up to 10 MiB per stream and 1 GiB per connection ahead of what it
@@ -69,7 +70,7 @@ def ended_by_proxy(fd: int, multiplexed: Callable[[int], bool]) -> str | None:
     """How the proxy ended TCP socket ``fd``, if it is to be handed over: ``"fin"`` (state
     CLOSE_WAIT), or ``"reset"`` with bytes still unread on an HTTP/2 connection
     (``multiplexed(fd)``), where libcurl fails the streams a close cuts as it fails those a reset
-    cuts, and the error is reported as the reset it was (:meth:`TunnelEnds.reset_under`). A reset
+    cuts, and the error is reported as the reset it was (:meth:`Tunnels.tunnel_reset`). A reset
     that followed the proxy's FIN (a write of ours met its close) is a ``"fin"``. None: neither
     (open, a failed connect, or a reset of an HTTP/1.1 connection, where a body that ends at the
     close would pass cut short)."""
@@ -92,20 +93,30 @@ def _unread(fd: int) -> int:
     return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
 
 
+class Tunnels(Protocol):
+    """What the transport tells about its proxied connections (the curl engine)."""
+
+    def tunnel_multiplexed(self, fd: int) -> bool:
+        """Whether socket ``fd``'s connection is known to speak HTTP/2."""
+
+    def tunnel_reset(self, local: tuple[str, int]) -> None:
+        """The proxy reset the connection whose local address is ``local``, and it was handed
+        over: its transfers' failures are the reset's."""
+
+
 class TunnelEnds:
     """The proxied sockets a driver watches: which have input, which a proxy closed.
 
     ``swap(fd, make)``: the driver's way to change the file under ``fd`` (it stops watching
-    ``fd``, calls ``make()``, and watches ``fd`` again as before). ``multiplexed(fd)``: whether
-    ``fd``'s connection is known to speak HTTP/2."""
+    ``fd``, calls ``make()``, and watches ``fd`` again as before)."""
 
-    __slots__ = ("_closing", "_handed", "_loop", "_multiplexed", "_readable", "_swap")
+    __slots__ = ("_closing", "_handed", "_loop", "_readable", "_swap", "_tunnels")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, swap: Callable[[int, Callable[[], None]], None],
-                 multiplexed: Callable[[int], bool]) -> None:
+                 tunnels: Tunnels) -> None:
         self._loop = loop
         self._swap = swap
-        self._multiplexed = multiplexed
+        self._tunnels = tunnels
         self._readable = select.poll()
         self._closing = select.poll()
         self._handed: dict[int, Handover] = {}  # fd -> the socket pair now under it
@@ -133,23 +144,21 @@ class TunnelEnds:
         """Hand over every tracked socket whose proxy has closed it (:class:`Handover`). Run
         before each call into libcurl: one call may write on any of its connections."""
         for fd, _ in self._closing.poll(0) if _FINISHED else ():  # the common case: none
-            ended = ended_by_proxy(fd, self._multiplexed)
+            ended = ended_by_proxy(fd, self._tunnels.tunnel_multiplexed)
+            if ended == "reset":
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+                    self._tunnels.tunnel_reset(sock.getsockname()[:2])
             if ended is not None:
-                self._swap(fd, lambda fd=fd, reset=ended == "reset": self._hand_over(fd, reset))  # type: ignore[misc]
-
-    def reset_under(self, fd: int) -> bool:
-        """Whether descriptor ``fd`` is a pair's end put there after a proxy's reset."""
-        handover = self._handed.get(fd)
-        return handover is not None and handover.reset and handover.holds(fd)
+                self._swap(fd, lambda fd=fd: self._hand_over(fd))  # type: ignore[misc]
 
     def close(self) -> None:
         """The multi handle was closed: close the pairs' ends still open."""
         for handover in list(self._handed.values()):
             handover.close()
 
-    def _hand_over(self, fd: int, reset: bool) -> None:
+    def _hand_over(self, fd: int) -> None:
         self.untrack(fd)
-        self._handed[fd] = Handover(self._loop, fd, self._closed, reset)
+        self._handed[fd] = Handover(self._loop, fd, self._closed)
 
     def _closed(self, handover: Handover) -> None:
         if self._handed.get(handover.fd) is handover:
@@ -159,13 +168,11 @@ class TunnelEnds:
 class Handover:
     """Puts a socket pair's end under libcurl's descriptor ``fd`` (see the module docstring).
     The caller stops watching ``fd`` on ``loop`` first (its file changes) and watches it again
-    after. ``on_closed(self)`` runs once libcurl closed its end and the pair is closed. ``reset``:
-    the proxy reset the connection (libcurl reads the end of the stream all the same)."""
+    after. ``on_closed(self)`` runs once libcurl closed its end and the pair is closed."""
 
-    __slots__ = ("_loop", "_on_closed", "_ours", "_pending", "fd", "inode", "reset")
+    __slots__ = ("_loop", "_on_closed", "_ours", "_pending", "fd", "inode")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, on_closed: Callable[[Handover], None],
-                 reset: bool) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, on_closed: Callable[[Handover], None]) -> None:
         received = _read_all(fd)
         ours, theirs = socket.socketpair()
         with contextlib.suppress(OSError):
@@ -179,7 +186,6 @@ class Handover:
         self._ours = ours
         self._pending = memoryview(received)
         self.fd = fd
-        self.reset = reset
         self.inode = os.fstat(fd).st_ino  # tells this pair's end from a later socket on the same number
         loop.add_reader(ours.fileno(), self._drop_written)
         self._feed()

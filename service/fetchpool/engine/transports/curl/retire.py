@@ -109,6 +109,10 @@ class RequestLimit:
         learned = self._learned.limit(self._origins[key]) if key in self._origins else 0
         return min(self.limit, learned) if self.limit and learned else self.limit or learned
 
+    def running(self, key: Key) -> frozenset[Exchange]:
+        """The transfers sent on the connection whose local address is ``key``, not ended."""
+        return frozenset(self._running.get(key, ()))
+
     @staticmethod
     def held_back(ex: Exchange, failed: pycurl.error | None) -> bool:
         """Whether ``ex`` failed only because :meth:`prereq` held it back (it goes again)."""
