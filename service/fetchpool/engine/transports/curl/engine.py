@@ -4,7 +4,7 @@ or its ``tls_insecure_skip_verify`` ones.
 - Connections: at most ``max_connections`` sockets (``CURLMOPT_MAX_TOTAL_CONNECTIONS``; per
   origin ``max_connections_per_host``), HTTP/2 multiplexed; ``PIPEWAIT`` makes a burst wait for
   the one connection being opened instead of opening one per request, and the first request to
-  a cold origin goes alone (:meth:`CurlEngine._gate`): libcurl assumes 100 streams until the
+  a cold origin goes alone (``cold.py``): libcurl assumes 100 streams until the
   server's SETTINGS arrive, so a burst on a new connection would overshoot a smaller limit and
   nginx refuses the excess (and closes the connection past twice its limit). For an https origin
   that answers HTTP/1.1 only, the first response is so waited for once per origin.
@@ -25,7 +25,6 @@ import asyncio
 import math
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -35,6 +34,7 @@ from fetchpool.config import PoolLimits, PoolPolicy
 from fetchpool.engine.guard import VERDICT_TTL, TargetGuard
 from fetchpool.engine.transports.base import RECORDER_EXTENSION
 from fetchpool.engine.transports.curl import facts, tls
+from fetchpool.engine.transports.curl.cold import ColdOrigins
 from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
 from fetchpool.engine.transports.curl.handover import PROXIED_RECEIVE_BUFFER
@@ -45,7 +45,6 @@ from fetchpool.engine.transports.curl.streams import StreamCap, trace_enabled
 # Headers libcurl writes itself (Host from the URL, framing from the body): httpx's copies would
 # be sent twice (nginx answers an HTTP/2 request with two Host headers with 400).
 _OWN = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
-_COLD: Any = object()
 
 
 class CurlEngine(httpx.AsyncBaseTransport):
@@ -70,7 +69,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self.ledger = Ledger()
         self.retired = 0
         self._pins: dict[tuple[str, int], tuple[float, frozenset[str], str]] = {}
-        self._gates: dict[tuple[str, str, int], Any] = {}  # origin -> future while cold, None once warm
+        self._cold = ColdOrigins()
         self._limit = RequestLimit(policy.max_requests_per_connection, self._resend, self.ledger)
         self._traced: set[pycurl.Curl] = set()  # easy handles with VERBOSE on (streams.py)
         self.streams = StreamCap(lambda: self.set_limits(self._limits))  # streams per connection (streams.py)
@@ -84,7 +83,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         host = url.raw_host.decode("ascii")
         port = url.port or (443 if url.scheme == "https" else 80)
         addresses, resolve = await self._pin(host, port) if self._guard is not None else (None, "")
-        opener = await self._gate((url.scheme, host, port)) if url.scheme == "https" else None
+        opener = await self._cold.wait((url.scheme, host, port)) if url.scheme == "https" else None
         if self._multi is None:
             self._multi = self._new_multi()
         multi = self._multi
@@ -280,36 +279,6 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     # -- cold origins --
 
-    async def _gate(self, key: tuple[str, str, int]) -> Callable[[asyncio.Future[None]], None] | None:
-        """Hold requests to an origin whose first request is still waiting for its response
-        (see the module docstring). Returns the first request's callback (run when its
-        headers arrive, or it fails), or None. A first request cancelled before its answer
-        (by its caller or its deadline) taught nothing about the origin: one of those held
-        becomes the first instead, else they would all go at once on a connection whose
-        stream limit is not known yet. One that failed lets them all go (they would fail as it
-        did, or get their own connections)."""
-        while True:
-            gate = self._gates.get(key, _COLD)
-            if gate is None:
-                return None
-            if gate is _COLD:
-                break
-            if not await asyncio.shield(gate):  # True: its first request was cancelled, look again
-                return None
-        waiting = self._gates[key] = asyncio.get_running_loop().create_future()
-
-        def opened(headers: asyncio.Future[None]) -> None:
-            again = headers.cancelled()
-            if self._gates.get(key) is waiting:
-                if not again and headers.exception() is None:
-                    self._gates[key] = None
-                else:
-                    del self._gates[key]
-            if not waiting.done():
-                waiting.set_result(again)
-
-        return opened
-
     # -- handles --
 
     def _new_multi(self) -> Multi:
@@ -419,7 +388,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         for easy in self._free:
             easy.close()
         self._free.clear()
-        self._gates.clear()
+        self._cold.clear()
         self.ledger.forget()
 
     async def __aexit__(self, *args: Any) -> None:
