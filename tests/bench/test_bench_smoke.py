@@ -1,5 +1,6 @@
-"""``make bench-smoke`` as a test: the benchmark runs end to end against its real servers, every client
-answers every request with the right body, and the report is produced (table on stdout, JSON,
+"""``make bench-smoke`` as a test: the benchmark runs end to end against its real servers, fetchpool
+answers every request with the right body (an alternative's failed requests are findings the
+report shows; no client may get wrong bytes), and the report is produced (table on stdout, JSON,
 markdown, PNG). It asserts no timing and no goal: those are for ``make bench`` to report."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE_CLIENTS = {"fp-many", "fp-stream", "httpx", "httpx2", "aiohttp", "unpooled", "wrk"}
 #: The clients of the 500-in-flight cell (lat500-h2): fetchpool and the two in-process scripts.
 WIDE_CLIENTS = {"fp-many", "fp-stream", "httpx", "aiohttp"}
+FETCHPOOL = {"fp-many", "fp-stream"}
 
 
 @pytest.mark.slow
@@ -50,12 +52,16 @@ def test_bench_smoke_completes_every_request_and_writes_the_report(tmp_path: Pat
 
     for r in results:
         where = f"{r['cell']} {r['client_key']}: {r.get('first_error') or r.get('stderr_tail')}"
-        assert r["rc"] == 0, where
-        assert r["errors"] == 0 and r["bad"] == 0, where
+        assert r["bad"] == 0, where  # no client got other bytes than the page's
         if r["client_key"] == "wrk":
-            assert r["ok"] > 0, where
+            assert r["rc"] == 0 and r["errors"] == 0 and r["ok"] > 0, where
+        elif r["client_key"].partition("@")[0] in FETCHPOOL:
+            assert r["rc"] == 0 and r["errors"] == 0 and r["ok"] == r["n"] > 0, where
         else:
-            assert r["ok"] == r["n"] > 0, where
+            # An alternative's failed requests are a finding the report shows, as bench/cli.py
+            # says (pooled httpx hits h2's LocalProtocolError after a GOAWAY now and then, seen
+            # here through squid); its run must still end and account for every request.
+            assert r["rc"] in (0, 3) and r["ok"] + r["errors"] == r["n"] > 0 and r["ok"] > 0, where
 
     assert set(data["memory"]) == set(data["resize"]) == set(transports)
     for memory in data["memory"].values():
