@@ -163,11 +163,8 @@ class Pool:
         by :meth:`tend` (the engine calls it every second).
         """
         self._limits = limits
-        self._requests_cap = self.transport.requests_cap(limits)
-        if self.dynamic is not None:
-            self.dynamic.set_ceiling(self._requests_cap)
         self.transport.apply_limits(limits)
-        self.admission.resize(self.working_limit, limits.max_connections_per_host)
+        self._set_requests_cap(self.transport.requests_cap(limits))
 
     def _acquired(self, wait: float) -> None:
         """A request got a connection after ``wait`` seconds (for the demand peak and percentiles)."""
@@ -203,10 +200,13 @@ class Pool:
         """A transport's cap can change as it learns its servers (curl: their stream limits)."""
         cap = self.transport.requests_cap(self._limits)
         if cap != self._requests_cap:
-            self._requests_cap = cap
-            if self.dynamic is not None:
-                self.dynamic.set_ceiling(cap)
-            self.admission.resize(self.working_limit, self._limits.max_connections_per_host)
+            self._set_requests_cap(cap)
+
+    def _set_requests_cap(self, cap: int) -> None:
+        self._requests_cap = cap
+        if self.dynamic is not None:
+            self.dynamic.set_ceiling(cap)
+        self.admission.resize(self.working_limit, self._limits.max_connections_per_host)
 
     def _closed_since_last(self, now: float) -> list[tuple[float, str]]:
         open_now = self.transport.open_connections()

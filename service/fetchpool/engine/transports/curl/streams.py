@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
-import glob
-import os
 import re
 from collections.abc import Callable
 
 import pycurl
+
+from fetchpool.engine.transports.curl.bundled import bundled
 
 _SETTING = re.compile(rb"\[HTTP/2\] \[0\] MAX_CONCURRENT_STREAMS: (\d+)")
 #: libcurl's own cap, and what a server that sets none allows here.
@@ -37,12 +37,9 @@ LIBCURL_DEFAULT = 100
 def trace_enabled() -> bool:
     """Turn libcurl's HTTP/2 trace on for transfers with ``VERBOSE`` (once per process); False
     when pycurl's bundled libcurl is not found or has no ``curl_global_trace``."""
-    found = glob.glob(os.path.join(os.path.dirname(os.path.dirname(pycurl.__file__)), "pycurl.libs", "libcurl*.so*"))
-    if len(found) != 1:
-        return False  # a libcurl of the system: the one loaded here might not be pycurl's
-    try:
-        global_trace = ctypes.CDLL(found[0]).curl_global_trace
-    except (OSError, AttributeError):
+    # Not a libcurl of the system: it might not be the one pycurl loaded.
+    global_trace = getattr(bundled("libcurl"), "curl_global_trace", None)
+    if global_trace is None:
         return False
     global_trace.argtypes = [ctypes.c_char_p]
     global_trace.restype = ctypes.c_int

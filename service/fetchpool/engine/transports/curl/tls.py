@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import glob
-import os
 from typing import Any
 
 import pycurl
+
+from fetchpool.engine.transports.curl.bundled import bundled
 
 _MAGIC = 0xC0DEDBAD  # CURLEASY_MAGIC_NUMBER (lib/urldata.h)
 _TLS_SSL_PTR = 0x400000 + 45  # CURLINFO_PTR + 45 (include/curl/curl.h)
@@ -39,13 +39,9 @@ class _SessionInfo(ctypes.Structure):  # struct curl_tlssessioninfo
 def _calls() -> tuple[Any, Any] | None:
     """libcurl's ``curl_easy_getinfo`` and libssl's ``SSL_get_version`` as bundled with pycurl
     (None: not found, e.g. a pycurl built against the system's libraries)."""
-    libs = os.path.join(os.path.dirname(os.path.dirname(pycurl.__file__)), "pycurl.libs")
-    curl, ssl = glob.glob(os.path.join(libs, "libcurl*.so*")), glob.glob(os.path.join(libs, "libssl*.so*"))
-    if len(curl) != 1 or len(ssl) != 1:
-        return None
-    try:
-        getinfo, ssl_version = ctypes.CDLL(curl[0]).curl_easy_getinfo, ctypes.CDLL(ssl[0]).SSL_get_version
-    except (OSError, AttributeError):
+    getinfo = getattr(bundled("libcurl"), "curl_easy_getinfo", None)
+    ssl_version = getattr(bundled("libssl"), "SSL_get_version", None)
+    if getinfo is None or ssl_version is None:
         return None
     getinfo.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     getinfo.restype = ctypes.c_int
