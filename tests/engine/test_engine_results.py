@@ -18,8 +18,9 @@ from enginekit import make_settings
 from fetchpool.config import PoolLimits, RetryPolicy
 from fetchpool.engine import FetchSpec
 from fetchpool.errors import ErrorKind
-from support import AppServer, Certs
+from support import AppServer, Certs, Nginx
 from support.app import expected_bytes
+from support.coalesce import resetting_relay
 
 
 async def test_the_redirect_chain_is_every_redirect_followed_in_order(make_engine, certs: Certs,
@@ -184,6 +185,24 @@ async def test_retry_reasons_say_why_each_send_was_repeated(make_engine, certs: 
     [reason] = cut.retry_reasons
     # The socket's error, not only httpx's bare ReadError: a reset is what a relay's abort looks like.
     assert reason.startswith("NETWORK: connection failed: ") and "Connection reset by peer" in reason, reason
+
+
+async def test_a_reset_http2_connection_fails_each_of_its_streams_as_reset(make_engine, certs: Certs,
+                                                                            nginx: Nginx) -> None:
+    """A relay resets the HTTP/2 connection to nginx with several 100 KB pages in flight on it:
+    each page it cut fails as a reset (the retry reason the goaway and chaos tests read), not only
+    the stream that happened to read it (libcurl fails the others as "unexpected eof")."""
+    engine = await make_engine(make_settings(certs, retry=RetryPolicy(attempts=1)))
+    async with resetting_relay(("127.0.0.1", nginx.https_port), after=150_000) as port:
+        origin = f"https://127.0.0.1:{port}"
+        warm = await engine.fetch(FetchSpec(url=f"{origin}/small.html"))  # the connection, HTTP/2
+        assert warm.ok and warm.http_version == "HTTP/2", warm
+        pages = await asyncio.gather(*(engine.fetch(FetchSpec(url=f"{origin}/large.html?n={n}")) for n in range(8)))
+    # Requests the reset met before they were sent go on a new connection and succeed.
+    cut = [o for o in pages if not o.ok]
+    assert len(cut) >= 2, [(o.ok, o.error_message) for o in pages]
+    assert all(o.error_kind is ErrorKind.NETWORK and "reset by peer" in o.error_message for o in cut), (
+        [o.error_message for o in cut])
 
 
 async def test_a_retry_the_budget_skipped_is_said_in_the_error(make_engine, certs: Certs) -> None:

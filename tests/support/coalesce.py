@@ -1,7 +1,8 @@
 """TCP relays that change when a server's bytes reach the client. :func:`coalescing_relay` hands
 them over in bursts, for tests of what a service does with results that complete together;
 :func:`delaying_relay` holds the first of them, for tests of what happens before a server's
-first bytes (its SETTINGS) arrive.
+first bytes (its SETTINGS) arrive; :func:`resetting_relay` resets the client's connection after
+a number of them, for tests of what a reset does to the streams of an HTTP/2 connection.
 
 Without it "together" depends on the machine: a loaded one spreads 50 responses timed to the
 same instant over tens of milliseconds, and a fast service writes each result before the next
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 Peer = tuple[str, int]
@@ -55,6 +58,17 @@ async def _late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
     await _pass(reader, writer)
 
 
+async def _cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, after: int) -> None:
+    passed = 0
+    while passed < after and (data := await reader.read(min(65536, after - passed))):
+        writer.write(data)
+        passed += len(data)
+        await writer.drain()
+    # SO_LINGER 0: the close is a reset (RST), as a relay's or proxy's abort is.
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 def coalescing_relay(upstream: Peer, quiet: float = 0.1) -> contextlib.AbstractAsyncContextManager[int]:
     """A loopback port relaying to ``upstream``; what the upstream sends reaches the client in
     bursts, each once the upstream has sent nothing for ``quiet`` seconds. Closed on exit."""
@@ -65,6 +79,12 @@ def delaying_relay(upstream: Peer, delay: float) -> contextlib.AbstractAsyncCont
     """A loopback port relaying to ``upstream``; the upstream's first bytes on each connection
     reach the client ``delay`` seconds late (the rest after them). Closed on exit."""
     return _relay(upstream, lambda reader, writer: _late(reader, writer, delay))
+
+
+def resetting_relay(upstream: Peer, after: int) -> contextlib.AbstractAsyncContextManager[int]:
+    """A loopback port relaying to ``upstream``; each client connection is reset once ``after``
+    bytes of the upstream's reached it. Closed on exit."""
+    return _relay(upstream, lambda reader, writer: _cut(reader, writer, after))
 
 
 @contextlib.asynccontextmanager

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pycurl
 import pytest
+from fetchpool.engine.phases import REFUSED
 from fetchpool.engine.transports.curl.retire import RequestLimit
 
 OK, HOLD = pycurl.PREREQFUNC_OK, pycurl.PREREQFUNC_ABORT
@@ -25,6 +26,8 @@ class Transfer:
     on: tuple[str, int] | None = None
     held_on: tuple[str, int] | None = None
     sends: int = 0
+    resent: list[str] = field(default_factory=list)
+    reset: str = ""
     busy: bool = False
     fresh: bool = False
     done: bool = False
@@ -123,7 +126,7 @@ def test_a_limit_is_learned_from_two_connections_that_refused_at_the_same_count(
         assert [limit.prereq(t, *key) for t in transfers] == [OK] * 6  # type: ignore[arg-type]
         for refused in transfers[3:]:  # a GOAWAY after 3: libcurl sends the other 3 again elsewhere
             assert limit.prereq(refused, "127.0.0.1", 49999) == OK  # type: ignore[arg-type]
-            assert refused.sends == 2
+            assert refused.sends == 2 and refused.resent == [REFUSED]
         for answered in transfers[:3]:
             answered.done = True
             limit.ended(answered)  # type: ignore[arg-type]
@@ -147,9 +150,33 @@ def test_requests_lost_to_an_idle_close_teach_no_limit(connections: Connections)
         limit.ended(answered)  # type: ignore[arg-type]
         assert limit.prereq(raced, *key) == OK  # type: ignore[arg-type]  # the connection idle: not busy
         assert limit.prereq(raced, "127.0.0.1", 49998) == OK  # type: ignore[arg-type]  # sent again
+        assert raced.resent == [
+            "NETWORK: the reused connection closed before answering (libcurl sent the request again)"]
         raced.done = True
         limit.ended(raced)  # type: ignore[arg-type]
     key = connections.open(40033)
+    transfers = [Transfer(opened=1)] + [Transfer() for _ in range(4)]
+    assert [limit.prereq(t, *key) for t in transfers] == [OK] * 5  # type: ignore[arg-type]  # nothing learned
+
+
+def test_requests_sent_again_after_a_reset_say_so_and_teach_no_limit(connections: Connections) -> None:
+    """A connection reset (here: its proxy's, marked by the hand-over) may have destroyed
+    answers the server gave: the requests libcurl sends again say "reset", not GOAWAY, and the
+    count is not the server's request limit (a relay's reset falls at any count)."""
+    limit, _ = make(0, connections)
+    for port in (40040, 40041):
+        key = connections.open(port)
+        transfers = [Transfer(opened=1)] + [Transfer() for _ in range(5)]
+        assert [limit.prereq(t, *key) for t in transfers] == [OK] * 6  # type: ignore[arg-type]
+        for cut in transfers[3:]:
+            cut.reset = "the proxy's, after what it sent was read"
+            assert limit.prereq(cut, "127.0.0.1", 49997) == OK  # type: ignore[arg-type]
+            assert cut.resent == ["NETWORK: Connection reset by peer (the proxy's, after what it sent was read; "
+                                  "libcurl sent the request again)"] and cut.reset == ""
+        for t in transfers:
+            t.done = True
+            limit.ended(t)  # type: ignore[arg-type]
+    key = connections.open(40042)
     transfers = [Transfer(opened=1)] + [Transfer() for _ in range(4)]
     assert [limit.prereq(t, *key) for t in transfers] == [OK] * 5  # type: ignore[arg-type]  # nothing learned
 

@@ -45,7 +45,6 @@ TEND_INTERVAL = 1.0
 PROXY_FAULTS = frozenset({401, 407, 502, 503, 504})
 #: Sends of one attempt repeated at most when a reused connection went away before any response.
 RESENDS = 3
-_REFUSED = "GOAWAY: the server refused the request without processing it"
 
 
 def _reason(kind: ErrorKind, message: str) -> str:
@@ -415,9 +414,10 @@ class Engine:
             try:
                 response = await lease.send(self.client, request)
             finally:
-                # A GOAWAY that refused the request sent it again on another connection.
-                outcome.attempts += max(0, recorder.sends - 1)
-                outcome.retry_reasons += [_REFUSED] * (recorder.sends - 1)
+                # Sent again inside the transport (a GOAWAY refused it; with curl, a connection
+                # that died unanswered too).
+                outcome.attempts += len(recorder.resent)
+                outcome.retry_reasons += recorder.resent
                 if recorder.sends:  # on a connection, answered or not (a timeout on a reused one too)
                     outcome.connection_reused = lease.reused
             check_headers(response, self.settings.fetch)

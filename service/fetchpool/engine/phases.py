@@ -10,6 +10,7 @@ timed phases, the reuse flag and the pool's counters, with no patching.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,9 @@ class PoolCounters:
 # httpcore step -> our phase name. A proxy's CONNECT is an HTTP/1.1 request
 # with method CONNECT; its send and response steps become one "proxy.connect", as
 # does a SOCKS5 proxy's handshake.
+#: The reason a send repeated inside the transport is given when it was a GOAWAY's refusal.
+REFUSED = "GOAWAY: the server refused the request without processing it"
+
 _STEPS = {
     "connect_tcp": "connect",
     "setup_socks5_connection": "proxy.connect",
@@ -66,6 +70,7 @@ class PhaseRecorder:
         "connected",
         "failed_step",
         "phases",
+        "resent",
         "responded",
         "sends",
     )
@@ -79,6 +84,7 @@ class PhaseRecorder:
         self.connected = False  # this attempt opened a new connection
         self.responded = False  # this attempt received response headers
         self.sends = 0  # times this attempt's request was sent (more than once: a GOAWAY refused it)
+        self.resent: list[str] = []  # why it was sent again, each time (a retry reason)
         self.failed_step = ""
 
     def acquire_started(self, pool_key: str, counters: PoolCounters) -> Phase:
@@ -88,6 +94,7 @@ class PhaseRecorder:
         self.connected = False
         self.responded = False
         self.sends = 0
+        self.resent = []
         self.failed_step = ""
         phase = self._pool_wait_open = Phase("pool.acquire", time.monotonic(), attributes={"pool": pool_key})
         self.phases.append(phase)
@@ -123,6 +130,8 @@ class PhaseRecorder:
                 self._end_pool_wait(now)
             if name == "request.send":
                 self.sends += 1
+                if self.sends > 1:  # httpcore sends again only what a GOAWAY refused
+                    self.resent.append(REFUSED)
                 if module == "http2":
                     self._stream_open = True
                     self._counters.http2_streams += 1
@@ -151,15 +160,17 @@ class PhaseRecorder:
                 phase.attributes["tls.protocol.version"] = ssl_object.version() or ""
 
     def timed(self, queued_until: float, phases: list[Phase], *, connected: bool, responded: bool,
-              http2: bool, sends: int = 1) -> None:
+              http2: bool, sends: int = 1, resent: Sequence[str] = ()) -> None:
         """Phases a transport timed itself (libcurl reports them per transfer, after the fact):
         the pool wait ends at ``queued_until`` (monotonic), ``phases`` (connect, proxy.connect,
         tls, request.send, response.headers) are added as they are; the request was sent
-        ``sends`` times, ``connected`` on a new connection, ``responded`` with headers, over ``http2`` (a stream
-        counted until the attempt ends). A failed phase names the step it failed at."""
+        ``sends`` times (again for the ``resent`` reasons; REFUSED for those not given), ``connected`` on a
+        new connection, ``responded`` with headers, over ``http2`` (a stream counted until the attempt
+        ends). A failed phase names the step it failed at."""
         self._end_pool_wait(queued_until)
         self.phases.extend(phases)
         self.sends += sends
+        self.resent += [*resent, *[REFUSED] * (sends - 1 - len(resent))]
         for phase in phases:
             if phase.failed:
                 self.failed_step = phase.name

@@ -35,7 +35,9 @@ _SLACK = 0.001
 class Multi:
     """One libcurl multi handle driven by the running loop. ``on_done(easy, error)`` is called
     once per transfer libcurl completes (``error`` None) or fails (a ``pycurl.error``); a transfer
-    taken back with :meth:`remove` gets no call. Make it inside the running loop.
+    taken back with :meth:`remove` gets no call; ``on_remove(fd)`` when libcurl stops watching
+    socket ``fd``, still open (it is about to close it, or leaves it idle). Make it inside the
+    running loop.
 
     ``tunnels``, given for a proxy's connections (``handover.Tunnels``): a proxy resets the
     tunnel when a write of ours reaches it after the server closed, and libcurl then drops the
@@ -46,9 +48,10 @@ class Multi:
     """
 
     def __init__(self, on_done: Callable[[pycurl.Curl, pycurl.error | None], None], *,
-                 tunnels: Tunnels | None = None) -> None:
+                 on_remove: Callable[[int], None] | None = None, tunnels: Tunnels | None = None) -> None:
         self.loop = asyncio.get_running_loop()  # the loop it runs on
         self._on_done = on_done
+        self._on_remove = on_remove
         self._multi = pycurl.CurlMulti()
         self._easies: set[pycurl.Curl] = set()
         self._watched: dict[int, int] = {}  # fd -> the POLL_IN / POLL_OUT bits the loop watches
@@ -96,6 +99,8 @@ class Multi:
     # -- libcurl's callbacks (inside socket_action, add_handle, remove_handle, pause) --
 
     def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
+        if what == pycurl.POLL_REMOVE and self._on_remove is not None:
+            self._on_remove(fd)  # before libcurl closes it
         self._watch(fd, 0 if what == pycurl.POLL_REMOVE or self.closed else what & (_IN | _OUT))
 
     def _watch(self, fd: int, wanted: int) -> None:
@@ -162,7 +167,9 @@ class Multi:
             queued, ok, failed = self._multi.info_read()
             for easy in ok:
                 self._finish(easy, None)
-            for easy, code, message in failed:
+            # A transfer that read a reset first: the engine marks its connection's other
+            # transfers, which libcurl fails as cut short, as reset too (CurlEngine._finished).
+            for easy, code, message in sorted(failed, key=lambda f: "reset" not in str(f[2]).lower()):
                 self._finish(easy, pycurl.error(code, message))
             if not queued:
                 return

@@ -37,7 +37,7 @@ from fetchpool.engine.transports.curl import facts, tls
 from fetchpool.engine.transports.curl.cold import ColdOrigins
 from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
-from fetchpool.engine.transports.curl.handover import PROXIED_RECEIVE_BUFFER
+from fetchpool.engine.transports.curl.handover import PROXIED_RECEIVE_BUFFER, reset_local
 from fetchpool.engine.transports.curl.ledger import Ledger
 from fetchpool.engine.transports.curl.retire import RequestLimit
 from fetchpool.engine.transports.curl.streams import StreamCap, trace_enabled
@@ -145,6 +145,10 @@ class CurlEngine(httpx.AsyncBaseTransport):
         if failed is not None:
             if not ex.headers_ready.done():
                 facts.report(ex, failed)
+            if ex.on is not None and self._reset(ex.on, failed):
+                # libcurl fails the other streams of the connection as cut short ("unexpected
+                # eof"); they were reset too (httpcore says so for each: the same retry reason).
+                self._mark_reset(ex.on, "seen on the connection's socket")
             error = facts.to_exception(failed, ex)
         else:
             facts.report(ex)
@@ -209,8 +213,24 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     def tunnel_reset(self, local: tuple[str, int]) -> None:
         """``handover.Tunnels``: the transfers on the connection a proxy reset fail as reset."""
+        self._mark_reset(local, "the proxy's, after what it sent was read")
+
+    def _reset(self, local: tuple[str, int], failed: pycurl.error) -> bool:
+        """Whether the connection from ``local`` that failed a transfer was reset: libcurl read
+        the reset, or cut the transfer short on a socket the kernel says was reset (a stream
+        that wrote first gets "SSL_ERROR_SYSCALL, errno 0", the others "unexpected eof")."""
+        return facts.read_reset(failed) or (facts.cut_short(failed) and self._limit.reset(local))
+
+    def _socket_removed(self, fd: int) -> None:
+        """libcurl is done with socket ``fd`` (it may close it next): if its connection was
+        reset, the transfers on it fail as reset (they are failed, or sent again, after this)."""
+        local = reset_local(fd)
+        if local is not None:
+            self._mark_reset(local, "seen on the connection's socket")
+
+    def _mark_reset(self, local: tuple[str, int], why: str) -> None:
         for ex in self._limit.running(local):
-            ex.reset = True
+            ex.reset = ex.reset or why
 
     def _note_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)
@@ -282,7 +302,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
     # -- handles --
 
     def _new_multi(self) -> Multi:
-        multi = Multi(self._finished, tunnels=self if self._proxy else None)
+        multi = Multi(self._finished, on_remove=self._socket_removed, tunnels=self if self._proxy else None)
         multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
         self._apply(multi)
         return multi

@@ -33,8 +33,8 @@ class Exchange:
     __slots__ = (
         "addresses", "before_write", "buffered", "busy", "chunks", "done", "easy", "error", "fd", "fresh",
         "header_bytes", "headers", "headers_ready", "held", "held_on", "lines", "max_header_bytes", "on", "opened",
-        "paused", "ready", "recorder", "refused", "release", "reported", "request", "reset", "sends", "status", "t0",
-        "t_tunnel", "tls_handle", "tls_version", "tunnel", "version", "waiter",
+        "paused", "ready", "recorder", "refused", "release", "reported", "request", "resent", "reset", "sends",
+        "status", "t0", "t_tunnel", "tls_handle", "tls_version", "tunnel", "version", "waiter",
     )
 
     def __init__(self, easy: pycurl.Curl, request: httpx.Request, loop: asyncio.AbstractEventLoop, *,
@@ -78,9 +78,12 @@ class Exchange:
         self.on: tuple[str, int] | None = None
         self.held_on: tuple[str, int] | None = None
         self.busy = False  # sent while other requests were in flight on its connection
-        self.reset = False  # its connection was handed over after the proxy reset it (handover.py)
+        # Why its connection's failure is a reset libcurl did not report as one: the proxy reset
+        # it and it was handed over (handover.py), or another transfer on it read the reset.
+        self.reset = ""
         self.fresh = False  # sent again on a new connection (FRESH_CONNECT)
         self.sends = 0  # times libcurl sent the request (again itself: a GOAWAY refused it, or a connection died)
+        self.resent: list[str] = []  # why libcurl sent it again, each time (retire.py)
 
     # -- libcurl callbacks (inside socket_action) --
 

@@ -72,9 +72,9 @@ def report(ex: Exchange, failed: pycurl.error | None = None) -> None:
         if phase.name == step:
             phase.failed = True
     # libcurl sends a request again itself when a server's GOAWAY refused it or a reused
-    # connection died unanswered (retire.py counts the sends).
+    # connection died unanswered (retire.py counts the sends and says why).
     recorder.timed(queued, phases, connected=ex.opened > 0, responded=ex.headers_ready.done() and failed is None,
-                   http2=ex.version == b"HTTP/2", sends=max(1, ex.sends))
+                   http2=ex.version == b"HTTP/2", sends=max(1, ex.sends), resent=ex.resent)
 
 
 def _failed_step(ex: Exchange, failed: pycurl.error, connect_end: float, tls_end: float) -> str:
@@ -95,8 +95,8 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
     """The httpx exception (or fetchpool's) a failed transfer raises, as ``errors.classify``
     reads httpcore's: DNS failures carry a ``socket.gaierror``, certificate failures an
     ``ssl.SSLCertVerificationError``, a handshake cut short an ``ssl.SSLEOFError``. When its
-    connection was handed over after the proxy reset it (``ex.reset``, ``handover.py``), libcurl
-    read an end of the stream where the socket had said "reset": the reset is reported."""
+    connection was reset (``ex.reset``: handed over after the proxy reset it, ``handover.py``, where
+    libcurl read an end of the stream; or another stream read it), the reset is reported."""
     if ex.error is not None:
         return ex.error  # ours: a header block over the limit
     code, message = (*failed.args, 0, "")[:2]
@@ -127,14 +127,26 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
     if code == _E_TOO_LARGE:
         return FetchFailed(ErrorKind.TOO_LARGE, f"response too large for libcurl: {text}")
     if ex.reset:
-        return httpx.ReadError(f"Connection reset by peer (the proxy's, after what it sent was read; {text})",
-                               request=request)
+        return httpx.ReadError(f"Connection reset by peer ({ex.reset}; {text})", request=request)
     if code == pycurl.E_SEND_ERROR:
         return httpx.WriteError(text, request=request)
-    if code == pycurl.E_RECV_ERROR and "reset" in message.lower():
+    if read_reset(failed):
         return httpx.ReadError(text, request=request)  # RST (a FIN is a protocol error, as with h11)
     # Empty reply, a short body, a malformed response, an HTTP/2 stream or connection error.
     return httpx.RemoteProtocolError(text, request=request)
+
+
+def read_reset(failed: pycurl.error) -> bool:
+    """Whether libcurl failed the transfer because it read a reset (RST) on its connection."""
+    code, message = (*failed.args, 0, "")[:2]
+    return code == pycurl.E_RECV_ERROR and "reset" in str(message).lower()
+
+
+def cut_short(failed: pycurl.error) -> bool:
+    """Whether libcurl failed the transfer as its connection cut short: an end of the stream, or
+    an error OpenSSL gives without its cause ("SSL_ERROR_SYSCALL, errno 0"), a reset among them."""
+    message = str((*failed.args, 0, "")[1]).lower()
+    return any(cut in message for cut in _CUT)
 
 
 def _caused(exc: BaseException, cause: BaseException) -> BaseException:

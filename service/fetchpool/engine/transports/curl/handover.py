@@ -89,6 +89,20 @@ def ended_by_proxy(fd: int, multiplexed: Callable[[int], bool]) -> str | None:
         sock.detach()
 
 
+def reset_local(fd: int) -> tuple[str, int] | None:
+    """The local address of TCP socket ``fd``, still open here, if its connection was reset
+    (state CLOSE: a connection both ends closed in order is still in TIME_WAIT or LAST_ACK while
+    we hold it), else None."""
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=fd)
+        try:
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _CLOSE:
+                return tuple(sock.getsockname()[:2])  # type: ignore[return-value]
+        finally:
+            sock.detach()
+    return None
+
+
 def _unread(fd: int) -> int:
     return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
 

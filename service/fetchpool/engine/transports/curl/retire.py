@@ -41,7 +41,9 @@ from collections.abc import Callable
 import pycurl
 
 from fetchpool.engine._httpcore.limits import OriginKey, RequestLimits, remember
+from fetchpool.engine.phases import REFUSED
 from fetchpool.engine.transports.curl.exchange import Exchange
+from fetchpool.engine.transports.curl.handover import reset_local
 from fetchpool.engine.transports.curl.ledger import Ledger
 
 Key = tuple[str, int]  # a connection's local address
@@ -78,9 +80,7 @@ class RequestLimit:
         (inside libcurl: nothing here calls pycurl)."""
         key = (local_ip, local_port)
         if ex.on is not None:  # libcurl sends it again itself: its connection refused it, or died
-            self._sent_again[ex.on] = self._sent_again.get(ex.on, 0) + 1
-            if ex.busy:
-                self._refused[ex.on] = self._refused.get(ex.on, 0) + 1
+            self._sent_again_why(ex)
             self.ended(ex, later=True)
         if ex.opened or key not in self._origins:  # a new connection (an old one's address may be reused)
             if not ex.opened and key in self._shut:
@@ -104,6 +104,31 @@ class RequestLimit:
         ex.on = key
         ex.sends += 1
         return pycurl.PREREQFUNC_OK
+
+    def _sent_again_why(self, ex: Exchange) -> None:
+        """libcurl sends ``ex`` again itself, off the connection it was on: say why
+        (``ex.resent``). A reset connection (the proxy's, handed over, or one the kernel says
+        was reset) may have destroyed an answer on its way (a relay's reset discards what it
+        held): such sends count for neither the origin's request limit nor its refusals. A
+        send refused while others were in flight is a GOAWAY's; one alone on its connection
+        met a close (an idle timeout, a keep-alive close) and counts only as sent again."""
+        key = ex.on
+        assert key is not None
+        reset, ex.reset = ex.reset or ("seen on the connection's socket" if self.reset(key) else ""), ""
+        if reset:
+            ex.resent.append(f"NETWORK: Connection reset by peer ({reset}; libcurl sent the request again)")
+            return
+        self._sent_again[key] = self._sent_again.get(key, 0) + 1
+        if ex.busy:
+            self._refused[key] = self._refused.get(key, 0) + 1
+            ex.resent.append(REFUSED)
+        else:
+            ex.resent.append("NETWORK: the reused connection closed before answering (libcurl sent the request again)")
+
+    def reset(self, key: Key) -> bool:
+        """Whether the connection from local address ``key`` was reset (its socket still open)."""
+        fd = self._fds.get(key, -1)
+        return fd >= 0 and reset_local(fd) == key
 
     def _limit(self, key: Key) -> int:
         learned = self._learned.limit(self._origins[key]) if key in self._origins else 0
