@@ -36,13 +36,34 @@ SPARE_CONNECTIONS = 0.1
 #: when our next request (sent before the GOAWAY could reach us, that GOAWAY being among what was
 #: lost) met the closed socket. Answers destroyed so are fetched again by the retry policy. Such a
 #: second send is accepted through these relays only, and only when the page's result records a
-#: retry after a reset. squid half-closes and drains: through it, and directly, none is accepted.
+#: retry after a reset. squid half-closes and drains: through it, and directly, none is accepted
+#: (for ``httpcore``; for ``curl`` see resets_answers).
 RESETTING_RELAYS = frozenset({"tinyproxy", "socks5"})
+
+
+def resets_answers(transport: str, route: str) -> bool:
+    """Whether ``route``'s relay may destroy answers of ``transport``'s connections at a server's
+    close (see RESETTING_RELAYS). Known defect, README "Transports": squid too resets a tunnel
+    when bytes of ours reach it after the server's close, destroying what it still held, and
+    libcurl writes at every response's headers (curl/handover.py), so through squid curl's
+    connections meet it (packet captures showed it); ``httpcore`` writes nothing then."""
+    return route in RESETTING_RELAYS or (transport == "curl" and route == "squid")
 
 
 def resends_after_resets(outcome: Outcome) -> int:
     """How many of ``outcome``'s sends were repeated because the connection was reset."""
     return sum(reason.startswith("NETWORK:") and "reset by peer" in reason for reason in outcome.retry_reasons)
+
+
+def cut_beyond_the_budget(outcome: Outcome) -> bool:
+    """Whether ``outcome`` failed on a reset whose retry the retry budget refused: a relay's
+    reset that cut more streams with part of their answer than the budget lets retry at once
+    (20 % of the requests in flight). Known defect of curl through a proxy (libcurl writes
+    between its reads, and a write that meets the proxy's close resets the tunnel, see
+    ``resets_answers``): seen in about one run in ten of the 1,063-page batch through squid or
+    SOCKS5, 2 to 5 pages of it."""
+    return (outcome.error_kind is ErrorKind.NETWORK and "reset by peer" in outcome.error_message
+            and outcome.error_message.endswith("(not retried: the retry budget is spent)"))
 
 
 def connection_problems(entries: list[dict[str, object]], pages: int, keepalive: int,
@@ -86,14 +107,8 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     doc_pages: list[str],
     app_server: AppServer,
 ) -> None:
-    # Known defect, README "Transports": through a proxy, libcurl 8.23 can fail the streams of a
-    # connection whose peer closed after GOAWAY (it writes before it reads the GOAWAY, the proxy
-    # resets the tunnel, and libcurl drops the connection with answers unread; mostly mended by
-    # curl/handover.py: none failed in 8 rounds, but squid's resets still destroy answers), and
-    # resending them sends answered requests twice (and the race blurs the count the origin's
-    # request limit would be learned from, so connections keep meeting the GOAWAY). For curl
-    # through a proxy those two are what the test tolerates; one result per request, the bytes
-    # of every page that succeeded and the pool's invariant still hold.
+    # Known defect, README "Transports": through a proxy, curl's pages may fail on a reset that
+    # cut more streams than the retry budget lets retry (``cut_beyond_the_budget``); tolerated.
     curl_defect = transport == "curl" and route != "direct"
     nginx: Nginx = request.getfixturevalue(origin)
     engine = await make_engine(make_settings(certs, proxy=proxy_url(route)))
@@ -118,7 +133,7 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     results = {page: got[0] for page, got in outcomes.items()}
     failed = [o for o in results.values() if not o.ok or o.status_code != 200]
     if curl_defect:
-        failed = [o for o in failed if o.error_kind not in (ErrorKind.NETWORK, ErrorKind.PROTOCOL)]
+        failed = [o for o in failed if not cut_beyond_the_budget(o)]
     if failed:
         problems.append(f"{len(failed)} of {len(specs)} pages failed: {summary(failed)}")
     wrong = [page for page, o in results.items() if o.ok and o.body != (doc_root / page).read_bytes()]
@@ -130,18 +145,9 @@ async def test_a_site_in_one_batch_survives_every_goaway(
     if {o.http_version for o in results.values() if o.ok} != {"HTTP/2"}:
         problems.append(f"HTTP versions {sorted({o.http_version for o in results.values()})}, not only HTTP/2")
     entries = [e for e in nginx.access_log(since, min_entries=len(specs)) if f"run={run}" in e["request_uri"]]
-    if curl_defect:
-        # A page that failed there may never have reached nginx; every page that succeeded did.
-        logged = {str(entry["request_uri"]).partition("?")[0].removeprefix("/doc/") for entry in entries}
-        unlogged = [page for page, o in results.items() if o.ok and page not in logged]
-        if unlogged:
-            problems.append(f"{len(unlogged)} pages succeeded that nginx never logged, e.g. {unlogged[:3]}")
-        problems += [p for p in connection_problems(entries, len(specs), nginx.keepalive_requests)
-                     if "more than once" not in p and "connections for" not in p and "distinct pages" not in p]
-    else:
-        excused = {f"/doc/{page}?run={run}": resends_after_resets(o) for page, o in results.items()
-                   if route in RESETTING_RELAYS}
-        problems += connection_problems(entries, len(specs), nginx.keepalive_requests, excused)
+    excused = {f"/doc/{page}?run={run}": resends_after_resets(o) for page, o in results.items()
+               if resets_answers(transport, route)}
+    problems += connection_problems(entries, len(specs), nginx.keepalive_requests, excused)
     stats = engine.snapshots()[0]  # the batch's, before the invariant's probe adds its own
     try:
         await assert_engine_invariant(engine, [nginx.https_url], app_server, f"the {route} batch")
@@ -163,13 +169,9 @@ async def test_a_servers_request_limit_is_learned_so_its_goaway_refuses_nothing(
     at 20, connections to it take 20 requests each: the next batch has no request refused, and
     no more connections than its pages need. (Without the learning, 20-50 % of the second batch's
     requests were refused, on every route.)"""
-    if transport == "curl" and route != "direct":
-        # README, "Transports": curl learns a limit from the requests libcurl sends again; through
-        # a proxy the defect of test_a_site_in_one_batch_survives_every_goaway (answers destroyed,
-        # answered requests sent again) blurs that count. Since curl/handover.py it passed 15 runs
-        # of its 3 proxied routes in 15 on a quiet machine, but 2 of 24 failed beside a CPU burner
-        # (1 and 20 requests of the second batch refused).
-        pytest.skip("curl through a proxy: the GOAWAY race blurs the count the limit is learned from")
+    # Known defect (test_a_site_in_one_batch_survives_every_goaway): through a proxy, curl's
+    # pages may fail on a reset that cut more streams than the retry budget lets retry.
+    curl_defect = transport == "curl" and route != "direct"
     engine = await make_engine(make_settings(certs, proxy=proxy_url(route)))
 
     async def batch(pages: list[str]) -> list[Outcome]:
@@ -184,13 +186,16 @@ async def test_a_servers_request_limit_is_learned_so_its_goaway_refuses_nothing(
             return [outcome async for _, outcome in run_batch(engine, items(), CONCURRENCY)]
 
     before_first = nginx_goaway.log_offset()
+    def failures(outcomes: list[Outcome]) -> list[str]:
+        return [o.error_message for o in outcomes if not o.ok and not (curl_defect and cut_beyond_the_budget(o))]
+
     first = await batch(doc_pages[:200])  # ten connections: the limit is learned by the third
-    assert [o.error_message for o in first if not o.ok] == []
+    assert failures(first) == []
     first_connections = collections.Counter(
         entry["connection"] for entry in nginx_goaway.access_log(before_first, min_entries=len(first)))
     since = nginx_goaway.log_offset()
     second = await batch(doc_pages[200:400])
-    assert [o.error_message for o in second if not o.ok] == []
+    assert failures(second) == []
     refused = [o.url for o in second if any(r.startswith("GOAWAY") for r in o.retry_reasons)]
     assert refused == [], f"{len(refused)} of {len(second)} requests refused by a GOAWAY, e.g. {refused[:3]}"
     entries = nginx_goaway.access_log(since, min_entries=len(second))
@@ -203,7 +208,7 @@ async def test_a_servers_request_limit_is_learned_so_its_goaway_refuses_nothing(
     per_connection = collections.Counter(entry["connection"] for entry in entries)
     needed = math.ceil((len(entries) + sum(served_before.values())) / nginx_goaway.keepalive_requests)
     # A relay's reset (see test_a_site_in_one_batch_survives_every_goaway) may cut a connection short.
-    cut = sum(map(resends_after_resets, second)) if route in RESETTING_RELAYS else 0
+    cut = sum(map(resends_after_resets, second)) if resets_answers(transport, route) else 0
     # Known gap, README "Transports": when curl retires a connection at its limit, the request it
     # holds back goes on a new connection at once, and libcurl may open one more of its own for
     # the requests sent again after it (seen by the pre-request callback: a new connection
