@@ -12,7 +12,7 @@ or its ``tls_insecure_skip_verify`` ones.
   ``keepalive_expiry`` seconds (``MAXAGE_CONN``), retired at ``max_connection_age``
   (``MAXLIFETIME_CONN``) or after ``max_requests_per_connection`` requests (``retire.py``).
 - The SSRF guard (direct pools): the target's name is resolved here, every address checked
-  (``TargetGuard.resolve``), and libcurl is given those addresses (``CURLOPT_RESOLVE``), so it
+  (``TargetGuard.resolve``, ``pins.py``), and libcurl is given those addresses (``CURLOPT_RESOLVE``), so it
   never resolves a name itself; OPENSOCKETFUNCTION refuses any other address before a socket
   exists, on every hop (redirects are separate requests).
 - Timeouts: connect (``CONNECTTIMEOUT_MS``); between reads, libcurl's low-speed limit (under
@@ -31,7 +31,7 @@ import httpx
 import pycurl
 
 from fetchpool.config import PoolLimits, PoolPolicy
-from fetchpool.engine.guard import VERDICT_TTL, TargetGuard
+from fetchpool.engine.guard import TargetGuard
 from fetchpool.engine.transports.base import RECORDER_EXTENSION
 from fetchpool.engine.transports.curl import facts, tls
 from fetchpool.engine.transports.curl.cold import ColdOrigins
@@ -39,6 +39,7 @@ from fetchpool.engine.transports.curl.driver import Multi
 from fetchpool.engine.transports.curl.exchange import Body, Exchange, PeerInfo
 from fetchpool.engine.transports.curl.handover import PROXIED_RECEIVE_BUFFER, reset_local
 from fetchpool.engine.transports.curl.ledger import Ledger
+from fetchpool.engine.transports.curl.pins import Pins
 from fetchpool.engine.transports.curl.retire import RequestLimit
 from fetchpool.engine.transports.curl.streams import StreamCap, trace_enabled
 
@@ -58,7 +59,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
         # socks5:// is resolved by the proxy, as httpx's SOCKS transport does.
         self._proxy = "socks5h://" + proxy[len("socks5://"):] if proxy and proxy.startswith("socks5://") else proxy
         self._tunnels = bool(proxy) and proxy.startswith(("http://", "https://"))  # type: ignore[union-attr]
-        self._guard = guard
+        self._pins = Pins(guard) if guard is not None else None
         self._limits = limits
         self._policy = policy
         self._max_header_bytes = max_header_bytes
@@ -68,7 +69,6 @@ class CurlEngine(httpx.AsyncBaseTransport):
         self.in_flight: set[Exchange] = set()
         self.ledger = Ledger()
         self.retired = 0
-        self._pins: dict[tuple[str, int], tuple[float, frozenset[str], str]] = {}
         self._cold = ColdOrigins()
         self._limit = RequestLimit(policy.max_requests_per_connection, self._resend, self.ledger)
         self._traced: set[pycurl.Curl] = set()  # easy handles with VERBOSE on (streams.py)
@@ -82,7 +82,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
             raise httpx.UnsupportedProtocol(f"request URL has an unsupported scheme {url.scheme!r}", request=request)
         host = url.raw_host.decode("ascii")
         port = url.port or (443 if url.scheme == "https" else 80)
-        addresses, resolve = await self._pin(host, port) if self._guard is not None else (None, "")
+        addresses, resolve = await self._pins.pin(host, port) if self._pins is not None else (None, "")
         opener = await self._cold.wait((url.scheme, host, port)) if url.scheme == "https" else None
         if self._multi is None:
             self._multi = self._new_multi()
@@ -250,33 +250,6 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     # -- the guard --
 
-    async def _pin(self, host: str, port: int) -> tuple[frozenset[str], str]:
-        """The addresses ``host`` may be reached at, checked by the guard, and the
-        ``CURLOPT_RESOLVE`` entry that gives libcurl exactly those (cached VERDICT_TTL seconds).
-        Raises FetchFailed(FORBIDDEN_TARGET), or httpx.ConnectError from a socket.gaierror."""
-        assert self._guard is not None
-        now = time.monotonic()
-        cached = self._pins.get((host, port))
-        if cached is not None and cached[0] > now:
-            return cached[1], cached[2]
-        literal = host.strip("[]")
-        try:
-            socket.inet_pton(socket.AF_INET6 if ":" in literal else socket.AF_INET, literal)
-        except OSError:
-            try:
-                addresses = await self._guard.resolve(host, port)
-            except socket.gaierror as exc:
-                raise httpx.ConnectError(f"{host}: {exc.strerror or exc}") from exc
-            entry = f"{host}:{port}:" + ",".join(f"[{a}]" if ":" in a else a for a in addresses)
-        else:
-            await self._guard.resolve(literal, port)  # raises FORBIDDEN_TARGET
-            addresses, entry = [literal], ""
-        if len(self._pins) > 10_000:
-            self._pins.clear()
-        pinned = frozenset(addresses)
-        self._pins[(host, port)] = (now + VERDICT_TTL, pinned, entry)
-        return pinned, entry
-
     def _open_socket(self, easy: pycurl.Curl, purpose: int, address: Any) -> Any:
         ex = self._opening.get(easy)
         ip = address.addr[0]
@@ -296,8 +269,6 @@ class CurlEngine(httpx.AsyncBaseTransport):
         if ex is not None:
             ex.fd = fd
         return 0
-
-    # -- cold origins --
 
     # -- handles --
 
