@@ -205,6 +205,21 @@ async def test_a_reset_http2_connection_fails_each_of_its_streams_as_reset(make_
         [o.error_message for o in cut])
 
 
+async def test_a_request_sent_again_after_a_reset_says_reset(make_engine, certs: Certs, nginx: Nginx) -> None:
+    """One connection at a time, each reset after 150 KB: a request the transport sent again
+    after a reset says "reset by peer", never an idle close or a GOAWAY (libcurl gave a request
+    the dead connection after its socket had gone, then sent it again: found by a newcomer's
+    probe, it said "closed before answering")."""
+    engine = await make_engine(make_settings(certs, retry=RetryPolicy(attempts=1), limits=PoolLimits(
+        pool_timeout=10.0, max_connections=1, max_keepalive_connections=1)))
+    async with resetting_relay(("127.0.0.1", nginx.https_port), after=150_000) as port:
+        pages = await asyncio.gather(*(engine.fetch(FetchSpec(url=f"https://127.0.0.1:{port}/large.html?n={n}"))
+                                       for n in range(6)))
+    assert all(o.attempts == 1 + len(o.retry_reasons) for o in pages)
+    reasons = [reason for o in pages for reason in o.retry_reasons]
+    assert all("reset by peer" in reason for reason in reasons), reasons
+
+
 async def test_a_retry_the_budget_skipped_is_said_in_the_error(make_engine, certs: Certs) -> None:
     """With a retry budget of 0, a reset mid-body is not retried, and the error says why this
     fetch got one attempt where the policy allows three."""

@@ -181,6 +181,28 @@ def test_requests_sent_again_after_a_reset_say_so_and_teach_no_limit(connections
     assert [limit.prereq(t, *key) for t in transfers] == [OK] * 5  # type: ignore[arg-type]  # nothing learned
 
 
+def test_a_goaway_cut_off_by_a_reset_teaches_no_limit(connections: Connections) -> None:
+    """A GOAWAY refused one request, then the proxy reset the connection and libcurl sent two
+    more again: whether the server had accepted those cannot be told, so the count is none."""
+    limit, _ = make(0, connections)
+    for port in (40050, 40051):
+        key = connections.open(port)
+        transfers = [Transfer(opened=1)] + [Transfer() for _ in range(5)]
+        assert [limit.prereq(t, *key) for t in transfers] == [OK] * 6  # type: ignore[arg-type]
+        refused, *cut = transfers[3:]
+        assert limit.prereq(refused, "127.0.0.1", 49990) == OK  # type: ignore[arg-type]
+        limit.mark_reset(key, "the proxy's, after what it sent was read")
+        for t in cut:
+            assert limit.prereq(t, "127.0.0.1", 49990) == OK  # type: ignore[arg-type]
+            assert "reset by peer" in t.resent[0]
+        for t in transfers[:3]:
+            t.done = True
+            limit.ended(t)  # type: ignore[arg-type]
+    key = connections.open(40052)
+    transfers = [Transfer(opened=1)] + [Transfer() for _ in range(5)]
+    assert [limit.prereq(t, *key) for t in transfers] == [OK] * 6  # type: ignore[arg-type]  # nothing learned
+
+
 def test_waiting_transfers_go_again_when_a_learned_limit_was_dropped(connections: Connections) -> None:
     """A transfer held back waits for its connection's transfers; if the limit it was held at is
     dropped meanwhile, the last transfer off the connection still sends it again."""

@@ -170,7 +170,8 @@ class PhaseRecorder:
         self._end_pool_wait(queued_until)
         self.phases.extend(phases)
         self.sends += sends
-        self.resent += [*resent, *[REFUSED] * (sends - 1 - len(resent))]
+        # (a resend held back and never sent has a reason but no send)
+        self.resent += [*resent[:sends - 1], *[REFUSED] * (sends - 1 - len(resent))]
         for phase in phases:
             if phase.failed:
                 self.failed_step = phase.name

@@ -148,7 +148,7 @@ class CurlEngine(httpx.AsyncBaseTransport):
             if ex.on is not None and self._reset(ex.on, failed):
                 # libcurl fails the other streams of the connection as cut short ("unexpected
                 # eof"); they were reset too (httpcore says so for each: the same retry reason).
-                self._mark_reset(ex.on, "seen on the connection's socket")
+                self._limit.mark_reset(ex.on, "seen on the connection's socket")
             error = facts.to_exception(failed, ex)
         else:
             facts.report(ex)
@@ -213,24 +213,20 @@ class CurlEngine(httpx.AsyncBaseTransport):
 
     def tunnel_reset(self, local: tuple[str, int]) -> None:
         """``handover.Tunnels``: the transfers on the connection a proxy reset fail as reset."""
-        self._mark_reset(local, "the proxy's, after what it sent was read")
+        self._limit.mark_reset(local, "the proxy's, after what it sent was read")
 
     def _reset(self, local: tuple[str, int], failed: pycurl.error) -> bool:
         """Whether the connection from ``local`` that failed a transfer was reset: libcurl read
         the reset, or cut the transfer short on a socket the kernel says was reset (a stream
         that wrote first gets "SSL_ERROR_SYSCALL, errno 0", the others "unexpected eof")."""
-        return facts.read_reset(failed) or (facts.cut_short(failed) and self._limit.reset(local))
+        return facts.read_reset(failed) or (facts.cut_short(failed) and self._limit.was_reset(local))
 
     def _socket_removed(self, fd: int) -> None:
         """libcurl is done with socket ``fd`` (it may close it next): if its connection was
         reset, the transfers on it fail as reset (they are failed, or sent again, after this)."""
         local = reset_local(fd)
         if local is not None:
-            self._mark_reset(local, "seen on the connection's socket")
-
-    def _mark_reset(self, local: tuple[str, int], why: str) -> None:
-        for ex in self._limit.running(local):
-            ex.reset = ex.reset or why
+            self._limit.mark_reset(local, "seen on the connection's socket")
 
     def _note_use(self, ex: Exchange) -> None:
         connection = self.ledger.get(ex.fd)

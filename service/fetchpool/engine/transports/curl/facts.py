@@ -126,7 +126,7 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
         return _caused(httpx.ConnectError(text, request=request), cause)
     if code == _E_TOO_LARGE:
         return FetchFailed(ErrorKind.TOO_LARGE, f"response too large for libcurl: {text}")
-    if ex.reset:
+    if ex.reset and not read_reset(failed):  # (one that read it says so)
         return httpx.ReadError(f"Connection reset by peer ({ex.reset}; {text})", request=request)
     if code == pycurl.E_SEND_ERROR:
         return httpx.WriteError(text, request=request)

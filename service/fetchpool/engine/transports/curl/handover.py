@@ -91,8 +91,9 @@ def ended_by_proxy(fd: int, multiplexed: Callable[[int], bool]) -> str | None:
 
 def reset_local(fd: int) -> tuple[str, int] | None:
     """The local address of TCP socket ``fd``, still open here, if its connection was reset
-    (state CLOSE: a connection both ends closed in order is still in TIME_WAIT or LAST_ACK while
-    we hold it), else None."""
+    (state CLOSE), else None. A connection the server closed first and we then is in LAST_ACK
+    or CLOSE; one we shut down first and the server then closed is in CLOSE too: the caller
+    tells those apart (``RequestLimit.mark_reset``)."""
     with contextlib.suppress(OSError):
         sock = socket.socket(fileno=fd)
         try:

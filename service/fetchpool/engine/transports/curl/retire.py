@@ -27,7 +27,8 @@ the same count). Only requests sent while others were in flight on their HTTP/2 
 count as refused: libcurl also sends again a request written on a connection the server had
 just closed when idle (an HTTP/1.1 keep-alive close, an HTTP/2 idle timeout), which says nothing
 of a request limit (two such races at the same count taught a limit of 1 for good: found by a
-newcomer's try, reuse was gone for the pool's life).
+newcomer's try, reuse was gone for the pool's life). A connection that was reset teaches nothing
+either: what it accepted before the reset cannot be told from what the reset destroyed.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class RequestLimit:
     or the origin's learned limit, the lower. ``resend(exchanges)`` sends held-back transfers
     again (outside libcurl's callbacks); ``ledger`` has the multi handle's sockets."""
 
-    __slots__ = ("_fds", "_learned", "_ledger", "_origins", "_refused", "_replaced", "_resend", "_running",
-                 "_sent_again", "_shut", "_started", "_waiting", "limit", "retired")
+    __slots__ = ("_fds", "_learned", "_ledger", "_origins", "_refused", "_replaced", "_resend", "_resets",
+                 "_running", "_sent_again", "_shut", "_started", "_waiting", "limit", "retired")
 
     def __init__(self, limit: int, resend: Callable[[list[Exchange]], None], ledger: Ledger) -> None:
         self.limit = limit
@@ -66,6 +67,7 @@ class RequestLimit:
         self._sent_again: dict[Key, int] = {}  # requests of each connection libcurl sent again elsewhere
         self._refused: dict[Key, int] = {}  # of those, the ones sent while others were in flight there
         self._shut: dict[Key, bool] = {}  # connections shut down here that libcurl may not have noticed yet
+        self._resets: dict[Key, bool] = {}  # connections reset (their counts teach no limit)
         # Connections seen, by local address. A connection that closed before its limit stays
         # until a new one has its address (at most one entry per local port ever used).
         self._started: dict[Key, int] = {}
@@ -87,7 +89,7 @@ class RequestLimit:
                 # Shut down here: the request fails to leave, and libcurl sends it again on
                 # another connection (nothing reached the server: not a send).
                 return pycurl.PREREQFUNC_OK
-            for memory in (self._started, self._sent_again, self._refused, self._shut):
+            for memory in (self._started, self._sent_again, self._refused, self._shut, self._resets):
                 memory.pop(key, None)
             self._fds[key] = self._ledger.socket_of(key)
             url = ex.request.url
@@ -107,14 +109,14 @@ class RequestLimit:
 
     def _sent_again_why(self, ex: Exchange) -> None:
         """libcurl sends ``ex`` again itself, off the connection it was on: say why
-        (``ex.resent``). A reset connection (the proxy's, handed over, or one the kernel says
-        was reset) may have destroyed an answer on its way (a relay's reset discards what it
-        held): such sends count for neither the origin's request limit nor its refusals. A
-        send refused while others were in flight is a GOAWAY's; one alone on its connection
-        met a close (an idle timeout, a keep-alive close) and counts only as sent again."""
+        (``ex.resent``). After a reset of that connection (the proxy's, handed over, or one the
+        kernel showed) the answer may have been given and destroyed on its way (a relay's reset
+        discards what it held), or refused by a GOAWAY the reset cut off: the connection's count
+        teaches no limit. A send refused while others were in flight is a GOAWAY's; one alone on
+        its connection met a close (an idle timeout, a keep-alive close): sent again only."""
         key = ex.on
         assert key is not None
-        reset, ex.reset = ex.reset or ("seen on the connection's socket" if self.reset(key) else ""), ""
+        reset, ex.reset = ex.reset or ("seen on the connection's socket" if self.was_reset(key) else ""), ""
         if reset:
             ex.resent.append(f"NETWORK: Connection reset by peer ({reset}; libcurl sent the request again)")
             return
@@ -125,10 +127,26 @@ class RequestLimit:
         else:
             ex.resent.append("NETWORK: the reused connection closed before answering (libcurl sent the request again)")
 
-    def reset(self, key: Key) -> bool:
-        """Whether the connection from local address ``key`` was reset (its socket still open)."""
+    def mark_reset(self, key: Key, why: str) -> None:
+        """The connection from local address ``key`` was reset (``why``): its transfers fail, or
+        are sent again, as reset, and its count teaches no limit. A connection shut down here
+        (``_retire``) and then closed by its server reads as reset too: not one."""
+        if key in self._shut:
+            return
+        remember(self._resets, key, True)  # type: ignore[arg-type]
+        for ex in self._running.get(key, ()):
+            ex.reset = ex.reset or why
+
+    def was_reset(self, key: Key) -> bool:
+        """Whether the connection from local address ``key`` is known reset, or its socket, still
+        open, says so (then remembered)."""
+        if key in self._resets:
+            return True
         fd = self._fds.get(key, -1)
-        return fd >= 0 and reset_local(fd) == key
+        if fd >= 0 and key not in self._shut and reset_local(fd) == key:
+            remember(self._resets, key, True)  # type: ignore[arg-type]
+            return True
+        return False
 
     def _limit(self, key: Key) -> int:
         learned = self._learned.limit(self._origins[key]) if key in self._origins else 0
@@ -177,7 +195,7 @@ class RequestLimit:
         self._replaced.discard(key)
         started = self._started.get(key, 0)
         sent_again = self._sent_again.pop(key, 0)
-        if self._refused.pop(key, 0) and key in self._origins:
+        if self._refused.pop(key, 0) and key in self._origins and key not in self._resets:
             self._learned.refused_after(self._origins[key], started - sent_again)
         limit = self._limit(key)
         if limit and started >= limit:
