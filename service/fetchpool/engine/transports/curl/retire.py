@@ -27,8 +27,11 @@ the same count). Only requests sent while others were in flight on their HTTP/2 
 count as refused: libcurl also sends again a request written on a connection the server had
 just closed when idle (an HTTP/1.1 keep-alive close, an HTTP/2 idle timeout), which says nothing
 of a request limit (two such races at the same count taught a limit of 1 for good: found by a
-newcomer's try, reuse was gone for the pool's life). A connection that was reset teaches nothing
-either: what it accepted before the reset cannot be told from what the reset destroyed.
+newcomer's try, reuse was gone for the pool's life). A request sent again after a reset counts
+as accepted: the server answered it and the reset destroyed the answer on its way (libcurl reads
+a GOAWAY, and sends again what it refused, before the close that comes after it; through squid
+with curl nearly every connection that met a GOAWAY was then reset, so learning must not skip
+those). A count a rare mislabel makes wrong is not confirmed by the next connection.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class RequestLimit:
         self._sent_again: dict[Key, int] = {}  # requests of each connection libcurl sent again elsewhere
         self._refused: dict[Key, int] = {}  # of those, the ones sent while others were in flight there
         self._shut: dict[Key, bool] = {}  # connections shut down here that libcurl may not have noticed yet
-        self._resets: dict[Key, bool] = {}  # connections reset (their counts teach no limit)
+        self._resets: dict[Key, bool] = {}  # connections known reset (libcurl may still send on them)
         # Connections seen, by local address. A connection that closed before its limit stays
         # until a new one has its address (at most one entry per local port ever used).
         self._started: dict[Key, int] = {}
@@ -110,10 +113,10 @@ class RequestLimit:
     def _sent_again_why(self, ex: Exchange) -> None:
         """libcurl sends ``ex`` again itself, off the connection it was on: say why
         (``ex.resent``). After a reset of that connection (the proxy's, handed over, or one the
-        kernel showed) the answer may have been given and destroyed on its way (a relay's reset
-        discards what it held), or refused by a GOAWAY the reset cut off: the connection's count
-        teaches no limit. A send refused while others were in flight is a GOAWAY's; one alone on
-        its connection met a close (an idle timeout, a keep-alive close): sent again only."""
+        kernel showed) the answer was given and destroyed on its way (a relay's reset discards
+        what it held): counted as accepted (see the module docstring). A send refused while
+        others were in flight is a GOAWAY's; one alone on its connection met a close (an idle
+        timeout, a keep-alive close): sent again only."""
         key = ex.on
         assert key is not None
         reset, ex.reset = ex.reset or ("seen on the connection's socket" if self.was_reset(key) else ""), ""
@@ -129,7 +132,7 @@ class RequestLimit:
 
     def mark_reset(self, key: Key, why: str) -> None:
         """The connection from local address ``key`` was reset (``why``): its transfers fail, or
-        are sent again, as reset, and its count teaches no limit. A connection shut down here
+        are sent again, as reset. A connection shut down here
         (``_retire``) and then closed by its server reads as reset too: not one."""
         if key in self._shut:
             return
@@ -195,7 +198,7 @@ class RequestLimit:
         self._replaced.discard(key)
         started = self._started.get(key, 0)
         sent_again = self._sent_again.pop(key, 0)
-        if self._refused.pop(key, 0) and key in self._origins and key not in self._resets:
+        if self._refused.pop(key, 0) and key in self._origins:
             self._learned.refused_after(self._origins[key], started - sent_again)
         limit = self._limit(key)
         if limit and started >= limit:
