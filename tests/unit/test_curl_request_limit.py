@@ -75,6 +75,13 @@ def make(limit: int, connections: Connections) -> tuple[RequestLimit, list[Trans
     return RequestLimit(limit, resent.extend, connections), resent  # type: ignore[arg-type]
 
 
+def answers_on_a_new_connection(limit: RequestLimit, connections: Connections, port: int, count: int) -> list[int]:
+    """PREREQFUNCTION's answers for ``count`` transfers on a new connection from ``port``."""
+    key = connections.open(port)
+    transfers = [Transfer(opened=1)] + [Transfer() for _ in range(count - 1)]
+    return [limit.prereq(t, *key) for t in transfers]  # type: ignore[arg-type]
+
+
 def test_the_limit_holds_back_the_next_transfers_and_replaces_the_connection(
         connections: Connections, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "getsockname", lambda self: ("127.0.0.1", 40001))  # socket pairs have none
@@ -133,9 +140,7 @@ def test_a_limit_is_learned_from_two_connections_that_refused_at_the_same_count(
         for refused in transfers[3:]:
             refused.done = True
             limit.ended(refused)  # type: ignore[arg-type]
-    key = connections.open(40012)
-    third = [Transfer(opened=1)] + [Transfer() for _ in range(3)]
-    assert [limit.prereq(t, *key) for t in third] == [OK, OK, OK, HOLD]  # type: ignore[arg-type]
+    assert answers_on_a_new_connection(limit, connections, 40012, 4) == [OK, OK, OK, HOLD]
 
 
 def test_requests_lost_to_an_idle_close_teach_no_limit(connections: Connections) -> None:
@@ -154,15 +159,13 @@ def test_requests_lost_to_an_idle_close_teach_no_limit(connections: Connections)
             "NETWORK: the reused connection closed before answering (libcurl sent the request again)"]
         raced.done = True
         limit.ended(raced)  # type: ignore[arg-type]
-    key = connections.open(40033)
-    transfers = [Transfer(opened=1)] + [Transfer() for _ in range(4)]
-    assert [limit.prereq(t, *key) for t in transfers] == [OK] * 5  # type: ignore[arg-type]  # nothing learned
+    assert answers_on_a_new_connection(limit, connections, 40033, 5) == [OK] * 5  # nothing learned
 
 
 def test_requests_sent_again_after_a_reset_say_so_and_teach_no_limit(connections: Connections) -> None:
     """A connection reset (here: its proxy's, marked by the hand-over) may have destroyed
-    answers the server gave: the requests libcurl sends again say "reset", not GOAWAY, and the
-    count is not the server's request limit (a relay's reset falls at any count)."""
+    answers the server gave: the requests libcurl sends again say "reset", not GOAWAY, and with
+    none refused by a GOAWAY nothing is learned (a relay's reset falls at any count)."""
     limit, _ = make(0, connections)
     for port in (40040, 40041):
         key = connections.open(port)
@@ -176,9 +179,7 @@ def test_requests_sent_again_after_a_reset_say_so_and_teach_no_limit(connections
         for t in transfers:
             t.done = True
             limit.ended(t)  # type: ignore[arg-type]
-    key = connections.open(40042)
-    transfers = [Transfer(opened=1)] + [Transfer() for _ in range(4)]
-    assert [limit.prereq(t, *key) for t in transfers] == [OK] * 5  # type: ignore[arg-type]  # nothing learned
+    assert answers_on_a_new_connection(limit, connections, 40042, 5) == [OK] * 5  # nothing learned
 
 
 def test_requests_a_reset_destroyed_count_as_accepted(connections: Connections) -> None:
@@ -200,9 +201,7 @@ def test_requests_a_reset_destroyed_count_as_accepted(connections: Connections) 
         for t in answered:
             t.done = True
             limit.ended(t)  # type: ignore[arg-type]
-    key = connections.open(40052)
-    transfers = [Transfer(opened=1)] + [Transfer() for _ in range(5)]
-    assert [limit.prereq(t, *key) for t in transfers] == [OK] * 5 + [HOLD]  # type: ignore[arg-type]
+    assert answers_on_a_new_connection(limit, connections, 40052, 6) == [OK] * 5 + [HOLD]
 
 
 def test_waiting_transfers_go_again_when_a_learned_limit_was_dropped(connections: Connections) -> None:
