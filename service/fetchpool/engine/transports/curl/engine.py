@@ -12,9 +12,9 @@ or its ``tls_insecure_skip_verify`` ones.
   ``keepalive_expiry`` seconds (``MAXAGE_CONN``), retired at ``max_connection_age``
   (``MAXLIFETIME_CONN``) or after ``max_requests_per_connection`` requests (``retire.py``).
 - The SSRF guard (direct pools): the target's name is resolved here, every address checked
-  (``TargetGuard.resolve``, ``pins.py``), and libcurl is given those addresses (``CURLOPT_RESOLVE``), so it
-  never resolves a name itself; OPENSOCKETFUNCTION refuses any other address before a socket
-  exists, on every hop (redirects are separate requests).
+  (``TargetGuard.resolve``, ``pins.py``), and libcurl is given those addresses
+  (``CURLOPT_RESOLVE``), so it never resolves a name itself; OPENSOCKETFUNCTION refuses any
+  other address before a socket exists, on every hop (redirects are separate requests).
 - Timeouts: connect (``CONNECTTIMEOUT_MS``); between reads, libcurl's low-speed limit (under
   1 byte/s for ``read`` seconds, whole seconds); the fetch's total deadline is the engine's.
 """
