@@ -39,12 +39,12 @@ class PoolCounters:
         self.http2_streams = 0
 
 
-# httpcore step -> our phase name. A proxy's CONNECT is an HTTP/1.1 request
-# with method CONNECT; its send and response steps become one "proxy.connect", as
-# does a SOCKS5 proxy's handshake.
 #: The reason a send repeated inside the transport is given when it was a GOAWAY's refusal.
 REFUSED = "GOAWAY: the server refused the request without processing it"
 
+# httpcore step -> our phase name. A proxy's CONNECT is an HTTP/1.1 request
+# with method CONNECT; its send and response steps become one "proxy.connect", as
+# does a SOCKS5 proxy's handshake.
 _STEPS = {
     "connect_tcp": "connect",
     "setup_socks5_connection": "proxy.connect",
