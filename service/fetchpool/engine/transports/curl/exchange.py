@@ -79,7 +79,7 @@ class Exchange:
         self.held_on: tuple[str, int] | None = None
         self.busy = False  # sent while other requests were in flight on its connection
         # Why its connection's failure is a reset libcurl did not report as one: the proxy reset
-        # it and it was handed over (handover.py), or another transfer on it read the reset.
+        # it and it was handed over (handover.py), or its socket showed it (RequestLimit.mark_reset).
         self.reset = ""
         self.fresh = False  # sent again on a new connection (FRESH_CONNECT)
         self.sends = 0  # times libcurl sent the request (again itself: a GOAWAY refused it, or a connection died)

@@ -126,11 +126,12 @@ def to_exception(failed: pycurl.error, ex: Exchange) -> BaseException:
         return _caused(httpx.ConnectError(text, request=request), cause)
     if code == _E_TOO_LARGE:
         return FetchFailed(ErrorKind.TOO_LARGE, f"response too large for libcurl: {text}")
-    if ex.reset and not read_reset(failed):  # (one that read it says so)
+    read = read_reset(failed)
+    if ex.reset and not read:  # (one that read it says so)
         return httpx.ReadError(f"Connection reset by peer ({ex.reset}; {text})", request=request)
     if code == pycurl.E_SEND_ERROR:
         return httpx.WriteError(text, request=request)
-    if read_reset(failed):
+    if read:
         return httpx.ReadError(text, request=request)  # RST (a FIN is a protocol error, as with h11)
     # Empty reply, a short body, a malformed response, an HTTP/2 stream or connection error.
     return httpx.RemoteProtocolError(text, request=request)
